@@ -1,0 +1,484 @@
+"""Training data: JSONL conversations -> token ids + loss mask (SPEC section 8).
+
+Pipeline::
+
+    JSONL files --read_conversations--> [[{"role", "content"}, ...], ...]
+                --tokenize_conversation--> {"input_ids": [S], "loss_mask": [S]}
+                --build_dataset--> datasets.Dataset (cached, multiprocess)
+                --collate_batch--> {"input_ids", "loss_mask", "attention_mask"}: [b, S] long tensors
+
+The loss mask is 1 on assistant content tokens and on the assistant turn's end-of-turn token (e.g.
+``<|im_end|>``), 0 on system/user turns, role headers and template-injected text such as Qwen3's empty
+``<think>\\n\\n</think>\\n\\n`` block. The drafter's anchors (SPEC section 2) are drawn from this mask, so a wrong
+mask silently trains the drafter on prompts instead of responses: it is tested against decoded text.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import datasets
+import torch
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+# Role of the one-message sentinel that stands for a pre-formatted {"text": ...} record.
+TEXT_ROLE = "text"
+BAD_LINE_POLICIES = ("skip", "error")
+# Bump when the tokenisation or masking logic changes, so that old caches are not reused.
+_CACHE_FORMAT_VERSION = 1
+# Stands in for each assistant content while rendering the template; the template's own text around it
+# then tells us exactly where the content lands (see _assistant_spans).
+_PLACEHOLDER = "\ue000DFLASH_ASSISTANT_TURN_{}\ue001"
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+
+@dataclass
+class DataConfig:
+    """Where the training data lives and how it is tokenised.
+
+    paths: JSONL files, concatenated in this order.
+    max_length: examples are truncated to this many tokens.
+    bad_lines: "skip" (count and warn) or "error" (raise BadLineError) for malformed lines.
+    num_proc: worker processes for tokenisation (datasets.map).
+    cache_dir: if set, the tokenised dataset is saved here and reused while the files, the tokenizer, the
+        chat template, max_length and bad_lines stay the same.
+    """
+
+    paths: list[str]
+    max_length: int = 2048
+    bad_lines: str = "skip"
+    num_proc: int = 1
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.paths, (str, os.PathLike)):
+            # A lone string would otherwise be iterated character by character.
+            self.paths = [os.fspath(self.paths)]
+        self.paths = [os.fspath(p) for p in self.paths]
+        _check_policy(self.bad_lines)
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+        if self.num_proc < 1:
+            raise ValueError(f"num_proc must be >= 1, got {self.num_proc}")
+
+
+class BadLineError(ValueError):
+    """A malformed JSONL line; the message reads ``path:line: reason`` (line numbers are 1-based)."""
+
+    def __init__(self, path: str, lineno: int, reason: str) -> None:
+        super().__init__(f"{path}:{lineno}: {reason}")
+        self.path = path
+        self.lineno = lineno
+        self.reason = reason
+
+
+def _check_policy(bad_lines: str) -> None:
+    if bad_lines not in BAD_LINE_POLICIES:
+        raise ValueError(f"--bad-lines must be one of {'/'.join(BAD_LINE_POLICIES)}, got {bad_lines!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _parse_record(raw: bytes) -> Conversation:
+    """Parse one JSONL line into a conversation; raise ValueError(reason) if the line is malformed.
+
+    A ``{"text": ...}`` record becomes ``[{"role": TEXT_ROLE, "content": text}]``. Messages keep only
+    ``role`` and ``content``: the Arrow table needs one schema for every row.
+    """
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+
+    key = next((k for k in ("conversations", "messages") if k in record), None)
+    if key is None:
+        if "text" not in record:
+            raise ValueError("missing 'conversations', 'messages' or 'text'")
+        text = record["text"]
+        if not isinstance(text, str):
+            raise ValueError(f"'text' must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError("empty content in 'text'")
+        return [{"role": TEXT_ROLE, "content": text}]
+
+    messages = record[key]
+    if not isinstance(messages, list):
+        raise ValueError(f"'{key}' must be a list of messages, got {type(messages).__name__}")
+    conversation: Conversation = []
+    for i, message in enumerate(messages):
+        where = f"{key}[{i}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where} is not an object")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} (expected {'/'.join(ROLES)}) in {where}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"{where} has no string content")
+        if not content.strip():
+            raise ValueError(f"empty content in {where}")
+        conversation.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in conversation):
+        raise ValueError("no assistant turn")
+    return conversation
+
+
+def read_conversations(path: str | os.PathLike, bad_lines: str = "skip") -> tuple[list[Conversation], int]:
+    """Read a JSONL file of conversations.
+
+    Each non-blank line is ``{"conversations": [{"role", "content"}, ...]}``, ``{"messages": [...]}`` (same
+    shape) or a pre-formatted ``{"text": "..."}`` (returned as ``[{"role": "text", "content": ...}]``).
+    Blank lines are ignored. A bad line (not UTF-8, invalid JSON, not an object, no
+    conversations/messages/text, unknown role, content missing, not a string or empty, no assistant turn)
+    raises BadLineError under ``bad_lines="error"``; under ``"skip"`` it is skipped, counted and logged.
+
+    Returns (conversations in line order, number of skipped lines).
+    """
+    _check_policy(bad_lines)
+    path = os.fspath(path)
+    conversations: list[Conversation] = []
+    skipped = 0
+    # Binary mode: a non-UTF-8 line is one bad line, not an exception that aborts the whole file.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            if not raw.strip():
+                continue
+            try:
+                conversations.append(_parse_record(raw))
+            except ValueError as exc:
+                error = BadLineError(path, lineno, str(exc))
+                if bad_lines == "error":
+                    raise error from None
+                skipped += 1
+                logger.warning("skipping bad line %s", error)
+    if skipped:
+        print(f"skipped {skipped} bad lines in {path}", file=sys.stderr)
+    return conversations, skipped
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenising
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    # enable_thinking only matters for Qwen3-style templates; other templates ignore unknown variables.
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=False
+    )
+
+
+def _is_text_record(messages: Conversation) -> bool:
+    return len(messages) == 1 and messages[0]["role"] == TEXT_ROLE
+
+
+def _assistant_spans(tokenizer: Any, messages: Conversation, full: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of each assistant turn's content inside the rendered text ``full``.
+
+    First try: render the conversation with a unique placeholder in place of each assistant content, put
+    the real contents back in, and check the result equals ``full``. If it does, the spans are exact, for any
+    template that inserts the content verbatim (ChatML, Llama 3, Qwen3 with plain content). Templates that
+    rewrite the content (Qwen3 strips leading newlines and drops ``<think>`` blocks of earlier turns) fall
+    back to searching for the content, or its stripped / after-``</think>`` part, after the previous turns.
+    """
+    contents = [m["content"] for m in messages if m["role"] == "assistant"]
+    placeholders = [_PLACEHOLDER.format(i) for i in range(len(contents))]
+    if not any(p in m["content"] for p in placeholders for m in messages):
+        masked, k = [], 0
+        for m in messages:
+            if m["role"] == "assistant":
+                m = {"role": "assistant", "content": placeholders[k]}
+                k += 1
+            masked.append(m)
+        template = _render(tokenizer, masked)
+        pieces, spans, pos, ok = [], [], 0, True
+        length = 0  # length of "".join(pieces), kept as we go
+        for placeholder, content in zip(placeholders, contents):
+            idx = template.find(placeholder, pos)
+            if idx < 0:
+                ok = False
+                break
+            pieces += [template[pos:idx], content]
+            length += idx - pos
+            spans.append((length, length + len(content)))
+            length += len(content)
+            pos = idx + len(placeholder)
+        if ok and "".join(pieces) + template[pos:] == full:
+            return spans
+
+    # Fallback: search forward. Starting after the rendered previous turns (and the assistant header, when the
+    # template has a generation prompt) keeps a short content from matching inside an earlier turn.
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if i > 0:
+            for add_prompt in (False, True):
+                prefix = _render(tokenizer, messages[:i], add_generation_prompt=add_prompt)
+                if full.startswith(prefix):
+                    cursor = max(cursor, len(prefix))
+        content = m["content"]
+        candidates = [content, content.strip(), content.split("</think>")[-1].strip()]
+        for candidate in dict.fromkeys(c for c in candidates if c):
+            start = full.find(candidate, cursor)
+            if start >= 0:
+                spans.append((start, start + len(candidate)))
+                cursor = start + len(candidate)
+                break
+        else:
+            raise ValueError(
+                f"cannot locate assistant message {i} in the rendered chat template; the template rewrites "
+                f"the content beyond stripping: {content[:80]!r}"
+            )
+    return spans
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    """Ids of special tokens: candidates for an end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``</s>``)."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
+    return ids
+
+
+def tokenize_conversation(tokenizer: Any, messages: Conversation, max_length: int) -> dict[str, list[int]]:
+    """Tokenise one conversation with the tokenizer's chat template and build its loss mask.
+
+    ``messages``: ``[{"role", "content"}, ...]`` as returned by read_conversations (a one-message
+    ``TEXT_ROLE`` conversation is pre-formatted text: tokenised as is, without added special tokens, every
+    token supervised).
+
+    Returns ``{"input_ids": [S], "loss_mask": [S]}`` with ``S <= max_length`` (truncated at the right).
+    ``loss_mask`` is 1 on tokens overlapping an assistant content and on the special token that closes the
+    assistant turn (plus any whitespace-only tokens just before it), 0 elsewhere. Needs a fast tokenizer
+    (offset mapping).
+    """
+    if _is_text_record(messages):
+        ids = tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"][:max_length]
+        return {"input_ids": list(ids), "loss_mask": [1] * len(ids)}
+
+    full = _render(tokenizer, messages)
+    spans = _assistant_spans(tokenizer, messages, full)
+    # add_special_tokens=False: the template already writes BOS if the model wants one, and
+    # apply_chat_template(tokenize=True) tokenises the same way (checked by check_template_roundtrip).
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(encoding["input_ids"])
+    offsets: list[tuple[int, int]] = [tuple(o) for o in encoding["offset_mapping"]]
+    specials = _special_ids(tokenizer)
+
+    mask = [0] * len(ids)
+    t = 0  # token cursor: spans are ordered, so one pass over the tokens suffices
+    for start, end in spans:
+        while t < len(ids) and offsets[t][1] <= start:
+            t += 1
+        # Content tokens: any token overlapping the span (a BPE merge across the edge still carries content).
+        while t < len(ids) and offsets[t][0] < end:
+            if offsets[t][1] > offsets[t][0] + 100:
+                mask[t] = 1
+            t += 1
+        # End of turn: the first special token after the content, if only whitespace lies in between. The
+        # drafter must learn to emit it, or it never proposes the end of an answer.
+        j = t
+        while j < len(ids) and ids[j] not in specials and not full[offsets[j][0] : offsets[j][1]].strip():
+            j += 1
+        if j < len(ids) and ids[j] in specials:
+            for k in range(t, j + 1):
+                mask[k] = 1
+            t = j + 1
+
+    return {"input_ids": ids[:max_length], "loss_mask": mask[:max_length]}
+
+
+def check_template_roundtrip(tokenizer: Any, messages: Conversation) -> None:
+    """Raise ValueError unless tokenising the rendered text gives the ids ``apply_chat_template`` gives.
+
+    tokenize_conversation tokenises the rendered string itself (it needs character offsets); this catches a
+    tokenizer that would add a second BOS or otherwise tokenise the text differently from the template path.
+    """
+    reference = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=False, enable_thinking=False
+    )
+    if hasattr(reference, "keys"):  # transformers 5 returns a BatchEncoding
+        reference = reference["input_ids"]
+    reference = list(reference)
+    ours = tokenize_conversation(tokenizer, messages, max_length=len(reference) + 1)["input_ids"]
+    if ours != reference:
+        n = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
+        raise ValueError(
+            f"tokenising the rendered chat template differs from apply_chat_template(tokenize=True) at token "
+            f"{n}: {ours[n : n + 5]} vs {reference[n : n + 5]} (lengths {len(ours)} vs {len(reference)})"
+        )
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer: Any, max_length: int) -> dict[str, list[list[int]]]:
+    """datasets.map worker (module level so that num_proc > 1 can pickle it)."""
+    out: dict[str, list[list[int]]] = {"input_ids": [], "loss_mask": []}
+    for messages in batch["messages"]:
+        example = tokenize_conversation(tokenizer, messages, max_length)
+        out["input_ids"].append(example["input_ids"])
+        out["loss_mask"].append(example["loss_mask"])
+    return out
+
+
+def _has_supervised_token(batch: dict[str, list]) -> list[bool]:
+    return [any(m) for m in batch["loss_mask"]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cache_key(tokenizer: Any, config: DataConfig) -> str:
+    """Hash of everything the tokenised dataset depends on: file contents (in order), the tokenizer (its full
+    serialised model, special tokens and chat template), max_length and the bad-line policy."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = {
+        "format": _CACHE_FORMAT_VERSION,
+        "files": [_sha256_file(p) for p in config.paths],
+        "max_length": config.max_length,
+        "bad_lines": config.bad_lines,
+        "tokenizer_class": type(tokenizer).__name__,
+        "tokenizer_name": getattr(tokenizer, "name_or_path", ""),
+        "vocab_size": len(tokenizer),
+        "tokenizer_json": hashlib.sha256(backend.to_str().encode()).hexdigest() if backend else None,
+        "special_ids": sorted(_special_ids(tokenizer)),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def build_dataset(tokenizer: Any, config: DataConfig) -> datasets.Dataset:
+    """Read, validate and tokenise ``config.paths`` into a Dataset with columns ``input_ids`` and
+    ``loss_mask`` (lists of ints of equal length ``<= max_length``), in file order then line order.
+
+    Examples without a supervised token within ``max_length`` are dropped (counted and logged). With
+    ``cache_dir`` the result is saved there under a key that changes with the file contents, the tokenizer and
+    max_length, and a later call with the same inputs loads it without tokenising. Under multi-process
+    training, let one rank build the cache first, then the others load it.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("build_dataset needs a fast tokenizer (offset mappings locate the assistant turns)")
+    if not config.paths:
+        raise ValueError("DataConfig.paths is empty")
+
+    key = _cache_key(tokenizer, config)
+    cache_path = None
+    if config.cache_dir is not None:
+        cache_path = os.path.join(config.cache_dir, f"dflash_data_{key}")
+        if os.path.isdir(cache_path):
+            logger.info("loading tokenised dataset from cache %s", cache_path)
+            return datasets.load_from_disk(cache_path)
+
+    records: list[dict[str, Conversation]] = []
+    for path in config.paths:
+        conversations, _ = read_conversations(path, config.bad_lines)
+        records.extend({"messages": c} for c in conversations)
+    if not records:
+        raise ValueError(f"no usable conversations in {config.paths}")
+    first_chat = next((r["messages"] for r in records if not _is_text_record(r["messages"])), None)
+    if first_chat is not None:
+        check_template_roundtrip(tokenizer, first_chat)
+
+    raw = datasets.Dataset.from_list(records)
+    features = datasets.Features(
+        {"input_ids": datasets.List(datasets.Value("int32")), "loss_mask": datasets.List(datasets.Value("int8"))}
+    )
+    num_proc = min(config.num_proc, len(records))
+    # new_fingerprint: skips hashing the tokenizer passed in fn_kwargs (slow for a 150k vocabulary); our own
+    # cache key already covers every input.
+    tokenized = raw.map(
+        _tokenize_batch,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": config.max_length},
+        remove_columns=["messages"],
+        features=features,
+        num_proc=num_proc if num_proc > 1 else None,
+        new_fingerprint=f"{key}-tokenize",
+        desc="tokenizing",
+    )
+    kept = tokenized.filter(_has_supervised_token, batched=True, new_fingerprint=f"{key}-filter")
+    dropped = len(tokenized) - len(kept)
+    if dropped:
+        logger.warning(
+            "dropped %d of %d examples with no assistant token within max_length=%d",
+            dropped,
+            len(tokenized),
+            config.max_length,
+        )
+    if len(kept) == 0:
+        raise ValueError(f"no training examples left in {config.paths} (max_length={config.max_length})")
+
+    if cache_path is None:
+        return kept
+    # Save under a temporary name, then rename: an interrupted run never leaves a half-written cache behind.
+    os.makedirs(config.cache_dir, exist_ok=True)
+    tmp_path = f"{cache_path}.tmp-{os.getpid()}"
+    kept.save_to_disk(tmp_path)
+    try:
+        os.rename(tmp_path, cache_path)
+    except OSError:
+        # Another process finished the same cache first; its copy is identical.
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    return datasets.load_from_disk(cache_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batching
+# ----------------------------------------------------------------------------------------------------------
+
+
+def collate_batch(examples: Iterable[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples to the longest one.
+
+    ``examples``: dicts with ``input_ids`` and ``loss_mask`` (lists or 1-D tensors of equal length).
+    Returns ``input_ids`` [b, S] (``pad_token_id`` on padding), ``loss_mask`` [b, S] (0 on padding) and
+    ``attention_mask`` [b, S] (1 real, 0 padding), all long, ``S`` the longest length.
+    """
+    examples = list(examples)
+    if not examples:
+        raise ValueError("collate_batch got no examples")
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None: set tokenizer.pad_token (e.g. to the EOS token)")
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    batch, seq = len(examples), max(lengths)
+    input_ids = torch.full((batch, seq), pad_token_id, dtype=torch.long)
+    loss_mask = torch.zeros((batch, seq), dtype=torch.long)
+    attention_mask = torch.zeros((batch, seq), dtype=torch.long)
+    for i, (ex, n) in enumerate(zip(examples, lengths)):
+        if len(ex["loss_mask"]) != n:
+            raise ValueError(f"example {i}: {n} input_ids but {len(ex['loss_mask'])} loss_mask entries")
+        input_ids[i, :n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
+        loss_mask[i, :n] = torch.as_tensor(ex["loss_mask"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}

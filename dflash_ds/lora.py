@@ -1,0 +1,461 @@
+"""Gated, tensor-parallel-aware LoRA for the drafter (SPEC sections 4 and 6).
+
+Why not PEFT's wrappers at training time:
+  * DeepSpeed 0.19.8 AutoTP either crashes on PEFT LoRA or silently replaces its wrappers with plain TP layers
+    (SPEC 6), so the adapter has to know about tensor parallelism itself.
+  * PEFT's ``disable_adapter()`` walks every module on each enter/exit (~4 ms on CPU, SPEC 11); the
+    verify step of speculative decoding toggles the adapter twice per step, so the toggle must be a flag.
+  * Scope ``block`` needs a per-token gate on the adapter output.
+
+The math, parameter names and initialisation are PEFT's (``lora_A`` kaiming-uniform, ``lora_B`` zero,
+``scaling = alpha / r``), and :func:`peft_state_dict` writes PEFT's key names, so an exported adapter loads with
+``PeftModel.from_pretrained`` and gives the same logits (tested).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Megatron-style split of a Llama/Qwen decoder layer: the first projection of attention and MLP is split by output
+# rows (heads / intermediate channels), the second by input columns, so one all-reduce per block suffices.
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+SCOPES = ("block", "all")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    scope: str = "block"
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.r < 1:
+            raise ValueError(f"--lora-r must be >= 1, got {self.r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"--lora-scope must be one of {SCOPES}, got {self.scope!r}")
+        unknown = set(self.target_modules) - set(COLUMN_PARALLEL + ROW_PARALLEL)
+        if unknown:
+            raise ValueError(
+                f"--lora-targets: unknown module(s) {sorted(unknown)}; choose from {list(DEFAULT_TARGETS)}"
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class AdapterControl:
+    """One switch shared by every :class:`LoRALinear` of a model.
+
+    ``enabled`` turns the adapter off for the verifier (a Python flag: free to toggle). ``gate`` is ``None``
+    (adapter on for every token) or a ``[batch, seq, 1]`` tensor multiplied onto the adapter output: 1 on block
+    tokens, 0 on clean tokens (scope ``block``). It must stay set through backward when gradient checkpointing
+    recomputes the forward.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.gate: torch.Tensor | None = None
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        previous = self.enabled
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    @contextmanager
+    def gated(self, gate: torch.Tensor | None) -> Iterator[None]:
+        previous = self.gate
+        self.gate = gate
+        try:
+            yield
+        finally:
+            self.gate = previous
+
+
+@dataclass
+class TPGroup:
+    """The tensor-parallel group this rank belongs to (``group=None`` with size 1 means no TP)."""
+
+    rank: int = 0
+    size: int = 1
+    group: object | None = field(default=None, repr=False)
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward, all-reduce backward: a replicated input feeding rank-local shards."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward, identity backward: summing rank-local partial products."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad, None
+
+
+class LoRALinear(nn.Module):
+    """A frozen (possibly tensor-parallel shard of a) linear layer plus an optional gated LoRA adapter.
+
+    ``parallel`` is ``None``, ``"column"`` (weight holds output rows ``[out/tp, in]``; input replicated, output
+    sharded) or ``"row"`` (weight holds input columns ``[out, in/tp]``; input sharded, output all-reduced).
+    LoRA factors follow SPEC 6: column -> ``A`` replicated, ``B`` split by output rows; row -> ``A`` split by input
+    columns, ``B`` replicated. The conjugate copy/reduce placement below makes every replicated factor receive the
+    full (identical) gradient on each TP rank, so no extra gradient all-reduce is needed.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float,
+        control: AdapterControl,
+        parallel: str | None = None,
+        tp: TPGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.control = control
+        self.parallel = parallel
+        self.tp = tp or TPGroup()
+        self.r = r
+        self.scaling = alpha / r if r > 0 else 0.0
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if r > 0:
+            self.lora_A = nn.Linear(base_layer.in_features, r, bias=False)
+            self.lora_B = nn.Linear(r, base_layer.out_features, bias=False)
+            nn.init.zeros_(self.lora_B.weight)
+            # Mark shards so gradient-norm code counts them on every TP rank (replicated ones only once).
+            if parallel == "column":
+                self.lora_B.weight.tensor_model_parallel = True  # type: ignore[attr-defined]
+            elif parallel == "row":
+                self.lora_A.weight.tensor_model_parallel = True  # type: ignore[attr-defined]
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.r > 0
+
+    def _tp_active(self) -> bool:
+        return self.parallel is not None and self.tp.size > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapter_on = self.has_adapter and self.control.enabled
+        if not self._tp_active():
+            y = self.base_layer(x)
+            if adapter_on:
+                y = y + self._gated(self.lora_B(self.lora_A(self.lora_dropout(x))))
+            return y
+        group = self.tp.group
+        if self.parallel == "column":
+            y = self.base_layer(_CopyToTP.apply(x, group))
+            if adapter_on:
+                u = _CopyToTP.apply(self.lora_A(self.lora_dropout(x)), group)
+                y = y + self._gated(self.lora_B(u))
+            return y
+        # row parallel: the bias (if any) must be added once, after the reduction
+        base = self.base_layer
+        y = _ReduceFromTP.apply(nn.functional.linear(x, base.weight), group)
+        if base.bias is not None:
+            y = y + base.bias
+        if adapter_on:
+            u = _ReduceFromTP.apply(self.lora_A(self.lora_dropout(x)), group)
+            y = y + self._gated(self.lora_B(u))
+        return y
+
+    def _gated(self, delta: torch.Tensor) -> torch.Tensor:
+        delta = delta * self.scaling
+        gate = self.control.gate
+        if gate is not None:
+            delta = delta * gate.to(delta.dtype)
+        return delta
+
+
+def _module_seed(name: str, seed: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _kaiming_uniform_full(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    # PEFT's default: nn.init.kaiming_uniform_(A, a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1.0 / math.sqrt(cols)
+    return (torch.rand(rows, cols, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+
+
+def _parallel_kind(short_name: str, tp: TPGroup) -> str | None:
+    if tp.size <= 1:
+        return None
+    if short_name in COLUMN_PARALLEL:
+        return "column"
+    if short_name in ROW_PARALLEL:
+        return "row"
+    return None
+
+
+def check_tp_compatible(config, tp_size: int) -> None:
+    """Fail fast (naming the setting) when the model cannot be split ``tp_size`` ways."""
+    if tp_size <= 1:
+        return
+    for attr in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = getattr(config, attr)
+        if value % tp_size:
+            raise ValueError(
+                f"autotp_size={tp_size} must divide the model's {attr}={value} "
+                f"(the base weights are split along it)"
+            )
+
+
+def _shard_linear(linear: nn.Linear, kind: str | None, tp: TPGroup) -> nn.Linear:
+    """Return a new frozen nn.Linear holding this rank's slice of ``linear``."""
+    if kind is None:
+        return linear
+    weight = linear.weight.data
+    if kind == "column":
+        rows = weight.shape[0] // tp.size
+        w = weight[tp.rank * rows : (tp.rank + 1) * rows]
+        b = linear.bias.data[tp.rank * rows : (tp.rank + 1) * rows] if linear.bias is not None else None
+    else:
+        cols = weight.shape[1] // tp.size
+        w = weight[:, tp.rank * cols : (tp.rank + 1) * cols]
+        b = linear.bias.data if linear.bias is not None else None
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if b is not None:
+        new.bias.data.copy_(b)
+    new.requires_grad_(False)
+    return new
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, tp: TPGroup | None = None, seed: int = 0) -> AdapterControl:
+    """Freeze ``model`` and wrap its projections in :class:`LoRALinear` (in place).
+
+    With ``tp.size > 1`` every column/row-parallel projection of every decoder layer is sharded (whether it is a
+    LoRA target or not) so the frozen base weights are split across the TP group. ``lora_A`` is drawn for the full
+    (unsharded) shape from a generator seeded by ``(seed, module name)`` and then sliced, so every parallel layout
+    starts from the same adapter. Returns the model's :class:`AdapterControl` (also at ``model.dflash_adapter``).
+    """
+    tp = tp or TPGroup()
+    check_tp_compatible(model.config, tp.size)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    control = AdapterControl()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in DEFAULT_TARGETS]
+    if not names:
+        raise ValueError("apply_lora: the model has no q/k/v/o/gate/up/down projections to adapt")
+    for name in names:
+        parent_name, _, short = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear: nn.Linear = getattr(parent, short)
+        kind = _parallel_kind(short, tp)
+        targeted = short in config.target_modules
+        if not targeted and kind is None:
+            continue
+        full_in = linear.in_features
+        local = _shard_linear(linear, kind, tp)
+        wrapped = LoRALinear(
+            local, config.r if targeted else 0, config.alpha, config.dropout, control, parallel=kind, tp=tp
+        )
+        if targeted:
+            generator = torch.Generator().manual_seed(_module_seed(name, seed))
+            a_full = _kaiming_uniform_full(config.r, full_in, generator)
+            if kind == "row":
+                cols = full_in // tp.size
+                a_full = a_full[:, tp.rank * cols : (tp.rank + 1) * cols]
+            wrapped.lora_A.weight.data.copy_(a_full.to(wrapped.lora_A.weight.dtype))
+            wrapped.to(device=linear.weight.device)
+            wrapped.lora_A.to(dtype=linear.weight.dtype)
+            wrapped.lora_B.to(dtype=linear.weight.dtype)
+        setattr(parent, short, wrapped)
+    model.dflash_adapter = control  # type: ignore[assignment]
+    model.dflash_lora_config = config  # type: ignore[assignment]
+    model.dflash_tp = tp  # type: ignore[assignment]
+    return control
+
+
+def adapter_control(model: nn.Module) -> AdapterControl:
+    """The :class:`AdapterControl` that :func:`apply_lora` attached (unwraps DeepSpeed/DDP ``.module``)."""
+    while not hasattr(model, "dflash_adapter") and hasattr(model, "module"):
+        model = model.module
+    if not hasattr(model, "dflash_adapter"):
+        raise ValueError("this model has no dflash-ds LoRA adapter (call apply_lora first)")
+    return model.dflash_adapter  # type: ignore[return-value]
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and module.has_adapter:
+            yield name, module
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def peft_key(module_name: str, factor: str) -> str:
+    """PEFT's saved key for one factor: ``base_model.model.<module>.lora_A.weight``."""
+    return f"base_model.model.{module_name}.{factor}.weight"
+
+
+def gather_full_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-keyed fp32 adapter weights, concatenated across TP shards (every TP rank must call this).
+
+    Under ZeRO-3 call it inside ``deepspeed.zero.GatheredParameters(lora_parameters(model))``.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for name, module in lora_modules(model):
+        a = module.lora_A.weight.detach().float()
+        b = module.lora_B.weight.detach().float()
+        if module._tp_active():
+            if module.parallel == "column":
+                b = _all_gather_cat(b, dim=0, tp=module.tp)
+            else:
+                a = _all_gather_cat(a, dim=1, tp=module.tp)
+        state[peft_key(name, "lora_A")] = a.cpu().contiguous()
+        state[peft_key(name, "lora_B")] = b.cpu().contiguous()
+    return state
+
+
+def _all_gather_cat(t: torch.Tensor, dim: int, tp: TPGroup) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(tp.size)]
+    dist.all_gather(parts, t.contiguous(), group=tp.group)
+    return torch.cat(parts, dim=dim)
+
+
+def load_full_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load PEFT-keyed full adapter weights into (possibly TP-sharded) LoRA modules."""
+    expected = {peft_key(n, f) for n, _ in lora_modules(model) for f in ("lora_A", "lora_B")}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter weights do not match the model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]} (check --lora-targets and the base model)"
+        )
+    for name, module in lora_modules(model):
+        a, b = state[peft_key(name, "lora_A")], state[peft_key(name, "lora_B")]
+        if module._tp_active():
+            tp = module.tp
+            if module.parallel == "column":
+                rows = b.shape[0] // tp.size
+                b = b[tp.rank * rows : (tp.rank + 1) * rows]
+            else:
+                cols = a.shape[1] // tp.size
+                a = a[:, tp.rank * cols : (tp.rank + 1) * cols]
+        with torch.no_grad():
+            module.lora_A.weight.copy_(a.to(module.lora_A.weight.dtype))
+            module.lora_B.weight.copy_(b.to(module.lora_B.weight.dtype))
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+DRAFT_META = "dflash.json"
+
+
+@dataclass
+class DraftMeta:
+    """What a decoder needs beyond the LoRA weights (``dflash.json`` next to the PEFT files)."""
+
+    block_size: int
+    mask_token_id: int
+    scope: str
+    base_model: str = ""
+
+
+def save_adapter_dir(out_dir, state: dict[str, torch.Tensor], config: LoRAConfig, meta: DraftMeta) -> None:
+    """Write a PEFT adapter directory plus ``dflash.json``; files appear atomically (tmp dir, then rename)."""
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    from peft import LoraConfig as PeftLoraConfig
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    PeftLoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        base_model_name_or_path=meta.base_model or None,
+        task_type="CAUSAL_LM",
+    ).save_pretrained(str(tmp))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS))
+    (tmp / DRAFT_META).write_text(json.dumps(meta.__dict__, indent=2) + "\n")
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def read_adapter_dir(path) -> tuple[LoRAConfig, DraftMeta, dict[str, torch.Tensor]]:
+    """Read an adapter directory written by :func:`save_adapter_dir` (clear errors naming the file)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DRAFT_META):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name}: missing (is {path} an adapter exported by dflash-ds?)")
+    try:
+        peft_cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+        meta = DraftMeta(**json.loads((path / DRAFT_META).read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{path}: unreadable adapter metadata: {exc}") from exc
+    config = LoRAConfig(
+        r=int(peft_cfg["r"]),
+        alpha=float(peft_cfg["lora_alpha"]),
+        dropout=float(peft_cfg.get("lora_dropout", 0.0)),
+        target_modules=tuple(sorted(peft_cfg["target_modules"], key=DEFAULT_TARGETS.index)),
+        scope=meta.scope,
+    )
+    return config, meta, load_file(str(path / ADAPTER_WEIGHTS))
+
+
+def load_adapter_dir(model: nn.Module, path, tp: TPGroup | None = None) -> DraftMeta:
+    """Fit ``model`` with the adapter saved at ``path`` (in place); returns its drafting metadata."""
+    config, meta, state = read_adapter_dir(path)
+    apply_lora(model, config, tp=tp)
+    load_full_lora_state(model, state)
+    return meta

@@ -1,0 +1,177 @@
+"""Fused, chunked CE + KL over the frozen ``lm_head`` (SPEC section 5).
+
+The loss never holds ``[rows, vocab]`` logits for all rows at once: it walks the supervised rows in chunks,
+computes each chunk's logits, its CE/KL and the gradient with respect to the student hidden rows, then frees the
+logits. The gradient is computed in forward (the loss is the graph's last node, so ``grad_output`` is a scalar that
+only rescales it), which keeps peak extra memory at ``O(chunk * vocab)`` plus the ``[rows, hidden]`` gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KL_TYPES = ("forward", "reverse", "tvd")
+
+
+@dataclass
+class LossConfig:
+    ce_weight: float = 1.0
+    kl_weight: float = 0.0
+    kl_type: str = "forward"
+    temperature: float = 1.0
+    chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.kl_type not in KL_TYPES:
+            raise ValueError(f"--kl-type must be one of {KL_TYPES}, got {self.kl_type!r}")
+        if self.ce_weight < 0 or self.kl_weight < 0 or self.ce_weight + self.kl_weight == 0:
+            raise ValueError(f"--ce-weight/--kl-weight must be >= 0 and not both 0, got {self.ce_weight}/{self.kl_weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"--kl-temperature must be > 0, got {self.temperature}")
+        if self.chunk_size < 1:
+            raise ValueError(f"--loss-chunk-size must be >= 1, got {self.chunk_size}")
+
+
+def _divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kl_type: str, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row divergence ``[c]`` and its gradient w.r.t. the student logits ``[c, V]`` (fp32)."""
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
+    q, p = log_q.exp(), log_p.exp()
+    if kl_type == "forward":  # KL(p || q)
+        value = (p * (log_p - log_q)).sum(-1)
+        grad = q - p
+    elif kl_type == "reverse":  # KL(q || p)
+        diff = log_q - log_p
+        value = (q * diff).sum(-1)
+        grad = q * (diff - value[:, None])
+    else:  # total variation 0.5 * |p - q|_1
+        sign = torch.sign(q - p)
+        value = 0.5 * (p - q).abs().sum(-1)
+        g = 0.5 * sign
+        grad = q * (g - (q * g).sum(-1, keepdim=True))
+    return value, grad / temperature
+
+
+class _FusedCEKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, weight, labels, row_weights, teacher, cfg: LossConfig):  # type: ignore[override]
+        n = student.shape[0]
+        total_w = row_weights.sum()
+        grad_student = torch.zeros_like(student, dtype=torch.float32)
+        ce_sum = student.new_zeros((), dtype=torch.float32)
+        kl_sum = student.new_zeros((), dtype=torch.float32)
+        correct = torch.zeros(n, dtype=torch.bool, device=student.device)
+        scale = 1.0 / total_w.clamp(min=1e-12)
+        for start in range(0, n, cfg.chunk_size):
+            rows = slice(start, min(start + cfg.chunk_size, n))
+            h = student[rows]
+            w = row_weights[rows].float()
+            logits = (h @ weight.t()).float()  # [c, V]: the only vocab-sized tensor, freed each chunk
+            correct[rows] = logits.argmax(-1) == labels[rows]
+            grad_logits = torch.zeros_like(logits)
+            if cfg.ce_weight > 0:
+                lse = torch.logsumexp(logits, dim=-1)
+                ce = lse - logits.gather(1, labels[rows, None]).squeeze(1)
+                ce_sum += (w * ce).sum()
+                soft = torch.softmax(logits, dim=-1)
+                soft[torch.arange(soft.shape[0]), labels[rows]] -= 1.0
+                grad_logits += soft * (cfg.ce_weight * w)[:, None]
+                del soft
+            if cfg.kl_weight > 0:
+                t_logits = (teacher[rows] @ weight.t()).float()
+                kl, kl_grad = _divergence(logits, t_logits, cfg.kl_type, cfg.temperature)
+                kl_sum += (w * kl).sum()
+                grad_logits += kl_grad * (cfg.kl_weight * w)[:, None]
+                del t_logits, kl_grad
+            # back to hidden space in the weight's dtype (bf16 on GPU) to avoid an fp32 copy of lm_head
+            grad_student[rows] = ((grad_logits * scale).to(weight.dtype) @ weight).float()
+            del logits, grad_logits
+        ce_mean, kl_mean = ce_sum * scale, kl_sum * scale
+        loss = cfg.ce_weight * ce_mean + cfg.kl_weight * kl_mean
+        ctx.save_for_backward(grad_student)
+        ctx.student_dtype = student.dtype
+        ctx.mark_non_differentiable(ce_mean, kl_mean, correct)
+        return loss, ce_mean, kl_mean, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _g_ce, _g_kl, _g_correct):  # type: ignore[override]
+        (grad_student,) = ctx.saved_tensors
+        return (grad_student * grad_loss).to(ctx.student_dtype), None, None, None, None, None
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable w.r.t. the student rows
+    ce: torch.Tensor  # scalar weighted-mean CE (detached)
+    kl: torch.Tensor  # scalar weighted-mean divergence (detached; 0 when kl_weight is 0)
+    correct: torch.Tensor  # [n] bool, student argmax == label
+
+
+def fused_ce_kl_loss(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    row_weights: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    cfg: LossConfig,
+) -> LossOutput:
+    """``ce_weight * CE + kl_weight * KL``, each a ``row_weights``-weighted mean over the ``n`` rows.
+
+    student_hidden [n, H] (requires grad), lm_head_weight [V, H] (frozen, gets no gradient), labels [n] long,
+    row_weights [n] (> 0 for every row given), teacher_hidden [n, H] (detached) or None when ``kl_weight`` is 0.
+    With ``n == 0`` the loss is a differentiable zero, so a batch without supervised rows still steps cleanly.
+    """
+    if cfg.kl_weight > 0 and teacher_hidden is None:
+        raise ValueError("kl_weight > 0 needs teacher_hidden")
+    teacher = teacher_hidden.detach() if teacher_hidden is not None else student_hidden.detach()
+    if student_hidden.shape[0] == 0:
+        zero = student_hidden.sum() * 0.0
+        empty = torch.zeros(0, dtype=torch.bool, device=student_hidden.device)
+        return LossOutput(zero, zero.detach(), zero.detach(), empty)
+    loss, ce, kl, correct = _FusedCEKL.apply(
+        student_hidden, lm_head_weight.detach(), labels, row_weights.float(), teacher, cfg
+    )
+    return LossOutput(loss, ce, kl, correct)
+
+
+def reference_ce_kl_loss(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    row_weights: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    cfg: LossConfig,
+) -> torch.Tensor:
+    """The plain materialised loss the fused one must equal (tests and ``bench/loss_memory.py``)."""
+    logits = (student_hidden @ lm_head_weight.t()).float()
+    w = row_weights.float()
+    total = w.sum().clamp(min=1e-12)
+    loss = logits.new_zeros(())
+    if cfg.ce_weight > 0:
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        loss = loss + cfg.ce_weight * (w * ce).sum() / total
+    if cfg.kl_weight > 0:
+        t = (teacher_hidden.detach() @ lm_head_weight.t()).float() / cfg.temperature
+        s = logits / cfg.temperature
+        log_q, log_p = F.log_softmax(s, -1), F.log_softmax(t, -1)
+        if cfg.kl_type == "forward":
+            div = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+        elif cfg.kl_type == "reverse":
+            div = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+        else:
+            div = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+        loss = loss + cfg.kl_weight * (w * div).sum() / total
+    return loss
+
+
+def accepted_lengths(correct_followers: torch.Tensor) -> torch.Tensor:
+    """Simulated acceptance per block: the leading run of correct argmax predictions + 1 (the bonus token).
+
+    correct_followers [blocks, B-1] bool (follower k = 1..B-1 predicted right) -> [blocks] float.
+    """
+    return correct_followers.long().cumprod(dim=1).sum(dim=1).float() + 1.0

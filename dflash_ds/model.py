@@ -1,0 +1,124 @@
+"""The drafter's training forward: one pass over ``[clean | blocks]`` and the fused loss (SPEC sections 3-5).
+
+:class:`DFlashDrafter` wraps a causal LM that :func:`dflash_ds.lora.apply_lora` has fitted with an adapter. It is
+the module DeepSpeed wraps; everything DeepSpeed-specific (gathering ZeRO-3 partitions of ``lm_head``) comes in
+through ``gather_params`` so this file stays plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterable
+
+import torch
+from torch import nn
+
+from .blocks import IGNORE_INDEX, BlockLayout, build_attention_mask
+from .loss import LossConfig, accepted_lengths, fused_ce_kl_loss
+from .lora import adapter_control
+
+
+@dataclass
+class DrafterOutput:
+    """loss: differentiable scalar. Metric tensors are sums and counts so ranks can add them up:
+    correct_by_pos/count_by_pos [B] (block position k; k = 0 is the anchor and always 0), accept_sum/accept_count
+    (simulated acceptance over fully supervised blocks), ce/kl (weighted means of this micro-batch)."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+    correct_by_pos: torch.Tensor
+    count_by_pos: torch.Tensor
+    accept_sum: torch.Tensor
+    accept_count: torch.Tensor
+    supervised_rows: int
+
+
+def _no_gather(params: Iterable[nn.Parameter]) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+class DFlashDrafter(nn.Module):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_config: LossConfig,
+        scope: str,
+        gather_params: Callable[[Iterable[nn.Parameter]], ContextManager] = _no_gather,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_config = loss_config
+        self.scope = scope
+        self.gather_params = gather_params
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+        """Final hidden states ``[b, S+N*B, H]`` of one forward over the clean tokens followed by all blocks."""
+        b, S = input_ids.shape
+        full_ids = torch.cat([input_ids, layout.block_input_ids], dim=1)
+        dtype = next(self.model.parameters()).dtype
+        mask = build_attention_mask(layout, attention_mask, dtype)
+        control = adapter_control(self.model)
+        control.enabled = True
+        if self.scope == "block":
+            gate = torch.zeros(b, full_ids.shape[1], 1, dtype=dtype, device=input_ids.device)
+            gate[:, S:] = 1.0
+        else:
+            gate = None
+        # Left set on purpose (not a context manager): non-reentrant gradient checkpointing re-runs this forward
+        # during backward and must see the same gate. Every forward that uses the model sets it again.
+        control.gate = gate
+        out = self.model.model(input_ids=full_ids, attention_mask=mask, position_ids=layout.position_ids)
+        return out.last_hidden_state
+
+    def teacher_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor
+    ) -> torch.Tensor:
+        """Clean-stream hidden states ``[b, S, H]`` of the base model (adapter off), detached."""
+        S = input_ids.shape[1]
+        if self.scope == "block":
+            return hidden[:, :S].detach()  # the gate kept the adapter off there: this *is* the base model
+        control = adapter_control(self.model)
+        with torch.no_grad(), control.disabled(), control.gated(None):
+            return self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout) -> DrafterOutput:
+        b, S = input_ids.shape
+        B = layout.block_size
+        hidden = self.hidden_states(input_ids, attention_mask, layout)
+        supervised = layout.labels != IGNORE_INDEX  # [b, N*B]
+        student = hidden[:, S:][supervised]  # [n, H]
+        teacher = None
+        if self.loss_config.kl_weight > 0:
+            clean = self.teacher_hidden(input_ids, attention_mask, hidden)
+            index = layout.teacher_positions[:, :, None].expand(-1, -1, clean.shape[-1])
+            teacher = clean.gather(1, index)[supervised]
+        lm_head = self.model.get_output_embeddings()
+        with self.gather_params([lm_head.weight]):
+            out = fused_ce_kl_loss(
+                student, lm_head.weight, layout.labels[supervised], layout.weights[supervised], teacher, self.loss_config
+            )
+        return self._metrics(out, supervised, layout, B)
+
+    @staticmethod
+    def _metrics(out, supervised: torch.Tensor, layout: BlockLayout, B: int) -> DrafterOutput:
+        b = supervised.shape[0]
+        N = layout.num_blocks
+        correct = torch.zeros_like(supervised)
+        correct[supervised] = out.correct
+        correct, supervised_3d = correct.view(b, N, B), supervised.view(b, N, B)
+        correct_by_pos = correct.sum(dim=(0, 1)).float()
+        count_by_pos = supervised_3d.sum(dim=(0, 1)).float()
+        full = supervised_3d[:, :, 1:].all(dim=-1).reshape(-1)
+        accept_sum = accepted_lengths(correct[:, :, 1:].reshape(b * N, B - 1)[full]).sum()
+        return DrafterOutput(
+            loss=out.loss,
+            ce=out.ce,
+            kl=out.kl,
+            correct_by_pos=correct_by_pos,
+            count_by_pos=count_by_pos,
+            accept_sum=accept_sum,
+            accept_count=full.sum().float(),
+            supervised_rows=int(supervised.sum()),
+        )

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dflash-ds",
+    version="0.1.0",
+    description="Train one-step block-diffusion draft models as LoRA adapters on the target model, on DeepSpeed",
+    packages=find_packages(include=["dflash_ds", "dflash_ds.*"]),
+    python_requires=">=3.10",
+    # torch is pinned only in the `cpu` extra: a bare `torch` requirement resolved on a machine without torch pulls a
+    # multi-GB CUDA build. GPU users install their own torch first; CPU machines use `pip install -e .[cpu]`.
+    install_requires=[
+        "deepspeed==0.19.8",
+        "transformers>=5.20,<6",
+        "peft>=0.21,<0.22",
+        "datasets>=3",
+        "safetensors",
+        "tensorboard",
+        "tokenizers",
+        "tqdm",
+    ],
+    extras_require={
+        "cpu": ["torch==2.13.0"],
+        "test": ["pytest"],
+    },
+    entry_points={"console_scripts": ["dflash-ds=dflash_ds.cli:main"]},
+)

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from dflash_ds.loss import LossConfig, accepted_lengths, fused_ce_kl_loss, reference_ce_kl_loss
+
+
+def _rows(n=37, H=24, V=101, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(n, H, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    teacher = torch.randn(n, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.5
+    labels = torch.randint(0, V, (n,), generator=g)
+    w = torch.rand(n, generator=g) + 0.1
+    return student, weight, labels, w, teacher
+
+
+CASES = [
+    LossConfig(ce_weight=1.0, kl_weight=0.0),
+    LossConfig(ce_weight=0.0, kl_weight=1.0),
+    LossConfig(ce_weight=0.7, kl_weight=0.3, temperature=2.0),
+    LossConfig(ce_weight=0.5, kl_weight=1.0, kl_type="reverse"),
+    LossConfig(ce_weight=0.5, kl_weight=1.0, kl_type="tvd", temperature=0.7),
+]
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"ce{c.ce_weight}-kl{c.kl_weight}-{c.kl_type}")
+@pytest.mark.parametrize("chunk", [1, 5, 16, 37, 1000])
+def test_fused_equals_materialised_reference(cfg, chunk):
+    cfg = LossConfig(**{**cfg.__dict__, "chunk_size": chunk})
+    student, weight, labels, w, teacher = _rows()
+    weight.requires_grad_(False)
+    out = fused_ce_kl_loss(student, weight, labels, w, teacher, cfg)
+    (g_fused,) = torch.autograd.grad(out.loss * 1.7, student)
+    s2 = student.detach().clone().requires_grad_(True)
+    ref = reference_ce_kl_loss(s2, weight, labels, w, teacher, cfg)
+    (g_ref,) = torch.autograd.grad(ref * 1.7, s2)
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-4, atol=1e-6)
+    expected_correct = (student.detach() @ weight.t()).argmax(-1) == labels
+    assert torch.equal(out.correct, expected_correct)
+
+
+def test_components_reported_separately():
+    student, weight, labels, w, teacher = _rows()
+    cfg = LossConfig(ce_weight=0.25, kl_weight=2.0)
+    out = fused_ce_kl_loss(student, weight, labels, w, teacher, cfg)
+    ce_only = reference_ce_kl_loss(student, weight, labels, w, teacher, LossConfig(ce_weight=1.0, kl_weight=0.0))
+    kl_only = reference_ce_kl_loss(student, weight, labels, w, teacher, LossConfig(ce_weight=0.0, kl_weight=1.0))
+    assert out.ce.item() == pytest.approx(ce_only.item(), rel=1e-5)
+    assert out.kl.item() == pytest.approx(kl_only.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(0.25 * ce_only.item() + 2.0 * kl_only.item(), rel=1e-5)
+
+
+def test_kl_is_zero_when_student_equals_teacher():
+    student, weight, labels, w, _ = _rows()
+    out = fused_ce_kl_loss(student, weight, labels, w, student.detach(), LossConfig(ce_weight=0.0, kl_weight=1.0))
+    assert out.loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_zero_rows_gives_differentiable_zero():
+    H, V = 8, 11
+    student = torch.zeros(0, H, requires_grad=True)
+    out = fused_ce_kl_loss(
+        student, torch.randn(V, H), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0, H), LossConfig(kl_weight=1.0)
+    )
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and student.grad.shape == (0, H)
+
+
+def test_lm_head_gets_no_gradient():
+    student, weight, labels, w, teacher = _rows()
+    weight.requires_grad_(True)
+    fused_ce_kl_loss(student, weight, labels, w, teacher, LossConfig(kl_weight=1.0)).loss.backward()
+    assert weight.grad is None and student.grad is not None
+
+
+def test_accepted_lengths():
+    c = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert accepted_lengths(c).tolist() == [3.0, 1.0, 5.0]
+
+
+def test_bad_loss_config_names_flag():
+    with pytest.raises(ValueError, match="--kl-type"):
+        LossConfig(kl_type="js")
+    with pytest.raises(ValueError, match="--ce-weight"):
+        LossConfig(ce_weight=0.0, kl_weight=0.0)

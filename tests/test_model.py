@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from conftest import randomize_lora_b, tiny_qwen3
+from dflash_ds.blocks import BlockConfig, build_block_layout
+from dflash_ds.lora import LoRAConfig, adapter_control, apply_lora
+from dflash_ds.loss import LossConfig
+from dflash_ds.model import DFlashDrafter
+
+MASK = 95
+S, B = 24, 4
+
+
+def _setup(scope="block", attn="sdpa", kl=0.0):
+    model = tiny_qwen3(attn_implementation=attn)
+    base = tiny_qwen3(attn_implementation=attn)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, scope=scope))
+    randomize_lora_b(model)
+    drafter = DFlashDrafter(model, LossConfig(ce_weight=1.0, kl_weight=kl, chunk_size=7), scope)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 90, (2, S), generator=g)
+    lm = torch.ones(2, S, dtype=torch.long)
+    lm[:, :6] = 0
+    attn_mask = torch.ones(2, S, dtype=torch.long)
+    cfg = BlockConfig(block_size=B, num_anchors=3, mask_token_id=MASK)
+    layout = build_block_layout(ids, lm, attn_mask, cfg, [5, 6])
+    return model, base, drafter, ids, attn_mask, layout
+
+
+def _block_logits(drafter, ids, attn_mask, layout):
+    with torch.no_grad():
+        h = drafter.hidden_states(ids, attn_mask, layout)
+        return drafter.model.lm_head(h[:, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("scope", ["block", "all"])
+def test_blocks_cannot_see_what_they_must_not(attn, scope):
+    model, _, drafter, ids, attn_mask, layout = _setup(scope, attn)
+    ref = _block_logits(drafter, ids, attn_mask, layout)
+    N = layout.num_blocks
+    for i in range(2):
+        for j in range(N):
+            a = int(layout.anchors[i, j])
+            rows = slice(j * B, (j + 1) * B)
+            # a clean token at or after the anchor: invisible to block j
+            ids2 = ids.clone()
+            ids2[i, a + 1 if a + 1 < S else a] = (ids2[i, a] + 1) % 90
+            ids2[i, a] = (ids[i, a] + 7) % 90  # changes the clean copy, not the block's own anchor token
+            out = _block_logits(drafter, ids2, attn_mask, layout)
+            assert torch.equal(out[i, rows], ref[i, rows]), f"block {j} saw clean tokens at/after its anchor"
+            # another block's tokens: invisible
+            other = (j + 1) % N
+            lay2 = build_block_layout(ids, ids.new_ones(2, S), attn_mask, BlockConfig(block_size=B, num_anchors=3, mask_token_id=MASK), [5, 6])
+            lay2.__dict__.update({k: v.clone() for k, v in layout.__dict__.items() if isinstance(v, torch.Tensor)})
+            lay2.block_input_ids[i, other * B : (other + 1) * B] = 3
+            out = _block_logits(drafter, ids, attn_mask, lay2)
+            assert torch.equal(out[i, rows], ref[i, rows]), f"block {j} saw block {other}"
+            # a clean token before the anchor: visible, so the logits must move
+            if a > 0:
+                ids3 = ids.clone()
+                ids3[i, a - 1] = (ids[i, a - 1] + 11) % 90
+                assert not torch.allclose(_block_logits(drafter, ids3, attn_mask, layout)[i, rows], ref[i, rows])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_block_scope_clean_stream_is_the_base_model(attn):
+    model, base, drafter, ids, attn_mask, layout = _setup("block", attn)
+    with torch.no_grad():
+        h = drafter.hidden_states(ids, attn_mask, layout)
+        clean_logits = model.lm_head(h[:, :S])
+        base_logits = base(input_ids=ids).logits
+        control = adapter_control(model)
+        control.gate = None
+        adapted = model(input_ids=ids).logits
+    torch.testing.assert_close(clean_logits, base_logits, rtol=0, atol=2e-5)
+    assert not torch.allclose(adapted, base_logits, atol=1e-3), "adapter has no effect: the test would prove nothing"
+    with control.disabled():
+        torch.testing.assert_close(model(input_ids=ids).logits, base_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scope", ["block", "all"])
+def test_kl_teacher_is_the_adapter_off_model(scope):
+    model, base, drafter, ids, attn_mask, layout = _setup(scope, kl=1.0)
+    with torch.no_grad():
+        h = drafter.hidden_states(ids, attn_mask, layout)
+        teacher = drafter.teacher_hidden(ids, attn_mask, h)
+        expected = base.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(teacher, expected, rtol=0, atol=2e-5)
+
+
+def test_forward_backward_trains_only_lora_and_reports_metrics():
+    model, _, drafter, ids, attn_mask, layout = _setup("block", kl=0.5)
+    out = drafter(ids, attn_mask, layout)
+    out.loss.backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    assert out.count_by_pos[0] == 0 and out.count_by_pos[1:].sum() == out.supervised_rows > 0
+    assert out.accept_count > 0 and 1.0 <= (out.accept_sum / out.accept_count).item() <= B
+    assert torch.isfinite(out.loss)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model, _, drafter, ids, attn_mask, layout = _setup("block", kl=0.5)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        drafter(ids, attn_mask, layout).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
