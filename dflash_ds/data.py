@@ -295,7 +295,7 @@ def tokenize_conversation(tokenizer: Any, messages: Conversation, max_length: in
             t += 1
         # Content tokens: any token overlapping the span (a BPE merge across the edge still carries content).
         while t < len(ids) and offsets[t][0] < end:
-            if offsets[t][1] > offsets[t][0] + 100:
+            if offsets[t][1] > offsets[t][0]:
                 mask[t] = 1
             t += 1
         # End of turn: the first special token after the content, if only whitespace lies in between. The

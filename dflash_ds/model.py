@@ -1,21 +1,19 @@
 """The drafter's training forward: one pass over ``[clean | blocks]`` and the fused loss (SPEC sections 3-5).
 
 :class:`DFlashDrafter` wraps a causal LM that :func:`dflash_ds.lora.apply_lora` has fitted with an adapter. It is
-the module DeepSpeed wraps; everything DeepSpeed-specific (gathering ZeRO-3 partitions of ``lm_head``) comes in
-through ``gather_params`` so this file stays plain PyTorch.
+the module DeepSpeed wraps. The loss runs inside the :class:`LMHeadLoss` submodule so that, under ZeRO-3, the
+trainer can register ``lm_head.weight`` as that module's external parameter and DeepSpeed gathers it for exactly
+that call; this file stays plain PyTorch.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterable
-
 import torch
 from torch import nn
 
 from .blocks import IGNORE_INDEX, BlockLayout, build_attention_mask
-from .loss import LossConfig, accepted_lengths, fused_ce_kl_loss
+from .loss import LossConfig, LossOutput, accepted_lengths, fused_ce_kl_loss
 from .lora import adapter_control
 
 
@@ -35,8 +33,17 @@ class DrafterOutput:
     supervised_rows: int
 
 
-def _no_gather(params: Iterable[nn.Parameter]) -> ContextManager:
-    return contextlib.nullcontext()
+class LMHeadLoss(nn.Module):
+    """Holds no parameters: a module boundary around :func:`fused_ce_kl_loss` for ZeRO-3's parameter hooks."""
+
+    def __init__(self, config: LossConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, student, lm_head_weight, labels, weights, teacher):
+        # a plain tuple: ZeRO-3 finds tensors to hook in tuples, not in dataclasses
+        out = fused_ce_kl_loss(student, lm_head_weight, labels, weights, teacher, self.config)
+        return out.loss, out.ce, out.kl, out.correct
 
 
 class DFlashDrafter(nn.Module):
@@ -45,13 +52,12 @@ class DFlashDrafter(nn.Module):
         model: nn.Module,
         loss_config: LossConfig,
         scope: str,
-        gather_params: Callable[[Iterable[nn.Parameter]], ContextManager] = _no_gather,
     ) -> None:
         super().__init__()
         self.model = model
         self.loss_config = loss_config
         self.scope = scope
-        self.gather_params = gather_params
+        self.loss_head = LMHeadLoss(loss_config)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
         """Final hidden states ``[b, S+N*B, H]`` of one forward over the clean tokens followed by all blocks."""
@@ -95,10 +101,7 @@ class DFlashDrafter(nn.Module):
             index = layout.teacher_positions[:, :, None].expand(-1, -1, clean.shape[-1])
             teacher = clean.gather(1, index)[supervised]
         lm_head = self.model.get_output_embeddings()
-        with self.gather_params([lm_head.weight]):
-            out = fused_ce_kl_loss(
-                student, lm_head.weight, layout.labels[supervised], layout.weights[supervised], teacher, self.loss_config
-            )
+        out = LossOutput(*self.loss_head(student, lm_head.weight, layout.labels[supervised], layout.weights[supervised], teacher))
         return self._metrics(out, supervised, layout, B)
 
     @staticmethod

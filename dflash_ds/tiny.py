@@ -353,10 +353,10 @@ class TinyTargetConfig:
     max_position: int = 4096
     rope_theta: float = 10000.0
     # training
-    seq_len: int = 256
-    batch_size: int = 16
-    steps: int = 400
-    lr: float = 3e-3
+    seq_len: int = 512
+    batch_size: int = 4
+    steps: int = 420
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.1
@@ -797,15 +797,14 @@ def ensure_tiny_target(
 
 
 def _summary(meta: dict[str, Any], path: Path) -> str:
+    """A few human-readable lines about a finished build."""
     ev = meta.get("eval_loss")
+    ev_text = f"{ev:.3f}" if ev is not None else "n/a"
     return (
         f"tiny target in {path}\n"
         f"  parameters {meta['num_parameters']:,}, vocab {meta['config']['vocab_size']}, "
-        f"MASK id {meta['mask_token_id']}\n"
-        f"  train loss {meta['train_loss']:.3f}, held-out loss {ev:.3f} "
-        f"(ln vocab {meta['ln_vocab']:.3f})\n" if ev is not None else
-        f"tiny target in {path}\n  parameters {meta['num_parameters']:,}, train loss {meta['train_loss']:.3f}\n"
-    ) + (
+        f"MASK id {meta['mask_token_id']}, trained context {meta['trained_context']}\n"
+        f"  train loss {meta['train_loss']:.3f}, held-out loss {ev_text} (ln vocab {meta['ln_vocab']:.3f})\n"
         f"  greedy 4-gram repetition {meta['repetition_rate_4']:.2f} "
         f"(true bodies {meta['reference_repetition_rate_4']:.2f}), build {meta['timing_s']['total']:.0f} s"
     )

@@ -47,3 +47,41 @@ def randomize_lora_b(model, seed: int = 1, std: float = 0.05) -> None:
 @pytest.fixture
 def model():
     return tiny_qwen3()
+
+
+def write_tiny_target(path, seed: int = 0, vocab_size: int = 400, **overrides):
+    """A from_pretrained directory: byte-level BPE tokenizer (ChatML + <|mask|>) and a random tiny Qwen3."""
+    import json
+    import sysconfig
+    from pathlib import Path
+
+    from dflash_ds.tiny import train_tokenizer
+
+    path = Path(path)
+    src = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
+    tokenizer = train_tokenizer([src.read_text()], vocab_size=vocab_size)
+    model = tiny_qwen3(seed=seed, vocab_size=len(tokenizer), **overrides)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_conversations(path, n: int = 16, seed: int = 0):
+    """JSONL conversations built from stdlib functions (user: signature, assistant: body)."""
+    import json
+    import random
+    import sysconfig
+    from pathlib import Path
+
+    src = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text().splitlines()
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            start = rng.randrange(0, len(src) - 12)
+            user = "\n".join(src[start : start + 2]) or "def f():"
+            assistant = "\n".join(src[start + 2 : start + 2 + rng.randrange(4, 10)]) or "    pass"
+            conv = {"conversations": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+            f.write(json.dumps(conv) + "\n")
+    return path

@@ -1,0 +1,245 @@
+"""Checkpoints: DeepSpeed's own per-rank files plus a small rank-independent state, written crash-safely.
+
+Layout of ``OUTPUT/checkpoints``::
+
+    step_00000010/            one complete checkpoint (renamed from step_00000010.partial once every rank wrote)
+        <DeepSpeed files>     engine.save_checkpoint(..., exclude_frozen_parameters=True): adapter + optimizer
+        dflash_state.pt       full (gathered) adapter, Adam moments, step, schedule, layout, drafting metadata
+        COMPLETE
+    latest                    name of the newest complete checkpoint (replaced atomically)
+
+A crash during a save leaves only a ``.partial`` directory, which resume ignores. Resuming on the same parallel
+layout uses DeepSpeed's files (bit-exact); on a different number of ranks the rank-independent state is loaded
+into the new layout through DeepSpeed's ``safe_set_full_*`` API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .lora import (
+    DraftMeta,
+    LoRAConfig,
+    TPGroup,
+    gather_full_lora_state,
+    lora_modules,
+    peft_key,
+    save_adapter_dir,
+)
+
+STATE_FILE = "dflash_state.pt"
+COMPLETE = "COMPLETE"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _tp_gather(t: torch.Tensor, module, factor: str) -> torch.Tensor:
+    """Concatenate a TP-sharded factor (column: lora_B rows; row: lora_A columns) across the TP group."""
+    if not module._tp_active():
+        return t
+    dim = 0 if (module.parallel == "column" and factor == "lora_B") else 1 if (module.parallel == "row" and factor == "lora_A") else None
+    if dim is None:
+        return t
+    parts = [torch.empty_like(t) for _ in range(module.tp.size)]
+    dist.all_gather(parts, t.contiguous(), group=module.tp.group)
+    return torch.cat(parts, dim=dim)
+
+
+def _tp_slice(t: torch.Tensor, module, factor: str) -> torch.Tensor:
+    if not module._tp_active():
+        return t
+    tp = module.tp
+    if module.parallel == "column" and factor == "lora_B":
+        n = t.shape[0] // tp.size
+        return t[tp.rank * n : (tp.rank + 1) * n]
+    if module.parallel == "row" and factor == "lora_A":
+        n = t.shape[1] // tp.size
+        return t[:, tp.rank * n : (tp.rank + 1) * n]
+    return t
+
+
+def gather_optimizer_state(model) -> dict[str, dict[str, torch.Tensor]]:
+    """Full fp32 master weights and Adam moments per PEFT key, gathered over ZeRO and TP (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, module in lora_modules(model):
+        for factor in ("lora_A", "lora_B"):
+            p = getattr(module, factor).weight
+            entry = {"fp32": safe_get_full_fp32_param(p)}
+            for key in ADAM_KEYS:
+                entry[key] = safe_get_full_optimizer_state(p, key)
+            out[peft_key(name, factor)] = {
+                k: _tp_gather(v.detach().float().cpu(), module, factor) for k, v in entry.items() if v is not None
+            }
+    return out
+
+
+def restore_optimizer_state(model, optimizer, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+    """Load gathered master weights and Adam moments into this rank's (possibly differently sharded) layout."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    for name, module in lora_modules(model):
+        for factor in ("lora_A", "lora_B"):
+            p = getattr(module, factor).weight
+            entry = state[peft_key(name, factor)]
+            safe_set_full_fp32_param(p, _tp_slice(entry["fp32"], module, factor).to(p.device))
+            for key in ADAM_KEYS:
+                if key in entry:
+                    safe_set_full_optimizer_state(p, _tp_slice(entry[key], module, factor).to(p.device), key)
+    # torch Adam keeps its bias-correction step per (flat) parameter
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for st in inner.state.values():
+        if "step" in st:
+            st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
+
+
+def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    root = Path(root)
+    tag = f"step_{step:08d}"
+    partial = root / f"{tag}.partial"
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    engine.save_checkpoint(
+        str(root), tag=partial.name, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
+    )
+    model = engine.module.model
+    state = dict(client_state)
+    state["adapter"] = _gathered_adapter(engine)
+    state["optimizer"] = gather_optimizer_state(model)
+    state["lr_scheduler"] = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+    if os.environ.get("DFLASH_DS_TEST_KILL_IN_SAVE") == str(step):  # tests: die mid-save, before the rename
+        os.kill(os.getpid(), 9)
+    if _rank() == 0:
+        torch.save(state, partial / STATE_FILE)
+        (partial / COMPLETE).write_text(f"{step}\n")
+        final = root / tag
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        tmp = root / "latest.tmp"
+        tmp.write_text(tag + "\n")
+        os.replace(tmp, root / "latest")
+        _prune(root, keep_last)
+    _barrier()
+    return root / tag
+
+
+def _gathered_adapter(engine) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    model = engine.module.model
+    params = [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+    zero3 = any(hasattr(p, "ds_id") for p in params)
+    ctx = deepspeed.zero.GatheredParameters(params) if zero3 else _null()
+    with ctx:
+        return gather_full_lora_state(model)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last < 1:
+        return
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).exists())
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(spec: str, output_dir: str | Path) -> Path | None:
+    """``auto`` -> newest complete checkpoint under OUTPUT/checkpoints (None if there is none); else a path."""
+    if spec == "auto":
+        root = Path(output_dir) / "checkpoints"
+        done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial") and (p / COMPLETE).exists())
+        return done[-1] if done else None
+    path = Path(spec)
+    if not (path / COMPLETE).exists() or not (path / STATE_FILE).exists():
+        raise ValueError(f"--resume {spec}: not a complete dflash-ds checkpoint (no {COMPLETE} / {STATE_FILE})")
+    return path
+
+
+def load_checkpoint(engine, path: Path, layout_now: dict) -> dict:
+    """Restore adapter, optimizer, schedule; returns the saved client state (step, data position, RNG...)."""
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    if state.get("layout") == layout_now:
+        _, client = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load {path}")
+        return client
+    # different parallel layout: load the gathered state into this layout
+    restore_optimizer_state(engine.module.model, engine.optimizer, state["optimizer"], state["step"])
+    if state.get("lr_scheduler") is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    engine.global_steps = state["step"]
+    engine.global_samples = state.get("samples", 0)
+    _sync_module_from_fp32(engine)
+    return {k: v for k, v in state.items() if k not in ("adapter", "optimizer", "lr_scheduler")}
+
+
+def _sync_module_from_fp32(engine) -> None:
+    """After setting fp32 master weights, copy them into the module's (possibly low-precision) weights."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    import deepspeed
+
+    model = engine.module.model
+    for _, module in lora_modules(model):
+        for factor in ("lora_A", "lora_B"):
+            p = getattr(module, factor).weight
+            full = safe_get_full_fp32_param(p)
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    p.data.copy_(full.to(p.dtype))
+            else:
+                p.data.copy_(full.to(p.dtype))
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
+    """Write the PEFT adapter directory of a checkpoint (no DeepSpeed, no model needed)."""
+    path = Path(path)
+    if not (path / STATE_FILE).exists():
+        raise ValueError(f"{path}: no {STATE_FILE}; pass a checkpoint directory such as OUTPUT/checkpoints/step_00000100")
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    save_adapter_dir(out_dir, state["adapter"], LoRAConfig(**state["lora_config"]), DraftMeta(**state["draft_meta"]))
+    return Path(out_dir)
+
+
+def main_export(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dflash-ds export", description="Export a checkpoint as a PEFT adapter directory")
+    p.add_argument("checkpoint", help="OUTPUT/checkpoints/step_XXXXXXXX (or OUTPUT/checkpoints for the latest)")
+    p.add_argument("out")
+    args = p.parse_args(argv)
+    ckpt = Path(args.checkpoint)
+    if (ckpt / "latest").exists() and not (ckpt / STATE_FILE).exists():
+        ckpt = ckpt / (ckpt / "latest").read_text().strip()
+    out = export_checkpoint(ckpt, args.out)
+    print(f"adapter written to {out}")
+    return 0
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "export_checkpoint", "TPGroup"]
