@@ -93,6 +93,7 @@ def restore_optimizer_state(model, optimizer, state: dict[str, dict[str, torch.T
     """Load gathered master weights and Adam moments into this rank's (possibly differently sharded) layout."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    _materialise_adam_state(optimizer, step)
     for name, module in lora_modules(model):
         for factor in ("lora_A", "lora_B"):
             p = getattr(module, factor).weight
@@ -101,11 +102,22 @@ def restore_optimizer_state(model, optimizer, state: dict[str, dict[str, torch.T
             for key in ADAM_KEYS:
                 if key in entry:
                     safe_set_full_optimizer_state(p, _tp_slice(entry[key], module, factor).to(p.device), key)
-    # torch Adam keeps its bias-correction step per (flat) parameter
+
+
+def _materialise_adam_state(optimizer, step: int) -> None:
+    """torch Adam creates its state lazily at the first step, and DeepSpeed links per-parameter views into it only
+    then; a resumed run has not stepped yet, so create the state (with the saved bias-correction step) and link."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    for st in inner.state.values():
-        if "step" in st:
-            st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
+    for group in inner.param_groups:
+        for p in group["params"]:
+            st = inner.state[p]
+            st["step"] = torch.tensor(float(step))
+            for key in ADAM_KEYS:
+                st.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+    link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO-1/2: (re)point each parameter's fragment at the new state
+        optimizer._hp_optimizer_states_linked = False
+        link()
 
 
 def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, keep_last: int) -> Path:
@@ -195,6 +207,9 @@ def load_checkpoint(engine, path: Path, layout_now: dict) -> dict:
     restore_optimizer_state(engine.module.model, engine.optimizer, state["optimizer"], state["step"])
     if state.get("lr_scheduler") is not None and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        # a scheduler's state holds counters only; the optimizer's current lr must be set to match
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
     engine.global_steps = state["step"]
     engine.global_samples = state.get("samples", 0)
     _sync_module_from_fp32(engine)

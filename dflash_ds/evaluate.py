@@ -129,6 +129,14 @@ def read_prompts(path: str | os.PathLike) -> list[list[dict] | str]:
     return prompts
 
 
+def load_prompts(path: str | os.PathLike, tokenizer, limit: int | None = None) -> list[list[int]]:
+    """Read a prompt file (:func:`read_prompts`), keep the first ``limit`` prompts, render them to token ids."""
+    prompts = read_prompts(path)
+    if limit is not None:
+        prompts = prompts[:limit]
+    return [render_prompt(tokenizer, p) for p in prompts]
+
+
 def render_prompt(tokenizer, prompt: list[dict] | str | Sequence[int]) -> list[int]:
     """Token ids of one prompt: a conversation through the chat template (generation prompt added), a
     pre-formatted string as is, or token ids unchanged."""
@@ -296,7 +304,7 @@ def _hf_generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, eo
     if prompt_lookup:
         kwargs["prompt_lookup_num_tokens"] = prompt_lookup
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             t0 = time.perf_counter()
             out = model.generate(ids, **kwargs)
             seconds = time.perf_counter() - t0

@@ -418,7 +418,7 @@ class _ARDrafter:
         return Draft([])
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 re-partitions parameters in place after the forward
 def speculative_generate(
     model: nn.Module,
     prompt_ids: Sequence[int] | torch.Tensor,

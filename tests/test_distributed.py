@@ -1,0 +1,195 @@
+"""Multi-rank training on CPU (gloo): parity across parallel layouts, crash-safe resume, export.
+
+Each run is a real launcher run (torchrun, 2 processes) of ``python -m dflash_ds.train``.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_conversations, write_tiny_target
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    write_tiny_target(d / "model")
+    write_conversations(d / "data.jsonl", n=24)
+    return d
+
+
+def run_train(assets, out, nproc=1, config=None, extra=(), env_extra=None, check=True):
+    args = [
+        "--model-path", str(assets / "model"), "--train-data", str(assets / "data.jsonl"), "--output-dir", str(out),
+        "--block-size", "4", "--max-length", "96", "--lr", "5e-3", "--seed", "3", "--max-steps", str(STEPS),
+        "--kl-weight", "0.5", "--lora-r", "4",
+    ]
+    if config:
+        args += ["--deepspeed_config", str(ROOT / "ds_configs" / config)]
+    args += list(extra)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "dflash_ds.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_free_port()), "-m", "dflash_ds.train", *args]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.update(env_extra or {})
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def adapter(out):
+    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_run(ref_out, out, rel=1e-4, atol=2e-5):
+    ref_m, m = metrics(ref_out), metrics(out)
+    assert [r["step"] for r in ref_m] == [r["step"] for r in m] == list(range(1, STEPS + 1))
+    for a, b in zip(ref_m, m):
+        assert b["loss"] == pytest.approx(a["loss"], rel=rel), (a, b)
+    ref_a, a = adapter(ref_out), adapter(out)
+    assert ref_a.keys() == a.keys()
+    for k in ref_a:
+        torch.testing.assert_close(a[k], ref_a[k], rtol=1e-3, atol=atol, msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """One process, global batch 2 via gradient accumulation."""
+    out = tmp_path_factory.mktemp("ref")
+    run_train(assets, out, nproc=1, extra=["--grad-accum", "2"])
+    m = metrics(out)
+    assert m[-1]["loss"] < m[0]["loss"], "training did not lower the loss: parity would prove nothing"
+    b = [v for k, v in adapter(out).items() if "lora_B" in k]
+    assert any(t.abs().max() > 1e-3 for t in b), "adapter did not move"
+    return out
+
+
+@pytest.mark.parametrize(
+    "config,extra",
+    [
+        ("zero2.json", []),
+        ("zero3.json", []),
+        ("autotp2_zero1.json", ["--grad-accum", "2"]),
+        ("autotp2_zero3.json", ["--grad-accum", "2"]),
+    ],
+)
+def test_parallel_layouts_match_single_process(assets, reference, tmp_path, config, extra):
+    run_train(assets, tmp_path, nproc=2, config=config, extra=extra)
+    assert_same_run(reference, tmp_path)
+
+
+def test_sigkill_after_checkpoint_then_resume_matches(assets, reference, tmp_path):
+    extra = ["--save-interval", "2"]
+    proc = run_train(assets, tmp_path, nproc=2, config="zero2.json", extra=extra,
+                     env_extra={"DFLASH_DS_TEST_KILL_AFTER_STEP": "3"}, check=False)
+    assert proc.returncode != 0
+    assert (tmp_path / "checkpoints" / "step_00000002" / "COMPLETE").exists()
+    assert not (tmp_path / "adapter").exists()
+    run_train(assets, tmp_path, nproc=2, config="zero2.json", extra=[*extra, "--resume", "auto"])
+    assert_same_run(reference, tmp_path)
+
+
+def test_resume_two_rank_checkpoint_on_one_rank(assets, reference, tmp_path):
+    extra = ["--save-interval", "2"]
+    run_train(assets, tmp_path, nproc=2, config="zero2.json", extra=extra,
+              env_extra={"DFLASH_DS_TEST_KILL_AFTER_STEP": "3"}, check=False)
+    run_train(assets, tmp_path, nproc=1, config="zero2.json", extra=[*extra, "--grad-accum", "2", "--resume", "auto"])
+    assert_same_run(reference, tmp_path)
+
+
+def test_kill_during_save_keeps_previous_checkpoint(assets, reference, tmp_path):
+    extra = ["--save-interval", "2"]
+    proc = run_train(assets, tmp_path, nproc=1, extra=[*extra, "--grad-accum", "2"],
+                     env_extra={"DFLASH_DS_TEST_KILL_IN_SAVE": "4"}, check=False)
+    assert proc.returncode != 0
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "step_00000004.partial").exists() and not (ckpts / "step_00000004").exists()
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    run_train(assets, tmp_path, nproc=1, extra=[*extra, "--grad-accum", "2", "--resume", "auto"])
+    assert_same_run(reference, tmp_path)
+
+
+def test_export_cli_matches_final_adapter(assets, reference, tmp_path):
+    from dflash_ds.cli import main
+
+    assert main(["export", str(Path(reference) / "checkpoints"), str(tmp_path / "exp")]) == 0
+    a, b = adapter(reference), load_file(str(tmp_path / "exp" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((tmp_path / "exp" / "dflash.json").read_text())
+    assert meta["block_size"] == 4 and meta["scope"] == "block"
+
+
+def test_peft_loads_exported_adapter_with_same_logits(assets, reference):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dflash_ds.lora import adapter_control, load_adapter_dir
+
+    ours = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32)
+    load_adapter_dir(ours, Path(reference) / "adapter")
+    adapter_control(ours).gate = None
+    base = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(Path(reference) / "adapter"))
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, peft_model(input_ids=ids).logits
+        with adapter_control(ours).disabled():
+            plain = ours(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a, plain, atol=1e-4), "adapter has no effect: the comparison proves nothing"
+
+
+@pytest.mark.parametrize(
+    "extra,config,message",
+    [
+        (["--block-size", "1"], None, "--block-size"),
+        (["--micro-batch-size", "2"], "autotp2_zero1.json", "autotp_size=2 must be >= 1 and divide"),
+        (["--grad-accum", "3"], "bad_batch.json", "train_batch_size"),
+    ],
+)
+def test_bad_configs_fail_fast_naming_the_setting(assets, tmp_path, extra, config, message):
+    if config == "bad_batch.json":
+        cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+        cfg["train_batch_size"] = 4
+        (tmp_path / config).write_text(json.dumps(cfg))
+        extra = [*extra, "--deepspeed_config", str(tmp_path / config)]
+        config = None
+    proc = run_train(assets, tmp_path / "out", nproc=1, config=config, extra=extra, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+
+
+def test_missing_model_path_and_tp_above_kv_heads(assets, tmp_path, capsys):
+    from dflash_ds.train import main
+
+    argv = ["--train-data", str(assets / "data.jsonl"), "--output-dir", str(tmp_path)]
+    assert main(["--model-path", str(tmp_path / "nope"), *argv]) == 2
+    assert "--model-path" in capsys.readouterr().err
+    cfg = json.loads((ROOT / "ds_configs" / "autotp2_zero1.json").read_text())
+    cfg["tensor_parallel"]["autotp_size"] = 4  # the tiny model has 2 key-value heads
+    (tmp_path / "tp4.json").write_text(json.dumps(cfg))
+    assert main(["--model-path", str(assets / "model"), *argv, "--deepspeed_config", str(tmp_path / "tp4.json")]) == 2
+    assert "exceeds the model's key-value head count" in capsys.readouterr().err
