@@ -16,6 +16,7 @@ into the new layout through DeepSpeed's ``safe_set_full_*`` API.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -26,11 +27,12 @@ import torch.distributed as dist
 from .lora import (
     DraftMeta,
     LoRAConfig,
-    TPGroup,
     gather_full_lora_state,
     lora_modules,
     peft_key,
     save_adapter_dir,
+    tp_gather_factor,
+    tp_slice_factor,
 )
 
 STATE_FILE = "dflash_state.pt"
@@ -47,31 +49,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _tp_gather(t: torch.Tensor, module, factor: str) -> torch.Tensor:
-    """Concatenate a TP-sharded factor (column: lora_B rows; row: lora_A columns) across the TP group."""
-    if not module._tp_active():
-        return t
-    dim = 0 if (module.parallel == "column" and factor == "lora_B") else 1 if (module.parallel == "row" and factor == "lora_A") else None
-    if dim is None:
-        return t
-    parts = [torch.empty_like(t) for _ in range(module.tp.size)]
-    dist.all_gather(parts, t.contiguous(), group=module.tp.group)
-    return torch.cat(parts, dim=dim)
-
-
-def _tp_slice(t: torch.Tensor, module, factor: str) -> torch.Tensor:
-    if not module._tp_active():
-        return t
-    tp = module.tp
-    if module.parallel == "column" and factor == "lora_B":
-        n = t.shape[0] // tp.size
-        return t[tp.rank * n : (tp.rank + 1) * n]
-    if module.parallel == "row" and factor == "lora_A":
-        n = t.shape[1] // tp.size
-        return t[:, tp.rank * n : (tp.rank + 1) * n]
-    return t
-
-
 def gather_optimizer_state(model) -> dict[str, dict[str, torch.Tensor]]:
     """Full fp32 master weights and Adam moments per PEFT key, gathered over ZeRO and TP (collective)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -84,7 +61,7 @@ def gather_optimizer_state(model) -> dict[str, dict[str, torch.Tensor]]:
             for key in ADAM_KEYS:
                 entry[key] = safe_get_full_optimizer_state(p, key)
             out[peft_key(name, factor)] = {
-                k: _tp_gather(v.detach().float().cpu(), module, factor) for k, v in entry.items() if v is not None
+                k: tp_gather_factor(module, factor, v.detach().float().cpu()) for k, v in entry.items() if v is not None
             }
     return out
 
@@ -98,10 +75,10 @@ def restore_optimizer_state(model, optimizer, state: dict[str, dict[str, torch.T
         for factor in ("lora_A", "lora_B"):
             p = getattr(module, factor).weight
             entry = state[peft_key(name, factor)]
-            safe_set_full_fp32_param(p, _tp_slice(entry["fp32"], module, factor).to(p.device))
+            safe_set_full_fp32_param(p, tp_slice_factor(module, factor, entry["fp32"]).to(p.device))
             for key in ADAM_KEYS:
                 if key in entry:
-                    safe_set_full_optimizer_state(p, _tp_slice(entry[key], module, factor).to(p.device), key)
+                    safe_set_full_optimizer_state(p, tp_slice_factor(module, factor, entry[key]).to(p.device), key)
 
 
 def _materialise_adam_state(optimizer, step: int) -> None:
@@ -159,17 +136,9 @@ def _gathered_adapter(engine) -> dict[str, torch.Tensor]:
     model = engine.module.model
     params = [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
     zero3 = any(hasattr(p, "ds_id") for p in params)
-    ctx = deepspeed.zero.GatheredParameters(params) if zero3 else _null()
+    ctx = deepspeed.zero.GatheredParameters(params) if zero3 else contextlib.nullcontext()
     with ctx:
         return gather_full_lora_state(model)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -257,4 +226,3 @@ def main_export(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "export_checkpoint", "TPGroup"]

@@ -10,6 +10,7 @@ COMMANDS = {
     "train": ("dflash_ds.train", "main", "train a drafter adapter with DeepSpeed (see also: deepspeed -m dflash_ds.train)"),
     "export": ("dflash_ds.checkpoint", "main_export", "export a training checkpoint as a PEFT adapter directory"),
     "eval": ("dflash_ds.evaluate", "main", "measure tau and speedup of a drafter against autoregressive decoding"),
+    "regenerate": ("dflash_ds.regenerate", "main", "replace assistant turns with the target's own greedy answers"),
     "demo": ("dflash_ds.demo", "main", "end-to-end demo on the tiny target: data, 2-rank training, evaluation"),
     "build-tiny-target": ("dflash_ds.tiny", "main_build", "train the tiny Qwen3 target on the stdlib's source"),
     "tiny-target": ("dflash_ds.tiny", "main_tiny_target", "write the (cached) tiny target to a directory"),

@@ -329,6 +329,36 @@ def peft_key(module_name: str, factor: str) -> str:
     return f"base_model.model.{module_name}.{factor}.weight"
 
 
+def _sharded_dim(module: LoRALinear, factor: str) -> int | None:
+    """Which dim of ``factor`` ("lora_A"/"lora_B") is split across TP ranks (None: replicated)."""
+    if not module._tp_active():
+        return None
+    if module.parallel == "column" and factor == "lora_B":
+        return 0
+    if module.parallel == "row" and factor == "lora_A":
+        return 1
+    return None
+
+
+def tp_gather_factor(module: LoRALinear, factor: str, t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a (possibly TP-sharded) factor or its optimizer state (collective over the TP group)."""
+    dim = _sharded_dim(module, factor)
+    if dim is None:
+        return t
+    parts = [torch.empty_like(t) for _ in range(module.tp.size)]
+    dist.all_gather(parts, t.contiguous(), group=module.tp.group)
+    return torch.cat(parts, dim=dim)
+
+
+def tp_slice_factor(module: LoRALinear, factor: str, t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a full factor tensor."""
+    dim = _sharded_dim(module, factor)
+    if dim is None:
+        return t
+    n = t.shape[dim] // module.tp.size
+    return t.narrow(dim, module.tp.rank * n, n)
+
+
 def gather_full_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT-keyed fp32 adapter weights, concatenated across TP shards (every TP rank must call this).
 
@@ -336,22 +366,10 @@ def gather_full_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     state: dict[str, torch.Tensor] = {}
     for name, module in lora_modules(model):
-        a = module.lora_A.weight.detach().float()
-        b = module.lora_B.weight.detach().float()
-        if module._tp_active():
-            if module.parallel == "column":
-                b = _all_gather_cat(b, dim=0, tp=module.tp)
-            else:
-                a = _all_gather_cat(a, dim=1, tp=module.tp)
-        state[peft_key(name, "lora_A")] = a.cpu().contiguous()
-        state[peft_key(name, "lora_B")] = b.cpu().contiguous()
+        for factor in ("lora_A", "lora_B"):
+            t = getattr(module, factor).weight.detach().float()
+            state[peft_key(name, factor)] = tp_gather_factor(module, factor, t).cpu().contiguous()
     return state
-
-
-def _all_gather_cat(t: torch.Tensor, dim: int, tp: TPGroup) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(tp.size)]
-    dist.all_gather(parts, t.contiguous(), group=tp.group)
-    return torch.cat(parts, dim=dim)
 
 
 def load_full_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -363,19 +381,12 @@ def load_full_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             f"adapter weights do not match the model: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]} (check --lora-targets and the base model)"
         )
-    for name, module in lora_modules(model):
-        a, b = state[peft_key(name, "lora_A")], state[peft_key(name, "lora_B")]
-        if module._tp_active():
-            tp = module.tp
-            if module.parallel == "column":
-                rows = b.shape[0] // tp.size
-                b = b[tp.rank * rows : (tp.rank + 1) * rows]
-            else:
-                cols = a.shape[1] // tp.size
-                a = a[:, tp.rank * cols : (tp.rank + 1) * cols]
-        with torch.no_grad():
-            module.lora_A.weight.copy_(a.to(module.lora_A.weight.dtype))
-            module.lora_B.weight.copy_(b.to(module.lora_B.weight.dtype))
+    with torch.no_grad():
+        for name, module in lora_modules(model):
+            for factor in ("lora_A", "lora_B"):
+                weight = getattr(module, factor).weight
+                full = state[peft_key(name, factor)]
+                weight.copy_(tp_slice_factor(module, factor, full).to(weight.dtype))
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

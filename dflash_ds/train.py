@@ -334,7 +334,7 @@ def _reduce_metrics(sums, layout: ParallelLayout, accum: int) -> tuple[dict, lis
         "kl": float(parts["kl"]) / micro_steps,
         "acc": float(parts["correct"].sum() / parts["count"].sum().clamp(min=1)),
         "sim_tau": float(parts["accept_sum"] / parts["accept_count"]) if parts["accept_count"] > 0 else float("nan"),
-        "tokens": float(parts["tokens"]) * (1 if layout.tp.size == 1 else 1),
+        "tokens": float(parts["tokens"]),
     }
     return record, per_position
 

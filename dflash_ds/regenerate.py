@@ -1,0 +1,123 @@
+"""Self-distillation data: replace each conversation's last assistant turn with the target's own greedy answer.
+
+Why: a drafter can only be accepted where it predicts the *target's* choices. Trained on human-written answers
+the measured tau was 1.83; on the target's own greedy answers 4.9 (SPEC 11). DFlash and EAGLE do the same.
+
+``dflash-ds regenerate --model-path DIR --in train.jsonl --out regen.jsonl`` (or under ``torchrun`` /
+``deepspeed``: each rank takes every world-size-th conversation, rank 0 merges the shards in input order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _prompt_messages(messages: list[dict]) -> list[dict] | None:
+    """Everything before the last assistant turn (None when there is no user turn to answer)."""
+    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    prompt = messages[:last_assistant]
+    return prompt if prompt and prompt[-1]["role"] == "user" else None
+
+
+@torch.no_grad()
+def regenerate_conversations(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int = 128,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[dict]:
+    """Greedy answers for each conversation's prompt, in order; returns ``{"conversations": [...]}`` records."""
+    from tqdm import tqdm
+
+    tokenizer.padding_side = "left"  # decoder-only batched generation continues from the right edge
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = [(conv, _prompt_messages(conv)) for conv in conversations]
+    prompts = [(conv, p) for conv, p in prompts if p is not None]
+    records: list[dict] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="regenerate", disable=not progress):
+        chunk = prompts[start : start + batch_size]
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for _, p in chunk]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for (_, prompt), row in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
+            answer = tokenizer.decode(row, skip_special_tokens=True)
+            if answer.strip():
+                records.append({"conversations": prompt + [{"role": "assistant", "content": answer}]})
+    return records
+
+
+def regenerate_file(
+    model_path: str,
+    in_path: str,
+    out_path: str,
+    max_new_tokens: int = 128,
+    batch_size: int = 32,
+    limit: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> int:
+    """Regenerate ``in_path`` into ``out_path`` (this rank's share when ``world_size > 1``). Returns lines written."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import read_conversations
+
+    conversations, _ = read_conversations(in_path, bad_lines="skip")
+    conversations = [c for c in conversations if c[0]["role"] != "text"][:limit]
+    mine = conversations[rank::world_size]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    records = regenerate_conversations(model, tokenizer, mine, max_new_tokens, batch_size, progress=rank == 0)
+    tmp = Path(str(out_path) + ".tmp")
+    with tmp.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, out_path)
+    return len(records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dflash-ds regenerate", description=__doc__.splitlines()[0])
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--in", dest="in_path", required=True, help="JSONL conversations")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        n = regenerate_file(args.model_path, args.in_path, args.out, args.max_new_tokens, args.batch_size, args.limit)
+        print(f"wrote {n} conversations to {args.out}")
+        return 0
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    shard = f"{args.out}.rank{rank}"
+    regenerate_file(args.model_path, args.in_path, shard, args.max_new_tokens, args.batch_size, args.limit, rank, world)
+    dist.barrier()
+    if rank == 0:  # interleave shards back into input order (shard r holds lines r, r+world, ...)
+        shards = [Path(f"{args.out}.rank{r}").read_text().splitlines() for r in range(world)]
+        merged = [shards[r][i] for i in range(max(map(len, shards))) for r in range(world) if i < len(shards[r])]
+        Path(args.out).write_text("".join(line + "\n" for line in merged))
+        for r in range(world):
+            Path(f"{args.out}.rank{r}").unlink()
+        print(f"wrote {len(merged)} conversations to {args.out}")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

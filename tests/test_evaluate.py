@@ -1,0 +1,248 @@
+"""``dflash-ds eval`` (issues 4 and 7): report contents, baselines, prompt files, the command end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from dflash_ds.evaluate import (
+    PromptFileError,
+    bootstrap_ci,
+    format_table,
+    load_prompts,
+    main,
+    read_prompts,
+    render_prompt,
+    repetition_counts,
+    run_eval,
+    t_interval,
+)
+from dflash_ds.lora import DraftMeta, LoRAConfig, apply_lora, gather_full_lora_state, lora_modules, save_adapter_dir
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>", "[UNK]"]
+WORDS = ("user assistant system def return if else for in while x y z a b c print list dict the of to and is "
+         "value key name self none true false import from as with pass yield lambda try except raise class").split()
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+BLOCK = 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", mask_token="<|mask|>",
+        unk_token="[UNK]", additional_special_tokens=["<|im_start|>"],
+    )
+    wrapped.chat_template = CHATML
+    return wrapped
+
+
+def tiny_base(vocab: int, attn: str = "sdpa", seed: int = 0) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
+        attn_implementation=attn, eos_token_id=2, pad_token_id=0, bos_token_id=None,
+    )
+    return Qwen3ForCausalLM(cfg).float().eval()
+
+
+def fit_random_adapter(model, scope: str = "block", seed: int = 1):
+    apply_lora(model, LoRAConfig(r=4, alpha=8, scope=scope))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in lora_modules(model):
+            module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=gen) * 0.05)
+    return model
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "def print x y return x"}],
+    [{"role": "system", "content": "the key"}, {"role": "user", "content": "for a in list if a is none pass"}],
+    [{"role": "user", "content": "class self import dict from the value"}],
+]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_tokenizer()
+    model = fit_random_adapter(tiny_base(len(tok) + 8))
+    meta = DraftMeta(block_size=BLOCK, mask_token_id=tok.convert_tokens_to_ids("<|mask|>"), scope="block")
+    return model, tok, meta
+
+
+def test_report_keys_and_consistency(setup):
+    model, tok, meta = setup
+    model.train()  # run_eval must evaluate in eval mode and give the mode back
+    report = run_eval(model, tok, meta, CONVERSATIONS, max_new_tokens=20, repeats=2, baselines="all",
+                      progress=False)
+    assert model.training
+    model.eval()
+    assert model.dflash_adapter.enabled is True and model.dflash_adapter.gate is None
+    for key in ("tau", "tau_histogram", "acceptance_by_position", "forwards_per_token", "ar_tokens_per_s",
+                "spec_tokens_per_s", "speedup", "greedy_match", "per_prompt", "baselines", "repetition_rate",
+                "tau_first_32", "tau_rest", "tau_per_prompt", "speedup_ci", "table"):
+        assert key in report, key
+    assert report["greedy_match"] is True
+    assert 1.0 <= report["tau"] <= BLOCK
+    assert report["speedup"] == pytest.approx(report["spec_tokens_per_s"] / report["ar_tokens_per_s"])
+    hist = report["tau_histogram"]
+    assert set(hist) == {str(k) for k in range(1, BLOCK + 1)}
+    steps = sum(hist.values())
+    assert steps == report["verify_forwards"]
+    assert sum(int(k) * v for k, v in hist.items()) == report["generated_tokens"]
+    assert report["tau"] == pytest.approx(report["generated_tokens"] / steps)
+    assert len(report["acceptance_by_position"]) == BLOCK - 1
+    acc = [a for a in report["acceptance_by_position"] if a is not None]
+    assert acc and all(0 <= a <= 1 for a in acc)
+    assert report["forwards_per_token"] == pytest.approx(
+        (report["draft_forwards"] + report["verify_forwards"]) / report["generated_tokens"])
+    assert 0.0 <= report["repetition_rate"] <= 1.0
+    pp = report["tau_per_prompt"]
+    assert len(pp["values"]) == len(CONVERSATIONS) and min(pp["values"]) <= pp["median"] <= max(pp["values"])
+    assert pp["ci95_mean"][0] <= pp["mean"] <= pp["ci95_mean"][1]
+    ci = report["speedup_ci"]
+    assert ci["n"] == 2 and ci["ci95"][0] <= ci["mean"] <= ci["ci95"][1]
+    assert report["tau_first_32"] is not None and report["tau_rest"] is None  # only 20 tokens generated
+
+    for entry in report["per_prompt"]:
+        assert entry["ar_ids"] == entry["spec_ids"] and entry["match"]
+        assert 1 <= len(entry["ar_ids"]) <= 20
+    # every baseline ran, is greedy-identical to the AR output and has tokens/s and a consistent speedup
+    assert set(report["baselines"]) == {"prompt_lookup_hf", "untrained_floor", "ngram", "hf_greedy"}
+    for name, b in report["baselines"].items():
+        assert b["greedy_match"] is True, name
+        assert b["tokens_per_s"] > 0
+        assert b["speedup"] == pytest.approx(b["tokens_per_s"] / report["ar_tokens_per_s"])
+        assert b["tau"] >= 1.0
+    assert report["baselines"]["prompt_lookup_hf"]["prompt_lookup_num_tokens"] == BLOCK - 1
+    assert report["baselines"]["hf_greedy"]["tau"] <= 1.0 + 1e-9  # plain generate: one token per forward
+    assert [r["method"] for r in report["table"]] == [
+        "drafter", "ngram", "prompt_lookup_hf", "untrained_floor", "hf_greedy", "autoregressive"]
+    table = format_table(report)
+    for label in ("drafter", "prompt lookup", "floor", "autoregressive"):
+        assert label in table
+    json.dumps(report)  # serialisable
+
+
+def test_baselines_fast_none_and_sampling(setup):
+    model, tok, meta = setup
+    fast = run_eval(model, tok, meta, CONVERSATIONS[:2], max_new_tokens=8, repeats=1, progress=False, warmup=False)
+    assert set(fast["baselines"]) == {"prompt_lookup_hf", "untrained_floor"}  # the default
+    assert fast["speedup_ci"]["ci95"] is None and fast["speedup_ci"]["n"] == 1
+    none = run_eval(model, tok, meta, CONVERSATIONS[:1], max_new_tokens=8, repeats=1, baselines="none",
+                    block_size=2, progress=False, warmup=False)
+    assert none["baselines"] == {} and len(none["acceptance_by_position"]) == 1
+    assert [r["method"] for r in none["table"]] == ["drafter", "autoregressive"]
+    sampled = run_eval(model, tok, meta, CONVERSATIONS[:2], max_new_tokens=8, repeats=1, temperature=0.8,
+                       progress=False, warmup=False)
+    assert sampled["greedy_match"] is None and "prompt_lookup_hf" not in sampled["baselines"]  # greedy only
+    assert sampled["tau"] >= 1.0
+    with pytest.raises(ValueError, match="block-size"):
+        run_eval(model, tok, meta, CONVERSATIONS[:1], block_size=BLOCK + 1, progress=False)
+    with pytest.raises(ValueError, match="baselines"):
+        run_eval(model, tok, meta, CONVERSATIONS[:1], baselines="some", progress=False)
+
+
+def test_statistics_helpers():
+    assert repetition_counts([1, 2, 3, 4, 1, 2, 3, 4, 1]) == (2, 6)
+    assert repetition_counts([1, 2, 3]) == (0, 0)
+    ci = t_interval([1.0, 2.0, 3.0])
+    assert ci["mean"] == 2.0 and ci["ci95"][0] == pytest.approx(2 - 4.303 / 3 ** 0.5)
+    assert t_interval([5.0])["ci95"] is None
+    lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0, 10.0], "median")
+    assert 1.0 <= lo <= 3.0 <= hi <= 10.0
+    assert bootstrap_ci([1.0]) is None
+
+
+def test_prompt_file_errors(tmp_path, setup):
+    _, tok, _ = setup
+    good = tmp_path / "good.jsonl"
+    good.write_text(
+        json.dumps({"conversations": CONVERSATIONS[0]}) + "\n\n"
+        + json.dumps({"messages": CONVERSATIONS[1]}) + "\n"
+        + json.dumps({"prompt": "def x"}) + "\n"
+        + json.dumps({"text": "<|im_start|>user\ndef x<|im_end|>\n<|im_start|>assistant\n"}) + "\n"
+    )
+    prompts = read_prompts(good)
+    assert len(prompts) == 4
+    ids = [render_prompt(tok, p) for p in prompts]
+    assert ids[2] == ids[3]  # {"prompt"} goes through the chat template; {"text"} is used as is
+    assert load_prompts(good, tok, limit=2) == ids[:2]  # what the trainer's periodic evaluation reads
+    im_start, user = tok.convert_tokens_to_ids(["<|im_start|>", "user"])
+    assert ids[0][:2] == [im_start, user] and ids[0][-2:] == [im_start, tok.convert_tokens_to_ids("assistant")]
+    cases = {
+        "not json": "invalid JSON",
+        json.dumps({"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}):
+            "last turn must be the user",
+        json.dumps({"messages": [{"role": "robot", "content": "a"}]}): "unknown role",
+        json.dumps({"conversations": []}): "non-empty list",
+        json.dumps({"other": 1}): "missing 'conversations'",
+        json.dumps([1, 2]): "JSON object",
+        json.dumps({"messages": [{"role": "user", "content": " "}]}): "content",
+    }
+    for line, reason in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + line + "\n")
+        with pytest.raises(PromptFileError) as err:
+            read_prompts(bad)
+        assert str(err.value).startswith(f"{bad}:2: ") and reason in str(err.value)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    tok = tiny_tokenizer()
+    base = tiny_base(len(tok) + 8, attn="eager", seed=3)
+    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
+    base.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    config = LoRAConfig(r=4, alpha=8, scope="all")
+    fit_random_adapter(base, scope="all", seed=4)
+    mask_id = tok.convert_tokens_to_ids("<|mask|>")
+    save_adapter_dir(adapter_dir, gather_full_lora_state(base), config,
+                     DraftMeta(block_size=BLOCK, mask_token_id=mask_id, scope="all", base_model=str(model_dir)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"conversations": c}) + "\n" for c in CONVERSATIONS))
+    report_path = tmp_path / "out" / "report.json"
+    rc = main(["--model-path", str(model_dir), "--adapter", str(adapter_dir), "--prompts", str(prompts),
+               "--max-new-tokens", "12", "--limit", "2", "--repeats", "2", "--report", str(report_path),
+               "--no-progress", "--attn-implementation", "eager"])
+    assert rc == 0
+    report = json.loads(report_path.read_text())
+    assert not list(report_path.parent.glob(".*tmp*"))  # atomic write left no temporary file
+    assert report["greedy_match"] is True and report["config"]["scope"] == "all"
+    assert report["config"]["num_prompts"] == 2 and len(report["per_prompt"]) == 2
+    assert report["config"]["block_size"] == BLOCK
+    assert set(report["baselines"]) == {"prompt_lookup_hf", "untrained_floor"}
+    # the adapter loaded from disk drafts exactly like the in-memory one
+    in_memory = run_eval(base, tok, DraftMeta(BLOCK, mask_id, "all"), CONVERSATIONS[:2], max_new_tokens=12,
+                         repeats=1, baselines="none", progress=False, warmup=False)
+    assert [p["spec_ids"] for p in in_memory["per_prompt"]] == [p["spec_ids"] for p in report["per_prompt"]]
+    assert in_memory["tau_histogram"] == report["tau_histogram"]
+    out = capsys.readouterr().out
+    assert "prompt lookup (transformers)" in out and "untrained adapter (floor)" in out and "report written" in out
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    rc = main(["--model-path", str(model_dir), "--adapter", str(adapter_dir), "--prompts", str(bad),
+               "--report", str(tmp_path / "r2.json"), "--no-progress"])
+    assert rc == 2 and f"{bad}:1:" in capsys.readouterr().err
+    rc = main(["--model-path", str(tmp_path / "missing"), "--adapter", str(adapter_dir), "--prompts", str(prompts),
+               "--report", str(tmp_path / "r3.json"), "--no-progress"])
+    assert rc == 2
