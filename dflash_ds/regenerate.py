@@ -76,7 +76,11 @@ def regenerate_file(
     conversations = [c for c in conversations if c[0]["role"] != "text"][:limit]
     mine = conversations[rank::world_size]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    if torch.cuda.is_available():
+        device, dtype = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), torch.bfloat16
+    else:
+        device, dtype = torch.device("cpu"), torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     records = regenerate_conversations(model, tokenizer, mine, max_new_tokens, batch_size, progress=rank == 0)
     tmp = Path(str(out_path) + ".tmp")
     with tmp.open("w") as f:

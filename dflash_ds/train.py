@@ -268,13 +268,13 @@ def train(cfg: TrainConfig) -> Path:
             grad_norm=_float(engine.get_global_grad_norm()),
             tokens_per_s=record.pop("tokens") / max(time.perf_counter() - t0, 1e-9),
         )
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == total_steps:
+        # 7. evaluate (real speculative decoding), log, checkpoint
+        if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0:
+            record.update(_periodic_eval(cfg, engine, tokenizer, meta))
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == total_steps or "eval_tau" in record:
             metrics.write(record, per_position)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", tau=f"{record['sim_tau']:.2f}")
-        # 7. evaluate and checkpoint
-        if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0:
-            _periodic_eval(cfg, engine, tokenizer, meta, step + 1, metrics, is_main)
         if cfg.save_interval and (step + 1) % cfg.save_interval == 0 and step + 1 < total_steps:
             save_checkpoint(engine, Path(cfg.output_dir) / "checkpoints", step + 1, client_state(step + 1), cfg.keep_last)
         _crash_for_tests(step + 1)
@@ -352,7 +352,7 @@ def _float(x) -> float | None:
     return float(x.item() if torch.is_tensor(x) else x)
 
 
-def _periodic_eval(cfg: TrainConfig, engine, tokenizer, meta: DraftMeta, step: int, metrics: MetricsLog, is_main: bool):
+def _periodic_eval(cfg: TrainConfig, engine, tokenizer, meta: DraftMeta) -> dict:
     """Speculative decoding on held-out prompts with the in-memory model. Every rank runs it in lockstep (ZeRO-3
     and TP forwards are collective); greedy decoding keeps the ranks' control flow identical."""
     from .evaluate import load_prompts, run_eval
@@ -364,10 +364,7 @@ def _periodic_eval(cfg: TrainConfig, engine, tokenizer, meta: DraftMeta, step: i
     report = run_eval(model, tokenizer, meta, prompts, max_new_tokens=cfg.eval_max_new_tokens, baselines="none",
                       repeats=1, progress=False)
     model.train(was_training)
-    if is_main:
-        record = {"step": step, "eval_tau": report["tau"], "eval_speedup": report["speedup"]}
-        metrics.write(record)
-        print(f"step {step}: eval tau {report['tau']:.2f}, speedup {report['speedup']:.2f}x", flush=True)
+    return {"eval_tau": report["tau"], "eval_speedup": report["speedup"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,3 +193,29 @@ def test_missing_model_path_and_tp_above_kv_heads(assets, tmp_path, capsys):
     (tmp_path / "tp4.json").write_text(json.dumps(cfg))
     assert main(["--model-path", str(assets / "model"), *argv, "--deepspeed_config", str(tmp_path / "tp4.json")]) == 2
     assert "exceeds the model's key-value head count" in capsys.readouterr().err
+
+
+def test_periodic_eval_and_tensorboard_scalars(assets, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(l) for l in (assets / "data.jsonl").read_text().splitlines()][:2]
+    prompts.write_text("".join(json.dumps({"conversations": r["conversations"][:1]}) + "\n" for r in rows))
+    out = tmp_path / "run"
+    run_train(assets, out, nproc=1, extra=["--eval-interval", "2", "--eval-prompts", str(prompts),
+                                           "--eval-max-new-tokens", "6", "--eval-limit", "2"])
+    m = metrics(out)
+    assert [r["step"] for r in m] == list(range(1, STEPS + 1))  # one object per optimizer step
+    evals = [r for r in m if "eval_tau" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["eval_tau"] >= 1.0 and r["eval_speedup"] > 0 for r in evals)
+    for key in ("loss", "ce", "kl", "acc", "sim_tau", "lr", "grad_norm", "tokens_per_s"):
+        assert key in m[0]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_dirs = {p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")}
+    tags = set()
+    for d in event_dirs:
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/sim_tau", "train/eval_tau", "train/acc_pos_1"} <= tags
