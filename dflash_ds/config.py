@@ -36,7 +36,7 @@ class TrainConfig:
     kl_weight: float = 1.0
     kl_type: str = "forward"
     kl_temperature: float = 1.0
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int = 512
     # adapter
     lora_r: int = 16
     lora_alpha: float = 32.0
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--kl-weight", type=float, default=1.0)
     a("--kl-type", default="forward", choices=["forward", "reverse", "tvd"])
     a("--kl-temperature", type=float, default=1.0)
-    a("--loss-chunk-size", type=int, default=1024)
+    a("--loss-chunk-size", type=int, default=512, help="rows per lm_head chunk in the fused loss")
     a("--lora-r", type=int, default=16)
     a("--lora-alpha", type=float, default=32.0)
     a("--lora-dropout", type=float, default=0.0)

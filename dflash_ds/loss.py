@@ -22,7 +22,7 @@ class LossConfig:
     kl_weight: float = 0.0
     kl_type: str = "forward"
     temperature: float = 1.0
-    chunk_size: int = 1024
+    chunk_size: int = 512
 
     def __post_init__(self) -> None:
         if self.kl_type not in KL_TYPES:
@@ -57,6 +57,46 @@ def _divergence(
     return value, grad / temperature
 
 
+def _chunk_loss_and_grad(
+    logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, t_logits: torch.Tensor | None, cfg: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted CE and divergence sums of one chunk and d(weighted sum)/d logits, built in ``logits``' buffer.
+
+    ``logits``/``t_logits`` [c, V] fp32 are overwritten. The default objective (CE + forward KL at T = 1) shares
+    one softmax: grad = (ce_w + kl_w) q - kl_w p - ce_w onehot, so a chunk holds about four vocab-sized buffers.
+    """
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    zero = logits.new_zeros(())
+    ce_sum, kl_sum, lse = zero, zero, None
+    ce_w, kl_w = cfg.ce_weight * w, cfg.kl_weight * w  # [c]
+    if cfg.ce_weight > 0:
+        lse = torch.logsumexp(logits, dim=-1)
+        ce_sum = (w * (lse - logits[rows, labels])).sum()
+    if cfg.kl_weight > 0 and cfg.kl_type == "forward" and cfg.temperature == 1.0:
+        log_p = t_logits.sub_(torch.logsumexp(t_logits, dim=-1, keepdim=True))
+        log_q = logits.sub_((lse if lse is not None else torch.logsumexp(logits, dim=-1))[:, None])
+        diff = log_p - log_q
+        p = log_p.exp_()
+        kl_sum = (w * diff.mul_(p).sum(-1)).sum()
+        del diff
+        grad = log_q.exp_().mul_((ce_w + kl_w)[:, None]).sub_(p.mul_(kl_w[:, None]))
+    else:
+        kl_grad = None
+        if cfg.kl_weight > 0:
+            kl, kl_grad = _divergence(logits, t_logits, cfg.kl_type, cfg.temperature)
+            kl_sum = (w * kl).sum()
+            kl_grad.mul_(kl_w[:, None])
+        if lse is not None:
+            grad = logits.sub_(lse[:, None]).exp_().mul_(ce_w[:, None])
+            if kl_grad is not None:
+                grad.add_(kl_grad)
+        else:
+            grad = kl_grad
+    if cfg.ce_weight > 0:
+        grad[rows, labels] -= ce_w
+    return ce_sum, kl_sum, grad
+
+
 class _FusedCEKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, weight, labels, row_weights, teacher, cfg: LossConfig):  # type: ignore[override]
@@ -69,28 +109,15 @@ class _FusedCEKL(torch.autograd.Function):
         scale = 1.0 / total_w.clamp(min=1e-12)
         for start in range(0, n, cfg.chunk_size):
             rows = slice(start, min(start + cfg.chunk_size, n))
-            h = student[rows]
-            w = row_weights[rows].float()
-            logits = (h @ weight.t()).float()  # [c, V]: the only vocab-sized tensor, freed each chunk
+            logits = (student[rows] @ weight.t()).float()  # [c, V]: vocab-sized buffers live for one chunk only
             correct[rows] = logits.argmax(-1) == labels[rows]
-            grad_logits = torch.zeros_like(logits)
-            if cfg.ce_weight > 0:
-                lse = torch.logsumexp(logits, dim=-1)
-                ce = lse - logits.gather(1, labels[rows, None]).squeeze(1)
-                ce_sum += (w * ce).sum()
-                soft = torch.softmax(logits, dim=-1)
-                soft[torch.arange(soft.shape[0]), labels[rows]] -= 1.0
-                grad_logits += soft * (cfg.ce_weight * w)[:, None]
-                del soft
-            if cfg.kl_weight > 0:
-                t_logits = (teacher[rows] @ weight.t()).float()
-                kl, kl_grad = _divergence(logits, t_logits, cfg.kl_type, cfg.temperature)
-                kl_sum += (w * kl).sum()
-                grad_logits += kl_grad * (cfg.kl_weight * w)[:, None]
-                del t_logits, kl_grad
+            t_logits = (teacher[rows] @ weight.t()).float() if cfg.kl_weight > 0 else None
+            ce, kl, grad_logits = _chunk_loss_and_grad(logits, labels[rows], row_weights[rows].float(), t_logits, cfg)
+            ce_sum += ce
+            kl_sum += kl
             # back to hidden space in the weight's dtype (bf16 on GPU) to avoid an fp32 copy of lm_head
             grad_student[rows] = ((grad_logits * scale).to(weight.dtype) @ weight).float()
-            del logits, grad_logits
+            del logits, t_logits, grad_logits
         ce_mean, kl_mean = ce_sum * scale, kl_sum * scale
         loss = cfg.ce_weight * ce_mean + cfg.kl_weight * kl_mean
         ctx.save_for_backward(grad_student)
