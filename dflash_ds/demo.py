@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "tau": report["tau"],
         "speedup": report["speedup"],
         "greedy_match": report["greedy_match"],
-        "floor_tau": (report.get("baselines", {}).get("untrained_adapter") or {}).get("tau"),
+        "floor_tau": (report.get("baselines", {}).get("untrained_floor") or {}).get("tau"),
         "wall_s": time.perf_counter() - t0,
         "report": report,
     }
