@@ -240,6 +240,31 @@ def build_attention_mask(layout: BlockLayout, attention_mask: torch.Tensor, dtyp
     return additive_mask(block_visibility(layout, attention_mask), dtype)
 
 
+def build_flex_block_mask(layout: BlockLayout, attention_mask: torch.Tensor, block: int = 128):
+    """The same visibility as :func:`block_visibility` as a FlexAttention ``BlockMask`` (sparse: fully masked
+    tiles are skipped, so long sequences pay for the visible part only). Pass it as ``attention_mask`` to a model
+    loaded with ``attn_implementation="flex_attention"``."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, S = attention_mask.shape
+    N, B = layout.num_blocks, layout.block_size
+    device = attention_mask.device
+    block_of = torch.cat([torch.full((b, S), -1, device=device), torch.arange(N, device=device).repeat_interleave(B).expand(b, -1)], 1)
+    anchor_of = torch.cat([torch.zeros(b, S, dtype=torch.long, device=device), layout.anchors.to(device).repeat_interleave(B, dim=1)], 1)
+    query_ok = torch.cat([torch.ones(b, S, dtype=torch.bool, device=device), layout.block_valid.to(device).repeat_interleave(B, dim=1)], 1)
+    key_real = torch.cat([attention_mask.bool(), torch.ones(b, N * B, dtype=torch.bool, device=device)], 1)
+
+    def mask_mod(bi, _h, q, kv):
+        q_block, kv_block = block_of[bi, q], block_of[bi, kv]
+        clean_limit = torch.where(q_block < 0, kv <= q, kv < anchor_of[bi, q])  # causal, or before the anchor
+        sees_clean = (kv_block < 0) & key_real[bi, kv] & clean_limit
+        sees_own_block = (q_block >= 0) & (kv_block == q_block)
+        return (sees_clean | sees_own_block) & query_ok[bi, q]
+
+    T = S + N * B
+    return create_block_mask(mask_mod, b, None, T, T, device=str(device), BLOCK_SIZE=block)
+
+
 def resolve_mask_token_id(tokenizer, vocab_size: int, explicit: int | None = None) -> int:
     """MASK id: ``explicit`` if given, else the tokenizer's ``<|mask|>``/mask token, else the first embedding row no
     token uses (Qwen3: 151669). Raises naming ``--mask-token-id`` when none works (the frozen embedding cannot

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-length", type=int, default=2048)
     a("--seed", type=int, default=0)
     a("--gradient-checkpointing", action="store_true")
-    a("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    a("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"])
     a("--max-nonfinite", type=int, default=10, help="abort after this many skipped non-finite losses")
     a("--bad-lines", default="skip", choices=["skip", "error"])
     a("--num-proc", type=int, default=1, help="processes for tokenisation")

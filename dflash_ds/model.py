@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import IGNORE_INDEX, BlockLayout, build_attention_mask
+from .blocks import IGNORE_INDEX, BlockLayout, build_attention_mask, build_flex_block_mask
 from .loss import LossConfig, LossOutput, accepted_lengths, fused_ce_kl_loss
 from .lora import adapter_control
 
@@ -64,7 +64,10 @@ class DFlashDrafter(nn.Module):
         b, S = input_ids.shape
         full_ids = torch.cat([input_ids, layout.block_input_ids], dim=1)
         dtype = next(self.model.parameters()).dtype
-        mask = build_attention_mask(layout, attention_mask, dtype)
+        if getattr(self.model.config, "_attn_implementation", None) == "flex_attention":
+            mask = build_flex_block_mask(layout, attention_mask)
+        else:
+            mask = build_attention_mask(layout, attention_mask, dtype)
         control = adapter_control(self.model)
         control.enabled = True
         if self.scope == "block":

@@ -112,3 +112,19 @@ def test_gradient_checkpointing_gives_same_gradients():
         drafter(ids, attn_mask, layout).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_flex_attention_block_mask_matches_sdpa():
+    """FlexAttention (compiled; on CPU too) must give the SDPA mask's numbers."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    _, _, drafter, ids, attn_mask, layout = _setup("block", "sdpa")
+    attn_mask[1, 20:] = 0  # padding too
+    flex_model = tiny_qwen3(attn_implementation="flex_attention")
+    apply_lora(flex_model, LoRAConfig(r=4, alpha=8, scope="block"))
+    flex_model.load_state_dict(drafter.model.state_dict())
+    flex = DFlashDrafter(flex_model, drafter.loss_config, "block")
+    with torch.no_grad():
+        a = drafter.hidden_states(ids, attn_mask, layout)
+        b = flex.hidden_states(ids, attn_mask, layout)
+    rows = torch.cat([attn_mask.bool(), layout.block_valid.repeat_interleave(B, dim=1)], dim=1)
+    torch.testing.assert_close(b[rows], a[rows], rtol=1e-5, atol=1e-5)
