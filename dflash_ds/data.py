@@ -94,12 +94,8 @@ def _check_policy(bad_lines: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _parse_record(raw: bytes) -> Conversation:
-    """Parse one JSONL line into a conversation; raise ValueError(reason) if the line is malformed.
-
-    A ``{"text": ...}`` record becomes ``[{"role": TEXT_ROLE, "content": text}]``. Messages keep only
-    ``role`` and ``content``: the Arrow table needs one schema for every row.
-    """
+def parse_json_object(raw: bytes) -> dict:
+    """One JSONL line as a dict; ValueError(reason) when it is not UTF-8, not JSON or not an object."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -110,7 +106,15 @@ def _parse_record(raw: bytes) -> Conversation:
         raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    return record
 
+
+def conversation_of(record: dict, require_assistant: bool = True) -> Conversation:
+    """The validated messages of a record (``conversations``/``messages``/``text``); ValueError(reason).
+
+    A ``{"text": ...}`` record becomes ``[{"role": TEXT_ROLE, "content": text}]``. Messages keep only
+    ``role`` and ``content``: the Arrow table needs one schema for every row.
+    """
     key = next((k for k in ("conversations", "messages") if k in record), None)
     if key is None:
         if "text" not in record:
@@ -139,9 +143,16 @@ def _parse_record(raw: bytes) -> Conversation:
         if not content.strip():
             raise ValueError(f"empty content in {where}")
         conversation.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in conversation):
+    if not conversation:
+        raise ValueError(f"'{key}' is empty")
+    if require_assistant and not any(m["role"] == "assistant" for m in conversation):
         raise ValueError("no assistant turn")
     return conversation
+
+
+def _parse_record(raw: bytes) -> Conversation:
+    """Parse one JSONL line into a training conversation; raise ValueError(reason) if the line is malformed."""
+    return conversation_of(parse_json_object(raw))
 
 
 def read_conversations(path: str | os.PathLike, bad_lines: str = "skip") -> tuple[list[Conversation], int]:

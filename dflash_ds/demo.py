@@ -43,16 +43,20 @@ def _zero3_config(workdir: Path) -> Path:
 
 
 def prepare_data(target: Path, workdir: Path, num_train: int, max_new_tokens: int) -> Path:
-    """Regenerate ``num_train`` training conversations with the target (cached in the workdir)."""
+    """Regenerate ``num_train`` training conversations with the target. Cached next to the target when that
+    directory is writable (the tiny target's cache), so later demos skip this step; else in the workdir."""
     from .regenerate import regenerate_file
 
-    out = workdir / "data" / f"train_selfdistill_{num_train}_{max_new_tokens}.jsonl"
+    name = f"train_selfdistill_{num_train}_{max_new_tokens}.jsonl"
+    cache = target / "data"
+    out = (cache if os.access(cache, os.W_OK) else workdir / "data") / name
     if out.exists():
+        print(f"self-distillation data (cached): {out}", flush=True)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n = regenerate_file(str(target), str(target / "data" / "train.jsonl"), str(out), max_new_tokens=max_new_tokens,
-                        batch_size=32, limit=num_train)
+                        batch_size=128, limit=num_train)
     print(f"self-distillation: {n} target-generated answers in {time.perf_counter() - t0:.0f}s -> {out}", flush=True)
     return out
 

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .data import TEXT_ROLE, conversation_of, parse_json_object
 from .speculative import (
     LoRABlockDrafter,
     NgramDrafter,
@@ -44,7 +45,6 @@ from .speculative import (
 )
 
 BASELINE_CHOICES = ("none", "fast", "all")
-ROLES = ("system", "user", "assistant")
 SPLIT_AT = 32  # tau is split into steps that start within the first 32 generated tokens and the rest
 
 # method keys, in table order
@@ -74,32 +74,15 @@ class PromptFileError(ValueError):
 
 
 def _parse_prompt(line: str) -> list[dict] | str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    key = next((k for k in ("conversations", "messages") if k in record), None)
-    if key is None:
+    """A conversation whose last turn is the user's, a ``{"prompt": str}`` record, or a pre-formatted ``text``."""
+    record = parse_json_object(line.encode("utf-8"))
+    if not any(k in record for k in ("conversations", "messages", "text")):
         if isinstance(record.get("prompt"), str) and record["prompt"].strip():
             return [{"role": "user", "content": record["prompt"]}]
-        if isinstance(record.get("text"), str) and record["text"].strip():
-            return record["text"]  # pre-formatted: used as is, no chat template
         raise ValueError("missing 'conversations' or 'messages' (or a non-empty 'prompt'/'text' string)")
-    messages = record[key]
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f"'{key}' must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ValueError(f"{key}[{i}] is not an object")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r} in {key}[{i}] (expected {'/'.join(ROLES)})")
-        if not isinstance(content, str) or not content.strip():
-            raise ValueError(f"{key}[{i}] has no (non-empty string) content")
-        out.append({"role": role, "content": content})
+    out = conversation_of(record, require_assistant=False)
+    if out[0]["role"] == TEXT_ROLE:
+        return out[0]["content"]  # pre-formatted: used as is, no chat template
     if out[-1]["role"] != "user":
         raise ValueError(
             f"the last turn must be the user's (got {out[-1]['role']!r}): a prompt file holds conversations "

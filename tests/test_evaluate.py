@@ -32,14 +32,6 @@ CHATML = (
 BLOCK = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -193,7 +185,7 @@ def test_prompt_file_errors(tmp_path, setup):
         json.dumps({"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}):
             "last turn must be the user",
         json.dumps({"messages": [{"role": "robot", "content": "a"}]}): "unknown role",
-        json.dumps({"conversations": []}): "non-empty list",
+        json.dumps({"conversations": []}): "is empty",
         json.dumps({"other": 1}): "missing 'conversations'",
         json.dumps([1, 2]): "JSON object",
         json.dumps({"messages": [{"role": "user", "content": " "}]}): "content",

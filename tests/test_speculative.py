@@ -22,15 +22,6 @@ MASK = 3
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: thread start-up and contention with other processes cost more than they save
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_model(attn: str = "sdpa", vocab: int = VOCAB, hidden: int = 64, layers: int = 2, seed: int = 0,
                b_std: float = 0.05, logit_scale: float = 1.0) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
