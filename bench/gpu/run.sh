@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One-call GPU benchmark for a lent H100 (device tool): see bench/gpu/gpu_bench.py for what it measures.
+#
+# 1. Prepare the wheels ONCE on the development machine (network), from the repository root:
+#
+#      bash bench/gpu/run.sh --prepare
+#
+#    which runs exactly:
+#
+#      mkdir -p bench/gpu/wheels
+#      pip wheel --no-deps --no-build-isolation -w bench/gpu/wheels deepspeed==0.19.8   # sdist only on PyPI: a py3-none-any wheel, no ops compiled
+#      pip download --no-deps -d bench/gpu/wheels peft==0.21.2 transformers==5.24.0 hjson==3.1.0 \
+#          pydantic==2.13.4 annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0
+#      pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#          --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d bench/gpu/wheels pydantic-core==2.46.4
+#
+#    The device image (Python 3.12, torch 2.11, transformers 5.17) lacks deepspeed and deepspeed's hjson/pydantic;
+#    transformers 5.24 and peft 0.21.2 are carried so the GPU runs the versions the project is tested with.
+#    About 19 MiB. bench/gpu/wheels/ must not be committed (add it to .gitignore).
+#
+# 2. Run on the device (one call, about 4-6 minutes of device time; the script stops itself at 470 s):
+#
+#      run(command="bash bench/gpu/run.sh", carry=["bench/gpu/wheels"], timeout_s=540)
+#
+#    It prints a JSON report and a short summary table last, and writes $OUT/gpu_bench.json and $OUT/gpu_bench.log.
+#
+# 3. Test the code path without a GPU (tiny shapes, CPU, local Python; also checks that the carried wheel set
+#    resolves for the device's Python 3.12 / x86-64):
+#
+#      bash bench/gpu/run.sh --cpu-smoke
+#
+# Exit codes: 2 no wheels, 3 no GPU / torch sees no CUDA, 4 wheel install failed, else gpu_bench.py's own.
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 1
+WHEELS=bench/gpu/wheels
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    set -e
+    mkdir -p "$WHEELS"
+    pip wheel --no-deps --no-build-isolation -w "$WHEELS" deepspeed==0.19.8
+    pip download --no-deps -d "$WHEELS" peft==0.21.2 transformers==5.24.0 hjson==3.1.0 \
+        pydantic==2.13.4 annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" pydantic-core==2.46.4
+    ls -la "$WHEELS"; du -sh "$WHEELS"
+    exit 0
+fi
+
+if [[ "${1:-}" == "--cpu-smoke" ]]; then
+    shift
+    if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+        echo "== checking that the carried wheels install for CPython 3.12 / manylinux x86-64 (dry run)"
+        python3 -m pip install -q --dry-run --no-index --no-deps --ignore-installed --only-binary=:all: \
+            --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 \
+            --target /tmp/gpu_bench_site_check "$WHEELS"/*.whl || { echo "wheel set does not resolve" >&2; exit 4; }
+        echo "   ok: $(ls "$WHEELS"/*.whl | wc -l) wheels"
+    else
+        echo "== no wheels in $WHEELS (bash bench/gpu/run.sh --prepare); skipping the wheel check"
+    fi
+    export PYTHONUNBUFFERED=1
+    exec python3 bench/gpu/gpu_bench.py --cpu-smoke --out "${OUT:-/tmp}/gpu_bench_smoke.json" "$@"
+fi
+
+# ---- on the lent GPU machine: fail fast and clearly
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    echo "run.sh: nvidia-smi not found: this is not a GPU machine (use --cpu-smoke to test the code path)" >&2
+    exit 3
+fi
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.mem --format=csv || exit 3
+if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "run.sh: no wheels under $WHEELS: run 'bash bench/gpu/run.sh --prepare' on the dev machine and pass" \
+         "carry=[\"bench/gpu/wheels\"] to the device call" >&2
+    exit 2
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$WHEELS"/*.whl || { echo "run.sh: wheel install failed" >&2; exit 4; }
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false
+python3 - <<'EOF' || exit 3
+import torch, transformers, peft
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
+      f"peft {peft.__version__}")
+if not torch.cuda.is_available():
+    raise SystemExit("run.sh: torch sees no CUDA device")
+print("device:", torch.cuda.get_device_name(0))
+try:  # not fatal: gpu_bench.py records a failed DeepSpeed case and measures the rest
+    import deepspeed
+    print(f"deepspeed {deepspeed.__version__}")
+except Exception as exc:
+    print(f"run.sh: WARNING: deepspeed does not import ({type(exc).__name__}: {exc}); its case will fail")
+EOF
+OUTDIR="${OUT:-bench/results}"
+mkdir -p "$OUTDIR"
+# hard stop at 470 s: the issue's limit is 8 minutes; gpu_bench.py starts no new case after --time-budget-s (420)
+timeout --signal=INT --kill-after=20 470 python3 bench/gpu/gpu_bench.py --out "$OUTDIR/gpu_bench.json" "$@" \
+    2>&1 | tee "$OUTDIR/gpu_bench.log"
+exit "${PIPESTATUS[0]}"
