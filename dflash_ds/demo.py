@@ -56,7 +56,7 @@ def prepare_data(target: Path, workdir: Path, num_train: int, max_new_tokens: in
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n = regenerate_file(str(target), str(target / "data" / "train.jsonl"), str(out), max_new_tokens=max_new_tokens,
-                        batch_size=128, limit=num_train)
+                        batch_size=32, limit=num_train)
     print(f"self-distillation: {n} target-generated answers in {time.perf_counter() - t0:.0f}s -> {out}", flush=True)
     return out
 
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dflash-ds demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="demo_work")
     p.add_argument("--steps", type=int, default=160, help="optimizer steps of drafter training")
-    p.add_argument("--num-train", type=int, default=1024, help="training prompts to self-distil")
-    p.add_argument("--distill-tokens", type=int, default=96, help="max tokens per regenerated answer")
+    p.add_argument("--num-train", type=int, default=512, help="training prompts to self-distil")
+    p.add_argument("--distill-tokens", type=int, default=64, help="max tokens per regenerated answer")
     p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--micro-batch-size", type=int, default=4)
