@@ -249,14 +249,15 @@ def train(cfg: TrainConfig) -> Path:
             seeds = [sample_seed(cfg.seed, epoch, i) for i in indices]
             blocks = build_block_layout(batch["input_ids"], batch["loss_mask"], batch["attention_mask"], block_cfg, seeds)
             out = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device), blocks.to(device))
-            loss = out.loss
+            loss = _inject_nan_for_tests(step + 1, out.loss)
             if not _all_finite(loss):
                 nonfinite += 1
                 if is_main:
                     print(f"step {step + 1}: non-finite loss skipped ({nonfinite}/{cfg.max_nonfinite})", flush=True)
                 if nonfinite >= cfg.max_nonfinite:
                     raise RuntimeError(f"aborting: {nonfinite} non-finite losses (--max-nonfinite {cfg.max_nonfinite})")
-                loss = sum(p.sum() for p in lora_parameters(model)) * 0.0  # keeps DeepSpeed's accumulation count
+                # a zero loss with zero gradients keeps DeepSpeed's accumulation count; this micro-batch adds nothing
+                loss = sum(p.sum() for p in lora_parameters(model)) * 0.0
             engine.backward(loss)
             engine.step()
             _accumulate(sums, out, loss, batch, blocks)
@@ -296,6 +297,13 @@ def _crash_for_tests(step: int) -> None:
     """Resume tests kill the run for real (SIGKILL, no clean-up) after a given optimizer step."""
     if os.environ.get("DFLASH_DS_TEST_KILL_AFTER_STEP") == str(step):
         os.kill(os.getpid(), 9)
+
+
+def _inject_nan_for_tests(step: int, loss: torch.Tensor) -> torch.Tensor:
+    """Tests of the non-finite guard poison the loss of one optimizer step."""
+    if os.environ.get("DFLASH_DS_TEST_NAN_AT_STEP") == str(step):
+        return loss * float("nan")
+    return loss
 
 
 def _zero_sums(block_size: int) -> dict[str, torch.Tensor]:

@@ -220,3 +220,17 @@ def test_periodic_eval_and_tensorboard_scalars(assets, tmp_path):
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     assert {"train/loss", "train/sim_tau", "train/eval_tau", "train/acc_pos_1"} <= tags
+
+
+def test_nonfinite_loss_is_skipped_then_aborts_past_the_limit(assets, tmp_path):
+    proc = run_train(assets, tmp_path / "a", nproc=1, extra=["--max-nonfinite", "3"],
+                     env_extra={"DFLASH_DS_TEST_NAN_AT_STEP": "2"})
+    assert "step 2: non-finite loss skipped (1/3)" in proc.stdout
+    m = metrics(tmp_path / "a")
+    assert len(m) == STEPS and all(r["loss"] == r["loss"] for r in m if r["step"] != 2)  # NaN only at step 2
+    assert (tmp_path / "a" / "adapter" / "adapter_model.safetensors").exists()
+    a = adapter(tmp_path / "a")
+    assert all(torch.isfinite(t).all() for t in a.values()), "a skipped NaN step must not poison the adapter"
+    proc = run_train(assets, tmp_path / "b", nproc=1, extra=["--max-nonfinite", "1"],
+                     env_extra={"DFLASH_DS_TEST_NAN_AT_STEP": "2"}, check=False)
+    assert proc.returncode != 0 and "aborting: 1 non-finite losses (--max-nonfinite 1)" in proc.stderr
