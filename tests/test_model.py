@@ -107,7 +107,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     for ckpt in (False, True):
         model, _, drafter, ids, attn_mask, layout = _setup("block", kl=0.5)
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable({"use_reentrant": False})
         model.train()
         drafter(ids, attn_mask, layout).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad]))
