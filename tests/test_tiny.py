@@ -300,6 +300,13 @@ def test_build_is_reproducible(built, tmp_path: Path):
     assert (foreign / "precious.txt").read_text() == "keep"
 
 
+def test_failed_build_leaves_nothing(tmp_path: Path):
+    out = tmp_path / "t"
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        build_tiny_target(out, TinyTargetConfig(max_functions=3, vocab_size=300, steps=1), progress=False)
+    assert not out.exists() and not out.with_name("t.tmp").exists()
+
+
 def test_ensure_and_cli(built, tmp_path: Path, monkeypatch, capsys):
     out, _ = built
     # ensure_tiny_target returns a complete cache without rebuilding it.
