@@ -34,13 +34,14 @@ def regenerate_conversations(
     batch_size: int = 32,
     progress: bool = True,
 ) -> list[dict]:
-    """Greedy answers for each conversation's prompt, in order; returns ``{"conversations": [...]}`` records."""
+    """Greedy answers for each conversation's prompt, in order: ``{"conversations": [...], "_shard_index": i}`` records
+    (``i`` = position in ``conversations``; conversations whose answer is empty are dropped)."""
     from tqdm import tqdm
 
     tokenizer.padding_side = "left"  # decoder-only batched generation continues from the right edge
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = [(conv, _prompt_messages(conv)) for conv in conversations]
-    prompts = [(conv, p) for conv, p in prompts if p is not None]
+    prompts = [(i, _prompt_messages(conv)) for i, conv in enumerate(conversations)]
+    prompts = [(i, p) for i, p in prompts if p is not None]
     records: list[dict] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="regenerate", disable=not progress):
         chunk = prompts[start : start + batch_size]
@@ -50,10 +51,10 @@ def regenerate_conversations(
             **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        for (_, prompt), row in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
+        for (index, prompt), row in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
             answer = tokenizer.decode(row, skip_special_tokens=True)
             if answer.strip():
-                records.append({"conversations": prompt + [{"role": "assistant", "content": answer}]})
+                records.append({"conversations": prompt + [{"role": "assistant", "content": answer}], "_shard_index": index})
     return records
 
 
@@ -74,7 +75,7 @@ def regenerate_file(
 
     conversations, _ = read_conversations(in_path, bad_lines="skip")
     conversations = [c for c in conversations if c[0]["role"] != "text"][:limit]
-    mine = conversations[rank::world_size]
+    mine = conversations[rank::world_size]  # conversation i of this shard is input conversation rank + i*world
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if torch.cuda.is_available():
         device, dtype = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), torch.bfloat16
@@ -82,6 +83,12 @@ def regenerate_file(
         device, dtype = torch.device("cpu"), torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     records = regenerate_conversations(model, tokenizer, mine, max_new_tokens, batch_size, progress=rank == 0)
+    if world_size > 1:  # where each answer came from, so rank 0 can restore input order (empty answers are dropped)
+        for r in records:
+            r["source_index"] = rank + r.pop("_shard_index") * world_size
+    else:
+        for r in records:
+            r.pop("_shard_index")
     tmp = Path(str(out_path) + ".tmp")
     with tmp.open("w") as f:
         for r in records:
@@ -111,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     shard = f"{args.out}.rank{rank}"
     regenerate_file(args.model_path, args.in_path, shard, args.max_new_tokens, args.batch_size, args.limit, rank, world)
     dist.barrier()
-    if rank == 0:  # interleave shards back into input order (shard r holds lines r, r+world, ...)
-        shards = [Path(f"{args.out}.rank{r}").read_text().splitlines() for r in range(world)]
-        merged = [shards[r][i] for i in range(max(map(len, shards))) for r in range(world) if i < len(shards[r])]
+    if rank == 0:  # merge the shards back into input order
+        records = [json.loads(line) for r in range(world) for line in Path(f"{args.out}.rank{r}").read_text().splitlines()]
+        records.sort(key=lambda rec: rec["source_index"])
+        merged = [json.dumps({"conversations": rec["conversations"]}) for rec in records]
         Path(args.out).write_text("".join(line + "\n" for line in merged))
         for r in range(world):
             Path(f"{args.out}.rank{r}").unlink()

@@ -234,3 +234,18 @@ def test_nonfinite_loss_is_skipped_then_aborts_past_the_limit(assets, tmp_path):
     proc = run_train(assets, tmp_path / "b", nproc=1, extra=["--max-nonfinite", "1"],
                      env_extra={"DFLASH_DS_TEST_NAN_AT_STEP": "2"}, check=False)
     assert proc.returncode != 0 and "aborting: 1 non-finite losses (--max-nonfinite 1)" in proc.stderr
+
+
+def test_regenerate_sharded_over_two_ranks_keeps_input_order(assets, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    common = ["--model-path", str(assets / "model"), "--in", str(assets / "data.jsonl"), "--max-new-tokens", "6"]
+    subprocess.run([sys.executable, "-m", "dflash_ds.regenerate", *common, "--out", str(tmp_path / "one.jsonl")],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(_free_port()), "-m", "dflash_ds.regenerate", *common, "--out", str(tmp_path / "two.jsonl")],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    one, two = (tmp_path / "one.jsonl").read_text(), (tmp_path / "two.jsonl").read_text()
+    assert one == two and len(one.splitlines()) > 10
+    prompts = [json.loads(l)["conversations"][0]["content"] for l in (assets / "data.jsonl").read_text().splitlines()]
+    got = [json.loads(l)["conversations"][0]["content"] for l in two.splitlines()]
+    assert got == [p for p in prompts if p in got]  # input order
