@@ -17,6 +17,9 @@ and writes it to ``--out`` (default ``$OUT/gpu_bench.json`` when ``$OUT`` is set
      * ``naive``: the naive DFlash step (materialised logits, separate adapter-off teacher forward; see
        ``bench/train_step.py``) on the same model;
      * ``ar_gc`` / ``ar``: a plain PEFT LoRA step over the same number of tokens on a fresh model (PEFT wraps it).
+     * ``long_dflash_gc`` / ``long_naive_gc`` / ``long_dflash_gc_flex``: (a), (c) and (a) through FlexAttention, all
+       checkpointed, at S = ``--long-seq`` (8192: 8k block tokens, 16k tokens in the forward), where the issue
+       states its c/a goal; 2 timed steps each, none started after ``--long-start-by-s``.
    Per case: median step time (CUDA-synchronised ``perf_counter``), trained tokens/s (tokens in the forward /
    step time; supervised block rows/s too), ``torch.cuda.max_memory_allocated`` (absolute and above what was
    allocated before the case's steps).
@@ -126,11 +129,13 @@ class Bench:
         self.free()
         self.save()
 
-    def time_step(self, step: Callable[[], Any], tokens: int, rows: int) -> dict[str, Any]:
+    def time_step(self, step: Callable[[], Any], tokens: int, rows: int, steps: int | None = None,
+                  warmup: int | None = None) -> dict[str, Any]:
         """Median time of ``step`` after warm-up, and the peak memory of the timed steps."""
         import torch
 
-        for _ in range(self.args.warmup):
+        steps = steps or self.args.steps
+        for _ in range(self.args.warmup if warmup is None else warmup):
             step()
         self.sync()
         out: dict[str, Any] = {}
@@ -140,7 +145,7 @@ class Bench:
         else:
             meter = M.PeakRSS().start()
         times = []
-        for _ in range(self.args.steps):
+        for _ in range(steps):
             t = time.perf_counter()
             step()
             self.sync()
@@ -228,11 +233,12 @@ class Bench:
         if "model" not in state:
             return
 
-        def run(objective: str, checkpointing: bool):
+        def run(objective: str, checkpointing: bool, b: dict = batch, steps: int | None = None,
+                warmup: int | None = None):
             def fn():
                 step, module, params = build_step(objective, state["model"], checkpointing=checkpointing, **kw)
                 state["module"], state["params"] = module, params
-                return self.time_step(lambda: step(batch), tokens, rows)
+                return self.time_step(lambda: step(b), b["total_tokens"], b["supervised_rows"], steps, warmup)
             return fn
 
         self.guarded("dflash_gc", run("dflash", True), cases)
@@ -251,6 +257,24 @@ class Bench:
             return wrapped
 
         self.guarded("dflash_gc_flex", with_flex(run("dflash", True)), cases)
+
+        # the issue's c/a goal is stated at 8k block tokens: S = --long-seq clean tokens (N*B = S block tokens),
+        # checkpointed (the naive step's activations at 16k tokens would not fit otherwise); fewer steps, and none
+        # of these starts after --long-start-by-s so the PEFT baseline and the decode part keep their time
+        long_batch = make_batch(a.long_seq, a.block, SHAPES[shape]["vocab"], seed=0, device=self.device)
+        res["long"] = {"seq": a.long_seq, "block_tokens": long_batch["block_tokens"],
+                       "tokens_in_forward": long_batch["total_tokens"],
+                       "supervised_rows": long_batch["supervised_rows"]}
+        long_kw = dict(b=long_batch, steps=a.long_steps, warmup=1)
+        for name, fn in (("long_dflash_gc", run("dflash", True, **long_kw)),
+                         ("long_naive_gc", run("naive", True, **long_kw)),
+                         ("long_dflash_gc_flex", with_flex(run("dflash", True, **long_kw)))):
+            if self.elapsed() > a.long_start_by_s:
+                cases[name] = {"status": f"skipped: past --long-start-by-s {a.long_start_by_s}"}
+                print(f"[{self.elapsed():6.1f}s] {name}: skipped (past --long-start-by-s)", flush=True)
+                continue
+            self.guarded(name, fn, cases)
+        del long_batch
 
         def ds_fn():
             # last on this model: ZeRO flattens the LoRA parameters and hooks their gradients for good
@@ -309,6 +333,10 @@ class Bench:
             "a_over_b_memory": ratio("dflash", "ar", mem),
             "c_over_a_time": ratio("naive", "dflash", "step_s_median"),
             "c_over_a_memory": ratio("naive", "dflash", mem),
+            "long_c_gc_over_a_gc_time": ratio("long_naive_gc", "long_dflash_gc", "step_s_median"),
+            "long_c_gc_over_a_gc_memory": ratio("long_naive_gc", "long_dflash_gc", mem),
+            "flex_over_sdpa_time": ratio("dflash_gc_flex", "dflash_gc", "step_s_median"),
+            "long_flex_over_sdpa_time": ratio("long_dflash_gc_flex", "long_dflash_gc", "step_s_median"),
             "memory_key": mem,
         }
 
@@ -362,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: test the code path, no GPU")
     p.add_argument("--seq", type=int, default=None, help="clean tokens S (default 2048; smoke 64)")
     p.add_argument("--block", type=int, default=16)
+    p.add_argument("--long-seq", type=int, default=None,
+                   help="clean tokens of the long cases, = their block tokens (default 8192; smoke 128)")
+    p.add_argument("--long-steps", type=int, default=2, help="timed steps per long case (after one warm-up)")
+    p.add_argument("--long-start-by-s", type=float, default=200.0,
+                   help="no long case starts after this many seconds (keeps time for the baseline and decode)")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 5; smoke 2)")
     p.add_argument("--warmup", type=int, default=2)
@@ -386,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     args.train_shape = "smoke-train" if smoke else "qwen3-8b"
     args.decode_shape = "smoke-decode" if smoke else "qwen3-1.7b"
     args.seq = args.seq or (64 if smoke else 2048)
+    args.long_seq = args.long_seq or (128 if smoke else 8192)
     args.steps = args.steps or (2 if smoke else 5)
     args.context_lens = args.context_lens or ([32] if smoke else [512, 2048])
     args.fwd_repeats = args.fwd_repeats or (5 if smoke else 50)

@@ -12,10 +12,12 @@
 #      pip download --no-deps -d bench/gpu/wheels peft==0.21.2 transformers==5.24.0 hjson==3.1.0 \
 #          pydantic==2.13.4 annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0
 #      pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#          --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d bench/gpu/wheels pydantic-core==2.46.4
+#          --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d bench/gpu/wheels pydantic-core==2.46.4 \
+#          regex==2026.5.9
 #
 #    The device image (Python 3.12, torch 2.11, transformers 5.17) lacks deepspeed and deepspeed's hjson/pydantic;
-#    transformers 5.24 and peft 0.21.2 are carried so the GPU runs the versions the project is tested with.
+#    transformers 5.24 and peft 0.21.2 are carried so the GPU runs the versions the project is tested with; regex
+#    because transformers 5.24 checks regex >= 2025.10.22 at import and the image's version is not on record.
 #    About 19 MiB. bench/gpu/wheels/ must not be committed (add it to .gitignore).
 #
 # 2. Run on the device (one call, about 4-6 minutes of device time; the script stops itself at 470 s):
@@ -41,7 +43,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
     pip download --no-deps -d "$WHEELS" peft==0.21.2 transformers==5.24.0 hjson==3.1.0 \
         pydantic==2.13.4 annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0
     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" pydantic-core==2.46.4
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" pydantic-core==2.46.4 \
+        regex==2026.5.9
     ls -la "$WHEELS"; du -sh "$WHEELS"
     exit 0
 fi
