@@ -50,7 +50,8 @@ import _measure as M  # noqa: E402
 
 M.ensure_repo_on_path()
 
-GOAL_WITHIN = 0.10  # measured speedup at least (1 - 10%) of the cost-model bound
+GOAL_WITHIN = 0.10
+DTYPES = ("float32", "bfloat16", "float16")  # measured speedup at least (1 - 10%) of the cost-model bound
 
 
 def _interleaved_times(ops: dict[str, Callable[[], Any]], after: Callable[[], None], repeats: int, warmup: int,
@@ -147,20 +148,21 @@ def _random_model_dirs(tmp: Path, args, target_dir: Path | None) -> tuple[Path, 
         target_dir = tmp / "target"
         cfg = qwen3_config(args.hidden, args.layers, args.heads, args.kv_heads, args.head_dim, args.intermediate,
                            args.vocab, max_positions=4096, tie=False)
-        build_model(cfg, seed=args.seed).save_pretrained(target_dir)
+        build_model(cfg, device=args.device, dtype=getattr(torch, args.dtype), seed=args.seed).save_pretrained(target_dir)
         mask_id = args.vocab - 1
     else:
         meta = json.loads((target_dir / "tiny_target.json").read_text())
         mask_id = int(meta["mask_token_id"])
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=getattr(torch, args.dtype))
     lcfg = LoRAConfig(r=16, alpha=32.0, scope="block")
     apply_lora(model, lcfg, seed=args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)
     with torch.no_grad():
         for _, m in lora_modules(model):
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * args.adapter_std)
+            m.lora_B.weight.copy_((torch.randn(m.lora_B.weight.shape, generator=g) * args.adapter_std)
+                                  .to(m.lora_B.weight.dtype))
     adapter_dir = tmp / "adapter"
     save_adapter_dir(adapter_dir, gather_full_lora_state(model),
                      lcfg, DraftMeta(block_size=max(args.block_sizes), mask_token_id=mask_id, scope="block",
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rounds; each times the forwards, then AR and speculative generation (medians over rounds)")
     p.add_argument("--fwd-repeats", type=int, default=50, help="timed calls per forward-cost median (per round)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: timings synchronise the device)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model and adapter dtype")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("random model (without --model-path)")
     g.add_argument("--hidden", type=int, default=256)
@@ -224,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         source = ("cached tiny target + random adapter" if use_cached
                   else "random Qwen3-shaped target + random adapter (temp dir)")
     print(f"spec_decode: model {model_path} ({source}), adapter {adapter}", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
     meta = load_adapter_dir(model, adapter)
-    model.eval()
+    model.to(args.device).eval()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     vocab = model.config.vocab_size
     vocab_high = min(vocab, meta.mask_token_id) if meta.mask_token_id > 0 else vocab
 
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             "block_sizes": args.block_sizes, "num_prompts": len(prompts),
             "prompt_lens": [len(pr) for pr in prompts], "max_new_tokens": M_new, "greedy": True,
             "repeats": args.repeats, "fwd_repeats": args.fwd_repeats, "cost_context_len": mean_context,
-            "dtype": "float32", "device": "cpu", "torch_threads": torch.get_num_threads(),
+            "dtype": args.dtype, "device": args.device, "torch_threads": torch.get_num_threads(),
             "adapter_std": args.adapter_std if source != "given" else None,
         },
         "method": {
@@ -285,8 +290,12 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(6):
                 eng = Engine(model, len(pr) + 1, 1)
                 eng.set_adapter(False)
+                if sync is not None:
+                    sync()
                 t0 = time.perf_counter()
                 eng.forward(eng.ids(pr[:-1]), 0, eng.cache, kind="prefill")
+                if sync is not None:
+                    sync()
                 times.append(time.perf_counter() - t0)
             prefill_s.append(statistics.median(times[1:]))
     report["prefill_s_per_prompt"] = prefill_s
@@ -299,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     report["forward_costs_rounds"] = []
     for rep in range(args.repeats):
         costs = forward_costs(model, meta.mask_token_id, meta.scope, mean_context, args.block_sizes,
-                              repeats=args.fwd_repeats, seed=args.seed + rep, vocab_high=vocab_high)
+                              repeats=args.fwd_repeats, seed=args.seed + rep, vocab_high=vocab_high, sync=sync)
         report["forward_costs_rounds"].append(costs)
         for B in args.block_sizes:
             c = costs["per_block"][B]

@@ -26,6 +26,16 @@
 #
 #    It prints a JSON report and a short summary table last, and writes $OUT/gpu_bench.json and $OUT/gpu_bench.log.
 #
+# 2b. Speculative decoding end to end on the GPU (bench/spec_decode.py with --device cuda): a random Qwen3-1.7B-shaped
+#    target with a random adapter (is the loop within 10% of its own cost-model bound at a real size?) and, when
+#    bench/gpu/carry/ holds them, the demo's trained tiny target + adapter + held-out prompts (tau and wall-clock
+#    speedup with a trained adapter). Prepare the carry folder on the dev machine after `dflash-ds demo`:
+#
+#      bash bench/gpu/run.sh --prepare-spec-decode demo_work     # copies target, adapter, prompts (about 12 MiB)
+#      run(command="bash bench/gpu/run.sh --spec-decode", carry=["bench/gpu/wheels", "bench/gpu/carry"], timeout_s=420)
+#
+#    It writes $OUT/spec_decode_1p7b.json, $OUT/spec_decode_tiny.json and $OUT/spec_decode.log.
+#
 # 3. Test the code path without a GPU (tiny shapes, CPU, local Python; also checks that the carried wheel set
 #    resolves for the device's Python 3.12 / x86-64):
 #
@@ -46,6 +56,20 @@ if [[ "${1:-}" == "--prepare" ]]; then
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" pydantic-core==2.46.4 \
         regex==2026.5.9
     ls -la "$WHEELS"; du -sh "$WHEELS"
+    exit 0
+fi
+
+if [[ "${1:-}" == "--prepare-spec-decode" ]]; then
+    set -e
+    workdir="${2:?usage: run.sh --prepare-spec-decode DEMO_WORKDIR}"
+    target=$(python3 -c "from dflash_ds.tiny import default_cache_dir; print(default_cache_dir())")
+    adapter=$(ls -d "$workdir"/run/adapter 2>/dev/null || true)
+    [[ -f "$adapter/dflash.json" ]] || { echo "no trained adapter at $workdir/run/adapter (run dflash-ds demo)" >&2; exit 2; }
+    rm -rf bench/gpu/carry && mkdir -p bench/gpu/carry
+    cp -r "$target" bench/gpu/carry/target
+    cp -r "$adapter" bench/gpu/carry/adapter
+    cp "$target/data/eval_prompts.jsonl" bench/gpu/carry/eval_prompts.jsonl
+    du -sh bench/gpu/carry
     exit 0
 fi
 
@@ -95,6 +119,29 @@ except Exception as exc:
 EOF
 OUTDIR="${OUT:-bench/results}"
 mkdir -p "$OUTDIR"
+if [[ "${1:-}" == "--spec-decode" ]]; then
+    shift
+    rc=0
+    {
+        # a real size: Qwen3-1.7B's shape, bf16, random weights and a random adapter (tau near 1: the bound is a
+        # slowdown; the point is how close the loop comes to it)
+        timeout --signal=INT 240 python3 bench/spec_decode.py --device cuda --dtype bfloat16 --no-tiny-cache \
+            --hidden 2048 --layers 28 --heads 16 --kv-heads 8 --head-dim 128 --intermediate 6144 --vocab 151936 \
+            --adapter-std 0.01 --num-prompts 2 --prompt-len 256 --max-new-tokens 64 --repeats 2 --fwd-repeats 20 \
+            --out "$OUTDIR/spec_decode_1p7b.json" "$@" || rc=$?
+        if [[ -f bench/gpu/carry/adapter/dflash.json ]]; then
+            # the demo's trained adapter on its tiny target, fp32 (the dtype it was trained in)
+            timeout --signal=INT 150 python3 bench/spec_decode.py --device cuda --dtype float32 \
+                --model-path bench/gpu/carry/target --adapter bench/gpu/carry/adapter \
+                --prompts bench/gpu/carry/eval_prompts.jsonl --num-prompts 16 --max-new-tokens 96 --repeats 2 \
+                --out "$OUTDIR/spec_decode_tiny.json" || rc=$?
+        else
+            echo "run.sh: no bench/gpu/carry/adapter: skipping the trained tiny adapter (see --prepare-spec-decode)"
+        fi
+        exit "$rc"
+    } 2>&1 | tee "$OUTDIR/spec_decode.log"
+    exit "${PIPESTATUS[0]}"
+fi
 # hard stop at 470 s: the limit is 8 minutes; gpu_bench.py starts no new case after --time-budget-s (420)
 timeout --signal=INT --kill-after=20 470 python3 bench/gpu/gpu_bench.py --out "$OUTDIR/gpu_bench.json" "$@" \
     2>&1 | tee "$OUTDIR/gpu_bench.log"
