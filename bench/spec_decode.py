@@ -319,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
                 ar = autoregressive_generate(model, pr, max_new_tokens=M_new)
                 sp = speculative_generate(model, pr, LoRABlockDrafter(meta.mask_token_id, scope=meta.scope),
                                           block_size=B, max_new_tokens=M_new)
+                if ar.output_ids != sp.output_ids:  # where the outputs part (bf16 rounding can flip near-ties)
+                    first = next((i for i, (x, y) in enumerate(zip(ar.output_ids, sp.output_ids)) if x != y),
+                                 min(len(ar.output_ids), len(sp.output_ids)))
+                    st.setdefault("mismatches", []).append({"round": rep, "prompt": prompts.index(pr),
+                                                            "first_diff_at": first, "len": len(ar.output_ids)})
                 st["lossless"] &= ar.output_ids == sp.output_ids
                 ar_wall += ar.wall_time
                 spec_wall += sp.wall_time

@@ -23,10 +23,12 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import datasets
 import torch
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +400,8 @@ def build_dataset(tokenizer: Any, config: DataConfig) -> datasets.Dataset:
     max_length, and a later call with the same inputs loads it without tokenising. Under multi-process
     training, let one rank build the cache first, then the others load it.
     """
+    import datasets  # here, not at module level: reading prompts for eval/regenerate must not need it
+
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("build_dataset needs a fast tokenizer (offset mappings locate the assistant turns)")
     if not config.paths:

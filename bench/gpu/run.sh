@@ -121,23 +121,34 @@ OUTDIR="${OUT:-bench/results}"
 mkdir -p "$OUTDIR"
 if [[ "${1:-}" == "--spec-decode" ]]; then
     shift
+    # parts, in order (SPEC_DECODE_PARTS, default "1p7b tiny"):
+    #   1p7b       Qwen3-1.7B's shape, bf16, random weights and a random adapter (tau near 1: the bound is a
+    #              slowdown; the point is how close the loop comes to it)
+    #   tiny       the demo's trained adapter on its tiny target (bench/gpu/carry), fp32, held-out prompts
+    #   1p7b_fp32  the 1p7b case in fp32, 1 round: are the outputs equal to AR when bf16 rounding is out of the way?
+    shape=(--hidden 2048 --layers 28 --heads 16 --kv-heads 8 --head-dim 128 --intermediate 6144 --vocab 151936
+           --adapter-std 0.01 --no-tiny-cache --num-prompts 2 --prompt-len 256 --max-new-tokens 64)
     rc=0
     {
-        # a real size: Qwen3-1.7B's shape, bf16, random weights and a random adapter (tau near 1: the bound is a
-        # slowdown; the point is how close the loop comes to it)
-        timeout --signal=INT 240 python3 bench/spec_decode.py --device cuda --dtype bfloat16 --no-tiny-cache \
-            --hidden 2048 --layers 28 --heads 16 --kv-heads 8 --head-dim 128 --intermediate 6144 --vocab 151936 \
-            --adapter-std 0.01 --num-prompts 2 --prompt-len 256 --max-new-tokens 64 --repeats 2 --fwd-repeats 20 \
-            --out "$OUTDIR/spec_decode_1p7b.json" "$@" || rc=$?
-        if [[ -f bench/gpu/carry/adapter/dflash.json ]]; then
-            # the demo's trained adapter on its tiny target, fp32 (the dtype it was trained in)
-            timeout --signal=INT 150 python3 bench/spec_decode.py --device cuda --dtype float32 \
-                --model-path bench/gpu/carry/target --adapter bench/gpu/carry/adapter \
-                --prompts bench/gpu/carry/eval_prompts.jsonl --num-prompts 16 --max-new-tokens 96 --repeats 2 \
-                --out "$OUTDIR/spec_decode_tiny.json" || rc=$?
-        else
-            echo "run.sh: no bench/gpu/carry/adapter: skipping the trained tiny adapter (see --prepare-spec-decode)"
-        fi
+        for part in ${SPEC_DECODE_PARTS:-1p7b tiny}; do
+            echo "== spec_decode part $part"
+            case "$part" in
+                1p7b) timeout --signal=INT 240 python3 bench/spec_decode.py --device cuda --dtype bfloat16 \
+                          "${shape[@]}" --repeats 2 --fwd-repeats 20 --out "$OUTDIR/spec_decode_1p7b.json" || rc=$? ;;
+                1p7b_fp32) timeout --signal=INT 150 python3 bench/spec_decode.py --device cuda --dtype float32 \
+                          "${shape[@]}" --repeats 1 --fwd-repeats 10 --out "$OUTDIR/spec_decode_1p7b_fp32.json" \
+                          || rc=$? ;;
+                tiny) if [[ -f bench/gpu/carry/adapter/dflash.json ]]; then
+                          timeout --signal=INT 150 python3 bench/spec_decode.py --device cuda --dtype float32 \
+                              --model-path bench/gpu/carry/target --adapter bench/gpu/carry/adapter \
+                              --prompts bench/gpu/carry/eval_prompts.jsonl --num-prompts 16 --max-new-tokens 96 \
+                              --repeats 2 --out "$OUTDIR/spec_decode_tiny.json" || rc=$?
+                      else
+                          echo "run.sh: no bench/gpu/carry/adapter: skipping part tiny (see --prepare-spec-decode)"
+                      fi ;;
+                *) echo "run.sh: unknown SPEC_DECODE_PARTS entry '$part' (1p7b, tiny, 1p7b_fp32)" >&2; rc=2 ;;
+            esac
+        done
         exit "$rc"
     } 2>&1 | tee "$OUTDIR/spec_decode.log"
     exit "${PIPESTATUS[0]}"
