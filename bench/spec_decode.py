@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-prompts", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=64, help="length of the random prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="with --prompts: stop at the tokenizer's end-of-text, as `dflash-ds eval` does (default: "
+                        "always generate --max-new-tokens, past end-of-text, so both loops do the same work)")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds; each times the forwards, then AR and speculative generation (medians over rounds)")
     p.add_argument("--fwd-repeats", type=int, default=50, help="timed calls per forward-cost median (per round)")
@@ -202,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (args.model_path is None) != (args.adapter is None):
         p.error("--model-path and --adapter go together (or leave both out for a random model + adapter)")
+    if args.stop_at_eos and not args.prompts:
+        p.error("--stop-at-eos needs --prompts (the end-of-text ids come from the model's tokenizer)")
     if any(b < 2 for b in args.block_sizes):
         p.error("--block-sizes must be >= 2")
 
@@ -238,13 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts:
         from transformers import AutoTokenizer
 
-        from dflash_ds.evaluate import load_prompts
+        from dflash_ds.evaluate import eos_ids_of, load_prompts
 
-        prompts = load_prompts(args.prompts, AutoTokenizer.from_pretrained(model_path), limit=args.num_prompts)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        prompts = load_prompts(args.prompts, tokenizer, limit=args.num_prompts)
+        eos = eos_ids_of(tokenizer, model) if args.stop_at_eos else []
     else:
         gen = torch.Generator().manual_seed(args.seed + 7)
         prompts = [torch.randint(0, vocab_high, (args.prompt_len,), generator=gen).tolist()
                    for _ in range(args.num_prompts)]
+        eos = []
     M_new = args.max_new_tokens
     mean_context = int(statistics.mean(len(pr) for pr in prompts) + M_new / 2)
 
@@ -261,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "scope": meta.scope, "mask_token_id": meta.mask_token_id, "trained_block_size": meta.block_size,
             "block_sizes": args.block_sizes, "num_prompts": len(prompts),
             "prompt_lens": [len(pr) for pr in prompts], "max_new_tokens": M_new, "greedy": True,
+            "stop_at_eos": eos,
             "repeats": args.repeats, "fwd_repeats": args.fwd_repeats, "cost_context_len": mean_context,
             "dtype": args.dtype, "device": args.device, "torch_threads": torch.get_num_threads(),
             "adapter_std": args.adapter_std if source != "given" else None,
@@ -314,18 +323,19 @@ def main(argv: list[str] | None = None) -> int:
             c = costs["per_block"][B]
             st = per_block[B]
             ar_wall = spec_wall = 0.0
-            tokens = verifies = 0
-            for pr in prompts:
-                ar = autoregressive_generate(model, pr, max_new_tokens=M_new)
+            tokens = verifies = ar_tokens = 0
+            for k, pr in enumerate(prompts):
+                ar = autoregressive_generate(model, pr, max_new_tokens=M_new, eos_token_ids=eos)
                 sp = speculative_generate(model, pr, LoRABlockDrafter(meta.mask_token_id, scope=meta.scope),
-                                          block_size=B, max_new_tokens=M_new)
+                                          block_size=B, max_new_tokens=M_new, eos_token_ids=eos)
                 if ar.output_ids != sp.output_ids:  # where the outputs part (bf16 rounding can flip near-ties)
                     first = next((i for i, (x, y) in enumerate(zip(ar.output_ids, sp.output_ids)) if x != y),
                                  min(len(ar.output_ids), len(sp.output_ids)))
-                    st.setdefault("mismatches", []).append({"round": rep, "prompt": prompts.index(pr),
+                    st.setdefault("mismatches", []).append({"round": rep, "prompt": k,
                                                             "first_diff_at": first, "len": len(ar.output_ids)})
                 st["lossless"] &= ar.output_ids == sp.output_ids
                 ar_wall += ar.wall_time
+                ar_tokens += ar.num_tokens
                 spec_wall += sp.wall_time
                 tokens += sp.num_tokens
                 verifies += sp.verify_forwards
@@ -336,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tau": tau, **{k: c[k] for k in ("t_ar_s", "t_draft_s", "t_verify_s")}, "bound": bound,
                 "ar_wall_s": ar_wall, "spec_wall_s": spec_wall, "speedup": ar_wall / spec_wall,
                 "speedup_decode": decode, "decode_over_bound": decode / bound,
-                "ar_ms_per_token_in_loop": (ar_wall - total_prefill) / (len(prompts) * M_new) * 1e3,
+                "ar_ms_per_token_in_loop": (ar_wall - total_prefill) / ar_tokens * 1e3,
             })
             print(f"round {rep + 1} B={B:2d}: t_AR {c['t_ar_s'] * 1e3:.2f} ms, t_draft {c['t_draft_s'] * 1e3:.2f} ms "
                   f"({c['draft_over_ar']:.2f}x), t_verify {c['t_verify_s'] * 1e3:.2f} ms ({c['verify_over_ar']:.2f}x); "
