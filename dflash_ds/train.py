@@ -243,6 +243,7 @@ def train(cfg: TrainConfig) -> Path:
         t0 = time.perf_counter()
         lr_used = scheduler.get_last_lr()[0] if scheduler is not None else None
         sums = _zero_sums(cfg.block_size)
+        poisoned = 0  # micro-batches of this optimizer step whose loss was non-finite (on any rank)
         for epoch, indices in batches.micro_batches(step):
             # 5. one micro-step: blocks for each sequence, one forward over [clean | blocks], fused loss
             batch = collate_batch([dataset[i] for i in indices], pad_id)
@@ -258,7 +259,13 @@ def train(cfg: TrainConfig) -> Path:
                     raise RuntimeError(f"aborting: {nonfinite} non-finite losses (--max-nonfinite {cfg.max_nonfinite})")
                 # a zero loss with zero gradients keeps DeepSpeed's accumulation count; this micro-batch adds nothing
                 loss = sum(p.sum() for p in lora_parameters(model)) * 0.0
+                poisoned += 1
             engine.backward(loss)
+            if poisoned == accum:
+                # every micro-batch was skipped: AdamW would still move the weights along its momentum (and decay
+                # them), so this optimizer step runs at lr 0; the scheduler sets the next step's lr as usual
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = 0.0
             engine.step()
             _accumulate(sums, out, loss, batch, blocks)
         # 6. log the optimizer step

@@ -236,6 +236,21 @@ def test_nonfinite_loss_is_skipped_then_aborts_past_the_limit(assets, tmp_path):
     assert proc.returncode != 0 and "aborting: 1 non-finite losses (--max-nonfinite 1)" in proc.stderr
 
 
+@pytest.mark.parametrize("nproc,config", [(1, None), (2, "zero3.json")])
+def test_fully_skipped_step_leaves_the_adapter_unchanged(assets, tmp_path, nproc, config):
+    """AdamW with zero gradients still moves the weights (momentum, weight decay): a step whose every micro-batch
+    was non-finite must not."""
+    run_train(assets, tmp_path, nproc=nproc, config=config,
+              extra=["--save-interval", "1", "--keep-last", "10", "--weight-decay", "0.1"],
+              env_extra={"DFLASH_DS_TEST_NAN_AT_STEP": str(STEPS)})
+    ckpts = tmp_path / "checkpoints"
+    earlier, before, after = (torch.load(ckpts / f"step_{n:08d}" / "dflash_state.pt", weights_only=False)["adapter"]
+                              for n in (STEPS - 2, STEPS - 1, STEPS))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the skipped step moved the adapter"
+    assert any(not torch.equal(before[k], earlier[k]) for k in before), "the steps before it must still train"
+
+
 def test_regenerate_sharded_over_two_ranks_keeps_input_order(assets, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     common = ["--model-path", str(assets / "model"), "--in", str(assets / "data.jsonl"), "--max-new-tokens", "6"]
