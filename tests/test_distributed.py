@@ -92,6 +92,7 @@ def reference(assets, tmp_path_factory):
     [
         ("zero2.json", []),
         ("zero3.json", []),
+        ("zero3_offload.json", []),
         ("zero3.json", ["--gradient-checkpointing"]),  # non-reentrant recompute under ZeRO-3 hooks
         ("autotp2_zero1.json", ["--grad-accum", "2"]),
         ("autotp2_zero3.json", ["--grad-accum", "2"]),
