@@ -33,16 +33,16 @@ def regenerate_conversations(
     max_new_tokens: int = 128,
     batch_size: int = 32,
     progress: bool = True,
-) -> list[dict]:
-    """Greedy answers for each conversation's prompt, in order: ``{"conversations": [...], "_shard_index": i}`` records
-    (``i`` = position in ``conversations``; conversations whose answer is empty are dropped)."""
+) -> list[tuple[int, dict]]:
+    """Greedy answers for each conversation's prompt, in order: ``(i, {"conversations": [...]})`` with ``i`` the
+    conversation's position in ``conversations`` (conversations whose answer is empty are dropped)."""
     from tqdm import tqdm
 
     tokenizer.padding_side = "left"  # decoder-only batched generation continues from the right edge
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [(i, _prompt_messages(conv)) for i, conv in enumerate(conversations)]
     prompts = [(i, p) for i, p in prompts if p is not None]
-    records: list[dict] = []
+    records: list[tuple[int, dict]] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="regenerate", disable=not progress):
         chunk = prompts[start : start + batch_size]
         texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for _, p in chunk]
@@ -54,7 +54,7 @@ def regenerate_conversations(
         for (index, prompt), row in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
             answer = tokenizer.decode(row, skip_special_tokens=True)
             if answer.strip():
-                records.append({"conversations": prompt + [{"role": "assistant", "content": answer}], "_shard_index": index})
+                records.append((index, {"conversations": prompt + [{"role": "assistant", "content": answer}]}))
     return records
 
 
@@ -82,13 +82,10 @@ def regenerate_file(
     else:
         device, dtype = torch.device("cpu"), torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    records = regenerate_conversations(model, tokenizer, mine, max_new_tokens, batch_size, progress=rank == 0)
+    answered = regenerate_conversations(model, tokenizer, mine, max_new_tokens, batch_size, progress=rank == 0)
+    records = [rec for _, rec in answered]
     if world_size > 1:  # where each answer came from, so rank 0 can restore input order (empty answers are dropped)
-        for r in records:
-            r["source_index"] = rank + r.pop("_shard_index") * world_size
-    else:
-        for r in records:
-            r.pop("_shard_index")
+        records = [{**rec, "source_index": rank + i * world_size} for i, rec in answered]
     tmp = Path(str(out_path) + ".tmp")
     with tmp.open("w") as f:
         for r in records:
