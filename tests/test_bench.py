@@ -1,0 +1,66 @@
+"""The benchmark scripts still run and still compare like with like (tiny shapes; no timing is asserted).
+
+Benchmarks are run by hand, but a script that rots is found only on the day a GPU is lent: these run each one on
+shapes that take seconds and check the parts of its report that are correctness, not speed (the fused and the
+reference loss agree, the naive step computes the dflash-ds loss, speculative outputs equal greedy AR, every
+case of the GPU script's CPU smoke run finishes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(script: str, out: Path, *args: str) -> dict:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def test_loss_memory_fused_matches_reference(tmp_path):
+    report = run_bench("loss_memory.py", tmp_path / "lm.json", "--rows", "64", "--hidden", "32", "--vocab", "512",
+                       "--chunk-size", "16", "--repeats", "1", "--no-auto-sweep")
+    (case,) = report["cases"]
+    assert case["reference"]["status"] == "ok" and case["fused"]["status"] == "ok"
+    assert case["max_abs_diff_loss"] < 1e-5 and case["max_abs_diff_grad"] < 1e-6
+
+
+def test_train_step_variants_run_and_naive_computes_the_same_loss(tmp_path):
+    report = run_bench("train_step.py", tmp_path / "ts.json", "--seq", "64", "--block", "8", "--hidden", "32",
+                       "--layers", "2", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--intermediate", "64",
+                       "--vocab", "512", "--lora-r", "4", "--repeats", "1", "--threads", "1", "--goal-seq", "64")
+    (case,) = report["cases"]
+    for variant in ("dflash", "dflash_gc", "ar", "ar_gc", "naive"):
+        assert case[variant]["status"] == "ok", (variant, case[variant])
+    assert case["naive_minus_dflash_loss_abs"] < 1e-4
+    assert case["ratios"]
+
+
+def test_spec_decode_is_lossless_and_reports_a_bound(tmp_path):
+    report = run_bench("spec_decode.py", tmp_path / "sd.json", "--threads", "1", "--repeats", "1",
+                       "--fwd-repeats", "3", "--num-prompts", "2", "--max-new-tokens", "16", "--no-tiny-cache",
+                       "--hidden", "64", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--head-dim", "32",
+                       "--intermediate", "128", "--vocab", "512")
+    assert [b["block_size"] for b in report["blocks"]] == [4, 8, 16]
+    for b in report["blocks"]:
+        assert b["lossless_outputs_equal"], b
+        assert b["tau"] >= 1.0 and b["bound"] > 0 and b["measured_speedup"] > 0
+
+
+def test_gpu_bench_cpu_smoke_runs_every_case(tmp_path):
+    report = run_bench("gpu/gpu_bench.py", tmp_path / "gpu.json", "--cpu-smoke")
+    cases = report["train_8b"]["cases"]
+    for name in ("dflash_gc", "dflash", "naive", "long_dflash_gc", "long_naive_gc", "dflash_gc_deepspeed", "ar_gc", "ar"):
+        assert cases[name]["status"] == "ok", (name, cases[name])
+    for name in ("dflash_gc_flex", "long_dflash_gc_flex"):  # torch has no FlexAttention backward on the CPU
+        assert cases[name]["status"] == "ok" or "FlexAttention" in cases[name]["error"], cases[name]
+    decode = report["decode_1p7b"]
+    assert sorted(int(b) for b in decode["at_context_32"]["per_block"]) == [4, 8, 16]
