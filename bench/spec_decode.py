@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--stop-at-eos", action="store_true",
                    help="with --prompts: stop at the tokenizer's end-of-text, as `dflash-ds eval` does (default: "
-                        "always generate --max-new-tokens, past end-of-text, so both loops do the same work)")
+                        "always generate --max-new-tokens, past end-of-text, so both loops do the same work); the forward "
+                        "costs are still timed at prompt + max-new-tokens/2 cached tokens")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds; each times the forwards, then AR and speculative generation (medians over rounds)")
     p.add_argument("--fwd-repeats", type=int, default=50, help="timed calls per forward-cost median (per round)")

@@ -240,16 +240,20 @@ def test_nonfinite_loss_is_skipped_then_aborts_past_the_limit(assets, tmp_path):
 @pytest.mark.parametrize("nproc,config", [(1, None), (2, "zero3.json")])
 def test_fully_skipped_step_leaves_the_adapter_unchanged(assets, tmp_path, nproc, config):
     """AdamW with zero gradients still moves the weights (momentum, weight decay): a step whose every micro-batch
-    was non-finite must not."""
+    was non-finite must not, and the step after it must train again (the lr comes back)."""
+    skipped = STEPS - 1
     run_train(assets, tmp_path, nproc=nproc, config=config,
               extra=["--save-interval", "1", "--keep-last", "10", "--weight-decay", "0.1"],
-              env_extra={"DFLASH_DS_TEST_NAN_AT_STEP": str(STEPS)})
+              env_extra={"DFLASH_DS_TEST_NAN_AT_STEP": str(skipped)})
     ckpts = tmp_path / "checkpoints"
-    earlier, before, after = (torch.load(ckpts / f"step_{n:08d}" / "dflash_state.pt", weights_only=False)["adapter"]
-                              for n in (STEPS - 2, STEPS - 1, STEPS))
+    earlier, before, after, later = (
+        torch.load(ckpts / f"step_{n:08d}" / "dflash_state.pt", weights_only=False)["adapter"]
+        for n in (skipped - 2, skipped - 1, skipped, skipped + 1)
+    )
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before), "the skipped step moved the adapter"
     assert any(not torch.equal(before[k], earlier[k]) for k in before), "the steps before it must still train"
+    assert any(not torch.equal(after[k], later[k]) for k in after), "the step after it must train again"
 
 
 def test_regenerate_sharded_over_two_ranks_keeps_input_order(assets, tmp_path):

@@ -238,3 +238,18 @@ def test_cli_end_to_end(tmp_path, capsys):
     rc = main(["--model-path", str(tmp_path / "missing"), "--adapter", str(adapter_dir), "--prompts", str(prompts),
                "--report", str(tmp_path / "r3.json"), "--no-progress"])
     assert rc == 2
+
+
+def test_decoding_does_not_need_datasets():
+    """Eval and speculative decoding run where `datasets` is not installed (a GPU image lacked it); only building
+    a training Dataset needs it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['datasets'] = None\n"  # any `import datasets` now raises ImportError
+            "import dflash_ds.evaluate, dflash_ds.speculative, dflash_ds.regenerate, dflash_ds.data\n"
+            "try:\n    dflash_ds.data.build_dataset(None, dflash_ds.data.DataConfig(paths=['x']))\n"
+            "except ImportError:\n    print('needs datasets')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "needs datasets" in proc.stdout
