@@ -94,7 +94,7 @@ def forward_costs(model, mask_token_id: int, scope: str, context_len: int, block
         for B in block_sizes:
             engine = Engine(model, context_len + B + 2, B)
             control = engine.control
-            saved = (control.enabled, control.gate) if control is not None else None
+            saved = (control.enabled, control.rows_from) if control is not None else None
             try:
                 engine.set_adapter(False)
                 engine.forward(engine.ids(tokens[:-1]), 0, engine.cache, kind="prefill")
@@ -123,7 +123,7 @@ def forward_costs(model, mask_token_id: int, scope: str, context_len: int, block
                 assert cache.get_seq_length() == L
             finally:
                 if control is not None:
-                    control.enabled, control.gate = saved
+                    control.set(*saved)
             out["per_block"][B] = {
                 "t_ar_s": t_ar["median_s"], "t_draft_s": t_draft["median_s"], "t_verify_s": t_verify["median_s"],
                 "draft_over_ar": t_draft["median_s"] / t_ar["median_s"],

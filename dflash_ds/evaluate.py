@@ -361,8 +361,8 @@ def run_eval(
     runs = {AR: _Run(), **{name: _Run() for name in methods}}
 
     control = getattr(hf_model, "dflash_adapter", None)
-    saved = (control.enabled, control.gate) if control is not None else None
     was_training = hf_model.training
+    saved = (control.enabled, control.rows_from) if control is not None else None
     hf_model.eval()
 
     def gen_for(i: int) -> torch.Generator | None:
@@ -373,7 +373,7 @@ def run_eval(
     def run_one(name: str, spec: Any, prompt: list[int], i: int, n_new: int):
         if isinstance(spec, str):  # transformers' generate, adapter off
             if control is not None:
-                control.enabled, control.gate = False, None
+                control.set(False)
             new, secs, fwd = _hf_generate(hf_model, prompt, max_new_tokens=n_new, eos=eos, pad=pad,
                                           prompt_lookup=K if spec == "hf_prompt_lookup" else None)
             return new, secs, {"forwards": fwd, "tokens": len(new)}, fwd
@@ -405,7 +405,7 @@ def run_eval(
     finally:
         hf_model.train(was_training)
         if control is not None:
-            control.enabled, control.gate = saved
+            control.set(*saved)
 
     return _build_report(runs, prompt_ids, B, trained_block, K, meta, greedy, temperature, max_new_tokens,
                          repeats, baselines, seed, eos)

@@ -60,33 +60,41 @@ class LoRAConfig:
 class AdapterControl:
     """One switch shared by every :class:`LoRALinear` of a model.
 
-    ``enabled`` turns the adapter off for the verifier (a Python flag: free to toggle). ``gate`` is ``None``
-    (adapter on for every token) or a ``[batch, seq, 1]`` tensor multiplied onto the adapter output: 1 on block
-    tokens, 0 on clean tokens (scope ``block``). It must stay set through backward when gradient checkpointing
+    ``enabled`` turns the adapter off for the verifier (a Python flag: free to toggle). ``rows_from`` gates it by
+    sequence position: the adapter runs on rows ``rows_from ..`` of every sequence and not at all on the rows
+    before (0: every row). Scope ``block`` puts the clean tokens first and the gated rows (training blocks, decoding
+    draft groups) after them, so the gate is always a suffix and the adapter's products run on those rows only
+    (sliced, not multiplied by a 0/1 gate). It must stay set through backward when gradient checkpointing
     recomputes the forward.
     """
 
     def __init__(self) -> None:
         self.enabled = True
-        self.gate: torch.Tensor | None = None
+        self.rows_from = 0
+
+    def set(self, enabled: bool, rows_from: int = 0) -> None:
+        self.enabled, self.rows_from = enabled, rows_from
+
+    @contextmanager
+    def preserved(self) -> Iterator["AdapterControl"]:
+        """Restore ``enabled`` and ``rows_from`` on exit (decoders switch the adapter per forward)."""
+        saved = self.enabled, self.rows_from
+        try:
+            yield self
+        finally:
+            self.enabled, self.rows_from = saved
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
-        previous = self.enabled
-        self.enabled = False
-        try:
+        with self.preserved():
+            self.enabled = False
             yield
-        finally:
-            self.enabled = previous
 
     @contextmanager
-    def gated(self, gate: torch.Tensor | None) -> Iterator[None]:
-        previous = self.gate
-        self.gate = gate
-        try:
+    def all_rows(self) -> Iterator[None]:
+        with self.preserved():
+            self.rows_from = 0
             yield
-        finally:
-            self.gate = previous
 
 
 @dataclass
@@ -154,7 +162,8 @@ class LoRALinear(nn.Module):
         self.tp = tp or TPGroup()
         self.r = r
         self.scaling = alpha / r if r > 0 else 0.0
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # no module at all for p = 0: a module call per projection is measurable at decode batch sizes
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
         if r > 0:
             self.lora_A = nn.Linear(base_layer.in_features, r, bias=False)
             self.lora_B = nn.Linear(r, base_layer.out_features, bias=False)
@@ -173,36 +182,33 @@ class LoRALinear(nn.Module):
         return self.parallel is not None and self.tp.size > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        adapter_on = self.has_adapter and self.control.enabled
-        if not self._tp_active():
+        """``x [..., seq, in] -> [..., seq, out]``: the base projection, plus ``scaling * B(A(x))`` on the gated rows."""
+        group = self.tp.group if self._tp_active() else None
+        if group is None:
             y = self.base_layer(x)
-            if adapter_on:
-                y = self._add_delta(y, self.lora_B(self.lora_A(self.lora_dropout(x))))
-            return y
-        group = self.tp.group
-        if self.parallel == "column":
+        elif self.parallel == "column":
             y = self.base_layer(_CopyToTP.apply(x, group))
-            if adapter_on:
-                u = _CopyToTP.apply(self.lora_A(self.lora_dropout(x)), group)
-                y = self._add_delta(y, self.lora_B(u))
+        else:  # row parallel: the bias (if any) must be added once, after the reduction
+            base = self.base_layer
+            y = _ReduceFromTP.apply(nn.functional.linear(x, base.weight), group)
+            if base.bias is not None:
+                y = y + base.bias
+        control = self.control
+        start = control.rows_from
+        if not (self.has_adapter and control.enabled) or start >= x.shape[-2]:
             return y
-        # row parallel: the bias (if any) must be added once, after the reduction
-        base = self.base_layer
-        y = _ReduceFromTP.apply(nn.functional.linear(x, base.weight), group)
-        if base.bias is not None:
-            y = y + base.bias
-        if adapter_on:
-            u = _ReduceFromTP.apply(self.lora_A(self.lora_dropout(x)), group)
-            y = self._add_delta(y, self.lora_B(u))
+        if start:
+            x = x[..., start:, :]
+        if self.lora_dropout is not None:
+            x = self.lora_dropout(x)
+        u = self.lora_A(x)
+        if group is not None:  # column: A replicated, B holds output rows; row: A holds input columns, B replicated
+            u = (_CopyToTP if self.parallel == "column" else _ReduceFromTP).apply(u, group)
+        delta = self.lora_B(u)
+        if not start:
+            return torch.add(y, delta, alpha=self.scaling)  # the scaling rides on the add: one kernel fewer
+        y[..., start:, :].add_(delta, alpha=self.scaling)  # y is this layer's own output: safe to write in place
         return y
-
-    def _add_delta(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``y + scaling * gate * delta``; the scaling rides on the add (one kernel fewer per projection, which is
-        most of a decode forward's cost at batch 1)."""
-        gate = self.control.gate
-        if gate is not None:
-            delta = delta * gate.to(delta.dtype)
-        return torch.add(y, delta, alpha=self.scaling)
 
 
 def _module_seed(name: str, seed: int) -> int:

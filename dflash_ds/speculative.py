@@ -30,6 +30,7 @@ Public API::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -47,7 +48,10 @@ __all__ = [
     "NgramDrafter",
     "SpecResult",
     "autoregressive_generate",
+    "FusedConfig",
     "eos_ids_of",
+    "fused_generate",
+    "fused_step_layout",
     "speculative_generate",
     "untrained_floor_drafter",
 ]
@@ -98,6 +102,9 @@ class Engine:
     def __init__(self, model: nn.Module, max_len: int, block_size: int) -> None:
         self.model = unwrap_model(model)
         self.control = getattr(self.model, "dflash_adapter", None)
+        # the fused step computes hidden states once and applies lm_head only to the rows it reads
+        self.decoder = self.model.get_decoder()
+        self.lm_head = self.model.get_output_embeddings()
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         params = inspect.signature(self.model.forward).parameters
@@ -109,6 +116,7 @@ class Engine:
         self._zeros: torch.Tensor | None = None
         self.cache = self.new_cache()
         self.counts = {"prefill": 0, "draft": 0, "draft_prefill": 0, "verify": 0}
+        self.rows = 0  # query rows of every forward after the prefill (what the step pays for on a CPU)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
@@ -120,8 +128,7 @@ class Engine:
             if on:
                 raise ValueError("this drafter needs a dflash-ds LoRA adapter on the model (apply_lora / --adapter)")
             return
-        control.enabled = on
-        control.gate = None
+        control.set(on)
 
     def zeros_mask(self, rows: int, cols: int) -> torch.Tensor:
         """An all-visible additive mask ``[1, 1, rows, cols]`` (a view of a preallocated zero buffer)."""
@@ -160,7 +167,25 @@ class Engine:
             **{self.cache_kw: cache},
         )
         self.counts[kind] += 1
+        if kind != "prefill":
+            self.rows += q
         return out.logits[0]
+
+    def forward_hidden(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, rows_from: int, kind: str
+    ) -> torch.Tensor:
+        """Final hidden states ``[q, H]`` of ``input_ids [1, q]`` at ``positions [1, q]`` against ``self.cache``,
+        the adapter on for rows ``rows_from ..`` only (the gate of scope ``block``); ``mask`` ``[1, 1, q, L+q]``."""
+        control = self.control
+        if control is not None:
+            control.set(rows_from < input_ids.shape[1], rows_from)
+        out = self.decoder(
+            input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
+            **{self.cache_kw: self.cache},
+        )
+        self.counts[kind] += 1
+        self.rows += input_ids.shape[1]
+        return out.last_hidden_state[0]
 
 
 def _cache_len(cache: DynamicCache) -> int:
@@ -356,6 +381,32 @@ class SpecResult:
     prefill_forwards: int = 0
     wall_time: float = 0.0
     hit_eos: bool = False
+    loop: str = "two_forward"
+    rows: int = 0  # query rows over all forwards after the prefill
+    fallbacks: int = 0  # fused loop: steps whose next drafts needed a draft-only forward or a refill
+
+    def commit(self, tokens: list[int], drafted: list[int], n: int, bonus: int, eos: frozenset[int],
+               max_new_tokens: int) -> tuple[list[int], bool]:
+        """Append ``d_1 .. d_n`` and the bonus to ``tokens`` (cut after an EOS or at ``max_new_tokens``) and record
+        the step. Returns ``(committed tokens, hit_eos)``."""
+        generated = self.step_starts[-1] + self.committed_per_step[-1] if self.step_starts else 0
+        new = drafted[:n] + [bonus]
+        hit = False
+        for i, tok in enumerate(new):
+            if tok in eos:
+                new, hit = new[: i + 1], True
+                break
+        new = new[: max_new_tokens - generated]
+        self.step_starts.append(generated)
+        self.committed_per_step.append(len(new))
+        self.accepted_per_step.append(n)
+        self.proposed_per_step.append(len(drafted))
+        tokens.extend(new)
+        return new, hit
+
+    @property
+    def num_committed(self) -> int:
+        return sum(self.committed_per_step)
 
     @property
     def num_tokens(self) -> int:
@@ -408,6 +459,47 @@ def _accept_sampling(
     return n, int(torch.multinomial(p[n], 1, generator=generator))
 
 
+def _prepare(model: nn.Module, prompt_ids, eos_token_ids, temperature: float, generator, caller: str):
+    """Validated ``(prompt tokens, EOS ids, generator)`` shared by both loops."""
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.reshape(-1).tolist()
+    tokens = [int(x) for x in prompt_ids]
+    if not tokens:
+        raise ValueError(f"{caller}: the prompt is empty")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if isinstance(eos_token_ids, int):
+        eos_token_ids = [eos_token_ids]
+    eos = frozenset(int(e) for e in (eos_token_ids or ()))
+    if temperature > 0 and generator is None:
+        generator = torch.Generator(device=next(unwrap_model(model).parameters()).device)
+    return tokens, eos, generator
+
+
+def _preserved(engine: Engine):
+    """The model's adapter switch is restored when a generation returns."""
+    return engine.control.preserved() if engine.control is not None else contextlib.nullcontext()
+
+
+def _prefill(engine: Engine, tokens: list[int]) -> int:
+    """Adapter-off prefill of every committed token but the last; returns the cache length."""
+    if len(tokens) > 1:
+        engine.set_adapter(False)
+        engine.forward(engine.ids(tokens[:-1]), 0, engine.cache, kind="prefill")
+    L = len(tokens) - 1
+    assert _cache_len(engine.cache) == L
+    return L
+
+
+def _finish(result: SpecResult, engine: Engine, tokens: list[int], prompt_len: int) -> SpecResult:
+    result.output_ids = tokens[prompt_len:]
+    result.draft_forwards = engine.counts["draft"] + engine.counts["draft_prefill"]
+    result.verify_forwards = engine.counts["verify"]
+    result.prefill_forwards = engine.counts["prefill"]
+    result.rows = engine.rows
+    return result
+
+
 class _ARDrafter:
     name = "autoregressive"
 
@@ -438,33 +530,16 @@ def speculative_generate(
     drafter)`` runs after every step with ``tokens`` the committed sequence (``engine.cache`` holds ``tokens[:-1]``).
     The model's adapter switch is restored on return.
     """
-    if isinstance(prompt_ids, torch.Tensor):
-        prompt_ids = prompt_ids.reshape(-1).tolist()
-    tokens = [int(x) for x in prompt_ids]
-    if not tokens:
-        raise ValueError("speculative_generate: the prompt is empty")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if isinstance(eos_token_ids, int):
-        eos_token_ids = [eos_token_ids]
-    eos = frozenset(int(e) for e in (eos_token_ids or ()))
+    tokens, eos, generator = _prepare(model, prompt_ids, eos_token_ids, temperature, generator, "speculative_generate")
     engine = Engine(model, len(tokens) + max_new_tokens, block_size)
-    control = engine.control
-    saved = (control.enabled, control.gate) if control is not None else None
     result = SpecResult()
     sample = temperature > 0
-    if sample and generator is None:
-        generator = torch.Generator(device=engine.device)
     cache = engine.cache
-    try:
+    with _preserved(engine):
         t0 = time.perf_counter()
-        if len(tokens) > 1:
-            engine.set_adapter(False)
-            engine.forward(engine.ids(tokens[:-1]), 0, cache, kind="prefill")
-        L = len(tokens) - 1
-        assert _cache_len(cache) == L
+        L = _prefill(engine, tokens)
         drafter.start(engine, tokens)
         generated = 0
         while generated < max_new_tokens:
@@ -484,18 +559,7 @@ def speculative_generate(
             _crop(cache, k - n)  # keep t, d_1 .. d_n; the bonus becomes the next t
             L += n + 1
             assert _cache_len(cache) == L, f"verifier cache length {_cache_len(cache)} != committed {L}"
-            new = drafted[:n] + [bonus]
-            hit = False
-            for i, tok in enumerate(new):
-                if tok in eos:
-                    new, hit = new[: i + 1], True
-                    break
-            new = new[:remaining]
-            result.step_starts.append(generated)
-            result.committed_per_step.append(len(new))
-            result.accepted_per_step.append(n)
-            result.proposed_per_step.append(k)
-            tokens.extend(new)
+            new, hit = result.commit(tokens, drafted, n, bonus, eos, max_new_tokens)
             generated += len(new)
             if step_callback is not None and not hit and len(new) == n + 1:
                 step_callback(engine, tokens, drafter)
@@ -503,14 +567,187 @@ def speculative_generate(
                 result.hit_eos = True
                 break
         result.wall_time = time.perf_counter() - t0
-    finally:
-        if control is not None:
-            control.enabled, control.gate = saved
-    result.output_ids = tokens[len(prompt_ids) :]
-    result.draft_forwards = engine.counts["draft"] + engine.counts["draft_prefill"]
-    result.verify_forwards = engine.counts["verify"]
-    result.prefill_forwards = engine.counts["prefill"]
-    return result
+    return _finish(result, engine, tokens, len(tokens) - result.num_committed)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The fused loop: one forward verifies the last draft and drafts the next one (scope block)
+# --------------------------------------------------------------------------------------------------------------
+
+LOOPS = ("fused", "two_forward")
+FALLBACKS = ("refill", "draft")
+
+
+@dataclass
+class FusedConfig:
+    """Knobs of :func:`fused_generate`.
+
+    groups           draft groups per forward, at most (None: one per possible outcome ``n = 0 .. k``). With fewer,
+                     the anchors are the outcomes seen most often so far in this generation (ties: smaller ``n``).
+    fallback         what happens when no group is anchored at the accepted outcome ``n`` (or its drafts were
+                     dropped): ``refill``: the next forward verifies no draft (the bonus alone, one committed token)
+                     and drafts afresh in a group anchored at the bonus; ``draft``: one draft-only forward
+                     ``[bonus, MASK x (B-1)]`` now, as the two-forward loop does.
+    reject_mismatch  drop a group's drafts when its guess for the bonus slot is not the bonus (its later guesses
+                     were made without knowing that token).
+    """
+
+    groups: int | None = None
+    fallback: str = "refill"
+    reject_mismatch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.groups is not None and self.groups < 1:
+            raise ValueError(f"--fused-groups must be >= 1 (or all), got {self.groups}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"--fused-fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+
+
+def fused_step_layout(num_drafts: int, anchors: Sequence[int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visibility and position offsets of one fused forward.
+
+    Rows: the verify rows ``[t, d_1 .. d_k]`` (offsets ``0 .. k``), then one group ``[d_i, MASK x (B-1)]`` per anchor
+    ``i`` (offsets ``i .. i+B-1``; ``d_0 = t``). Verify rows are causal; group ``i`` sees the verify rows before its
+    anchor and its own block: the training layout (:func:`dflash_ds.blocks.visibility`) with the verify rows as the
+    clean tokens. Every row also sees the whole KV cache (added by the caller).
+
+    Returns ``visible [R, R]`` bool and ``offsets [R]`` long, ``R = k + 1 + len(anchors) * B``.
+    """
+    from .blocks import visibility
+
+    V, B = num_drafts + 1, block_size
+    a = torch.tensor([list(anchors)], dtype=torch.long)
+    visible = visibility(a, torch.ones_like(a, dtype=torch.bool), B, torch.ones(1, V, dtype=torch.bool))[0]
+    offsets = torch.cat([torch.arange(V), *(torch.arange(i, i + B) for i in anchors)])
+    return visible, offsets
+
+
+def _choose_anchors(k: int, groups: int | None, outcome_counts: list[int]) -> tuple[int, ...]:
+    """Anchors ``i`` in ``0 .. k`` for this step's groups: all, or the ``groups`` most frequent outcomes so far."""
+    if groups is None or groups >= k + 1:
+        return tuple(range(k + 1))
+    ranked = sorted(range(k + 1), key=lambda i: (-outcome_counts[i], i))
+    return tuple(sorted(ranked[:groups]))
+
+
+class _FusedStep:
+    """Builds and caches the per-step inputs of the fused forward (the in-step mask depends only on ``k`` and the
+    anchors, so it is built once per distinct pair)."""
+
+    def __init__(self, engine: Engine, mask_token_id: int) -> None:
+        self.engine = engine
+        self.mask_token_id = mask_token_id
+        self._layouts: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def inputs(self, L: int, t: int, drafted: list[int], anchors: tuple[int, ...]):
+        engine, B = self.engine, self.engine.block_size
+        key = (len(drafted), anchors)
+        layout = self._layouts.get(key)
+        if layout is None:
+            visible, offsets = fused_step_layout(len(drafted), anchors, B)
+            pattern = torch.zeros(visible.shape, dtype=engine.dtype)
+            pattern.masked_fill_(~visible, torch.finfo(engine.dtype).min)
+            layout = self._layouts[key] = (pattern.to(engine.device), offsets.to(engine.device))
+        pattern, offsets = layout
+        R = pattern.shape[0]
+        verify = [t, *drafted]
+        ids = list(verify)
+        for i in anchors:
+            ids.append(verify[i])
+            ids.extend([self.mask_token_id] * (B - 1))
+        mask = torch.zeros(1, 1, R, L + R, dtype=engine.dtype, device=engine.device)
+        mask[0, 0, :, L:] = pattern  # every row sees the whole cache
+        return engine.ids(ids), (offsets + L)[None], mask
+
+
+@torch.no_grad()
+def fused_generate(
+    model: nn.Module,
+    prompt_ids: Sequence[int] | torch.Tensor,
+    mask_token_id: int,
+    *,
+    block_size: int,
+    max_new_tokens: int,
+    eos_token_ids: Iterable[int] | int | None = (),
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    config: FusedConfig | None = None,
+    step_callback: Callable[[Engine, list[int], list[int]], None] | None = None,
+) -> SpecResult:
+    """Speculative decoding with ONE forward per step (scope ``block`` adapters only).
+
+    Each step runs ``[t, d_1 .. d_k | groups]`` in one forward (:func:`fused_step_layout`): the verify rows with the
+    adapter off (gate 0: the exact target) and draft groups with the adapter on. The verify rows accept ``n``
+    drafts and give the bonus ``b`` exactly as :func:`speculative_generate` does (greedy or lossless rejection
+    sampling, ``q`` the group's distribution), so the output is the target's. The group anchored at ``d_n`` saw
+    exactly the accepted text: its block positions ``2 .. B-1`` are the next step's drafts (position 1 guessed the
+    bonus slot). Group keys never stay in the cache: it is cropped to the committed tokens after every forward.
+    ``step_callback(engine, tokens, drafts)`` runs after every step (``engine.cache`` holds ``tokens[:-1]``).
+    """
+    cfg = config or FusedConfig()
+    if block_size < 3:
+        raise ValueError(f"the fused loop needs block_size >= 3 (a group drafts positions 2 .. B-1), got {block_size}")
+    tokens, eos, generator = _prepare(model, prompt_ids, eos_token_ids, temperature, generator, "fused_generate")
+    B = block_size
+    engine = Engine(model, len(tokens) + max_new_tokens + B, B)
+    if engine.control is None:
+        raise ValueError("the fused loop needs a dflash-ds LoRA adapter on the model (apply_lora / --adapter)")
+    result = SpecResult(loop="fused")
+    sample = temperature > 0
+    cache, lm_head = engine.cache, engine.lm_head
+    step = _FusedStep(engine, mask_token_id)
+    fresh = LoRABlockDrafter(mask_token_id, scope="block")
+    outcome_counts = [0] * B
+    drafted: list[int] = []
+    probs_q: torch.Tensor | None = None
+    with _preserved(engine):
+        t0 = time.perf_counter()
+        L = _prefill(engine, tokens)
+        fresh.start(engine, tokens)
+        generated = 0
+        while generated < max_new_tokens:
+            remaining = max_new_tokens - generated
+            drafted = drafted[: remaining - 1]  # never verify past max_new_tokens
+            k = len(drafted)
+            # groups are worth their rows only if the next step can still verify a drafted token
+            anchors = _choose_anchors(k, cfg.groups, outcome_counts) if remaining >= 3 else ()
+            ids, positions, mask = step.inputs(L, tokens[-1], drafted, anchors)
+            hidden = engine.forward_hidden(ids, positions, mask, rows_from=k + 1, kind="verify")  # [R, H]
+            logits = lm_head(hidden[: k + 1])  # [k+1, V]
+            if sample:
+                n, bonus = _accept_sampling(drafted, probs_q[:k] if probs_q is not None else None, logits,
+                                            temperature, generator)
+            else:
+                n, bonus = _accept_greedy(drafted, logits)
+            _crop(cache, ids.shape[1] - (n + 1))  # keep t, d_1 .. d_n; groups and rejected drafts go
+            L += n + 1
+            assert _cache_len(cache) == L, f"verifier cache length {_cache_len(cache)} != committed {L}"
+            outcome_counts[n] += 1
+            new, hit = result.commit(tokens, drafted, n, bonus, eos, max_new_tokens)
+            generated += len(new)
+            if hit:
+                result.hit_eos = True
+                break
+            drafted, probs_q = [], None
+            if n in anchors:
+                r = k + 1 + anchors.index(n) * B
+                group_logits = lm_head(hidden[r + 1 : r + B])  # block positions 1 .. B-1
+                if not (cfg.reject_mismatch and int(group_logits[0].argmax()) != bonus):
+                    if sample:
+                        d, probs_q = _sample_rows(group_logits[1:], temperature, generator)
+                        drafted = d.tolist()
+                    else:
+                        drafted = group_logits[1:].argmax(dim=-1).tolist()
+            num = min(B - 1, max_new_tokens - generated - 1)
+            if not drafted and anchors and num > 0:  # no usable group
+                result.fallbacks += 1
+                if cfg.fallback == "draft":
+                    draft = fresh.propose(engine, tokens, num, temperature, generator)
+                    drafted, probs_q = [int(x) for x in draft.tokens], draft.probs
+            if step_callback is not None:
+                step_callback(engine, tokens, drafted)
+        result.wall_time = time.perf_counter() - t0
+    return _finish(result, engine, tokens, len(tokens) - result.num_committed)
 
 
 def autoregressive_generate(

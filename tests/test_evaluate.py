@@ -87,7 +87,7 @@ def test_report_keys_and_consistency(setup):
                       progress=False)
     assert model.training
     model.eval()
-    assert model.dflash_adapter.enabled is True and model.dflash_adapter.gate is None
+    assert model.dflash_adapter.enabled is True and model.dflash_adapter.rows_from == 0
     for key in ("tau", "tau_histogram", "acceptance_by_position", "forwards_per_token", "ar_tokens_per_s",
                 "spec_tokens_per_s", "speedup", "greedy_match", "per_prompt", "baselines", "repetition_rate",
                 "tau_first_32", "tau_rest", "tau_per_prompt", "speedup_ci", "table"):

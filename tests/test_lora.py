@@ -1,0 +1,54 @@
+"""The gated LoRA: adapter products on the gated rows only equal the full-width product times a 0/1 gate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dflash_ds.lora import AdapterControl, LoRALinear
+
+
+def _reference(x, base: nn.Linear, A, B, scaling, rows_from):
+    """``W x + b + scaling * gate * B A x`` with an explicit ``[.., seq, 1]`` gate (1 from ``rows_from`` on)."""
+    gate = torch.zeros(*x.shape[:-1], 1)
+    gate[..., rows_from:, :] = 1.0
+    return base(x) + scaling * gate * (x @ A.t() @ B.t())
+
+
+@pytest.mark.parametrize("rows_from", [0, 1, 5, 9, 12])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_rows_equal_the_gate_product(rows_from, bias):
+    torch.manual_seed(0)
+    control = AdapterControl()
+    layer = LoRALinear(nn.Linear(16, 24, bias=bias), r=4, alpha=8.0, dropout=0.0, control=control)
+    nn.init.normal_(layer.lora_B.weight, std=0.3)
+    x = torch.randn(3, 9, 16, requires_grad=True)
+    control.set(True, rows_from=rows_from)
+    y = layer(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in (layer.lora_A.weight, layer.lora_B.weight)]
+    got = (y.detach(), x.grad.clone(), *grads)
+
+    x2 = x.detach().clone().requires_grad_(True)
+    A = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    B = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    want_y = _reference(x2, layer.base_layer, A, B, layer.scaling, rows_from)
+    (want_y * g).sum().backward()
+    for a, b in zip(got, (want_y.detach(), x2.grad, A.grad, B.grad)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    if rows_from >= 9:  # no gated row: exactly the base layer, and the adapter got no gradient
+        assert torch.equal(got[0], layer.base_layer(x).detach())
+        assert got[2].abs().sum() == 0
+
+
+def test_disabled_adapter_is_the_base_layer():
+    control = AdapterControl()
+    layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=4.0, dropout=0.0, control=control)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 5, 8)
+    with control.disabled():
+        assert torch.equal(layer(x), layer.base_layer(x))
+    assert control.enabled
+    assert not torch.equal(layer(x), layer.base_layer(x))
