@@ -42,6 +42,7 @@ from .speculative import (
     LoRABlockDrafter,
     NgramDrafter,
     SpecResult,
+    StaticDecoding,
     autoregressive_generate,
     eos_ids_of,
     fused_generate,
@@ -64,6 +65,13 @@ AR = "autoregressive"
 TABLE_ORDER = (DRAFTER, DRAFTER_OTHER_LOOP, NGRAM, PROMPT_LOOKUP, FLOOR, HF_GREEDY)
 LOOP_CHOICES = ("auto", "fused", "two_forward", "both")
 LOOP_LABELS = {"fused": "fused loop", "two_forward": "two-forward loop"}
+COMPILE_CHOICES = ("none", "static", "compile")
+
+
+def compile_mode(model: nn.Module) -> str | None:
+    """``reduce-overhead`` (CUDA graphs) on a GPU, where launch overhead is most of a decode forward at batch 1;
+    inductor's default elsewhere."""
+    return "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
 
 
 class PromptFileError(ValueError):
@@ -328,20 +336,21 @@ def _hf_generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, eo
 
 def build_methods(model: nn.Module, meta, *, block_size: int, loop: str, baselines: str, greedy: bool,
                   temperature: float, eos: list[int], pad: int, prompt_lookup_tokens: int,
-                  fused: FusedConfig | None = None) -> list[Method]:
-    """The decoders of one evaluation, the autoregressive baseline first (speedups are measured against it)."""
+                  fused: FusedConfig | None = None, static: StaticDecoding | None = None) -> list[Method]:
+    """The decoders of one evaluation, the autoregressive baseline first (speedups are measured against it). With
+    ``static``, dflash-ds's loops (AR included) share one static, possibly compiled, cache."""
     B = block_size
 
     def ours(drafter_factory) -> Callable:
         def run(prompt, gen, n_new):
             r = speculative_generate(model, prompt, drafter_factory(), block_size=B, max_new_tokens=n_new,
-                                     eos_token_ids=eos, temperature=temperature, generator=gen)
+                                     eos_token_ids=eos, temperature=temperature, generator=gen, static=static)
             return r.output_ids, r.wall_time, r, r.verify_forwards + r.draft_forwards
         return run
 
     def fused_run(prompt, gen, n_new):
         r = fused_generate(model, prompt, meta.mask_token_id, block_size=B, max_new_tokens=n_new, eos_token_ids=eos,
-                           temperature=temperature, generator=gen, config=fused)
+                           temperature=temperature, generator=gen, config=fused, static=static)
         return r.output_ids, r.wall_time, r, r.verify_forwards + r.draft_forwards
 
     def hf(prompt_lookup: int | None) -> Callable:
@@ -353,7 +362,7 @@ def build_methods(model: nn.Module, meta, *, block_size: int, loop: str, baselin
 
     def ar(prompt, gen, n_new):
         r = autoregressive_generate(model, prompt, max_new_tokens=n_new, eos_token_ids=eos, temperature=temperature,
-                                    generator=gen)
+                                    generator=gen, static=static)
         return r.output_ids, r.wall_time, r, r.verify_forwards
 
     two_forward = ours(lambda: LoRABlockDrafter(meta.mask_token_id, meta.scope))
@@ -391,6 +400,7 @@ def run_eval(
     baselines: str = "fast",
     loop: str = "auto",
     fused: FusedConfig | None = None,
+    compile: str = "none",
     seed: int = 0,
     prompt_lookup_tokens: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
@@ -403,7 +413,9 @@ def run_eval(
     conversations (last turn user), pre-formatted strings or token-id lists. ``loop``: the drafter's decoding loop
     (``fused``: one forward per step; ``two_forward``: a draft and a verify forward; ``both``: the fused loop as
     the drafter and the two-forward loop beside it; ``auto``: ``both`` for scope ``block`` adapters, else
-    ``two_forward``, the only loop scope ``all`` has). Every method runs on every prompt in each of ``repeats``
+    ``two_forward``, the only loop scope ``all`` has). ``compile``: ``none`` (dynamic cache, eager), ``static`` (a
+    static cache, eager) or ``compile`` (a static cache and a ``torch.compile``-d decoder; on a GPU CUDA graphs too),
+    for dflash-ds's loops and the AR baseline alike. Every method runs on every prompt in each of ``repeats``
     timing rounds, interleaved prompt by prompt so drift hits all methods alike; τ and outputs come from the first
     round (the runs are seeded, so every round generates the same tokens). Returns the report dict (see the module
     docstring and :func:`format_table`). The model's train/eval mode and adapter switch are restored.
@@ -435,8 +447,17 @@ def run_eval(
     if not prompt_ids:
         raise ValueError("no prompts to evaluate")
     greedy = temperature == 0
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(f"--compile must be one of {'/'.join(COMPILE_CHOICES)}, got {compile!r}")
+    static = None
+    if compile != "none":
+        if meta.scope != "block":
+            raise ValueError("--compile static/compile needs a scope 'block' adapter (scope 'all' keeps a second cache)")
+        static = StaticDecoding(hf_model, max(map(len, prompt_ids)) + max_new_tokens + 2 * B * (B + 2),
+                                compile=compile == "compile", mode=compile_mode(hf_model))
     methods = build_methods(hf_model, meta, block_size=B, loop=loop, baselines=baselines, greedy=greedy,
-                            temperature=temperature, eos=eos, pad=pad, prompt_lookup_tokens=K, fused=fused)
+                            temperature=temperature, eos=eos, pad=pad, prompt_lookup_tokens=K, fused=fused,
+                            static=static)
     runs = {m.name: _Run(m.label) for m in methods}
     device = next(hf_model.parameters()).device
 
@@ -448,9 +469,9 @@ def run_eval(
     hf_model.eval()
     try:
         with control.preserved() if control is not None else contextlib.nullcontext():
-            if warmup:  # one-time costs (lazy init, mask functions) stay out of the timings
+            if warmup:  # one-time costs (lazy init, mask functions, compiling every shape) stay out of the timings
                 for m in methods:
-                    m.run(prompt_ids[0], gen_for(0), min(8, max_new_tokens))
+                    m.run(prompt_ids[0], gen_for(0), max_new_tokens if compile == "compile" else min(8, max_new_tokens))
             bar = _progress(repeats * len(prompt_ids), progress)
             for rep in range(repeats):
                 if rep:
@@ -463,7 +484,8 @@ def run_eval(
             bar.close()
     finally:
         hf_model.train(was_training)
-    config = {"loop": loop, "fused": dataclasses.asdict(fused or FusedConfig()) if loop != "two_forward" else None}
+    config = {"loop": loop, "fused": dataclasses.asdict(fused or FusedConfig()) if loop != "two_forward" else None,
+              "compile": compile}
     return _build_report(runs, prompt_ids, B, trained_block, K, meta, greedy, temperature, max_new_tokens,
                          repeats, baselines, seed, eos, config)
 
@@ -638,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-fallback", choices=FALLBACKS, default=FusedConfig.fallback,
                    help="fused loop, when no group matches the outcome: refill (the next forward drafts afresh) "
                    "or draft (one draft-only forward)")
+    p.add_argument("--compile", choices=COMPILE_CHOICES, default="none",
+                   help="decode forwards on a static KV cache (static), and torch.compile-d (compile; CUDA graphs on a "
+                   "GPU): for dflash-ds's loops and the AR baseline alike, scope block only (default none)")
     p.add_argument("--fused-reject-mismatch", action="store_true",
                    help="fused loop: drop a group's drafts when its guess for the bonus slot was wrong")
     p.add_argument("--prompt-lookup-tokens", type=int, default=None, help="K for prompt lookup (default B-1)")
@@ -717,6 +742,7 @@ def _main(args: argparse.Namespace) -> int:
         baselines=args.baselines,
         loop=args.loop,
         fused=fused_config_from_args(args),
+        compile=args.compile,
         seed=args.seed,
         prompt_lookup_tokens=args.prompt_lookup_tokens,
         progress=not args.no_progress,

@@ -47,6 +47,7 @@ __all__ = [
     "LoRABlockDrafter",
     "NgramDrafter",
     "SpecResult",
+    "StaticDecoding",
     "autoregressive_generate",
     "FusedConfig",
     "eos_ids_of",
@@ -91,30 +92,59 @@ def eos_ids_of(tokenizer=None, model=None) -> list[int]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class Engine:
-    """Runs forwards of one causal LM against a :class:`transformers.DynamicCache` and counts them.
+class StaticDecoding:
+    """A static KV cache, and optionally a ``torch.compile``-d decoder, shared by every generation of one evaluation.
 
-    Everything per-step is kept cheap (per-forward overhead dominates on CPU, SPEC 11): the adapter toggle is a
-    flag (:class:`dflash_ds.lora.AdapterControl`), position ids are slices of one preallocated ``arange``, and the
-    all-visible draft mask is a slice of one preallocated zero buffer.
+    Compiled graphs need fixed shapes and fixed addresses: the cache is allocated once (``max_cache_len`` slots,
+    reset between generations), every mask spans all slots, and each kind of forward is padded to one row count
+    (:meth:`Engine.decode`), so each kind compiles once. Stale slots past the committed tokens are masked, so
+    "cropping" is moving the cache's length back. Scope ``block`` only (scope ``all`` keeps a second cache).
     """
 
-    def __init__(self, model: nn.Module, max_len: int, block_size: int) -> None:
+    def __init__(self, model: nn.Module, max_cache_len: int, compile: bool = False, mode: str | None = None) -> None:
+        from transformers import StaticCache
+
+        self.model = unwrap_model(model)
+        self.max_cache_len = int(max_cache_len)
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
+        decoder = self.model.get_decoder()
+        # dynamic=False: one graph per padded row count; the adapter switch is read as a Python value, so each kind
+        # of forward (AR, verify, draft, fused) keeps one (enabled, rows_from) pair and one graph
+        self.decode = torch.compile(decoder, dynamic=False, mode=mode) if compile else decoder
+        self.compiled = compile
+
+    def fresh_cache(self):
+        self.cache.reset()
+        return self.cache
+
+
+class Engine:
+    """Runs forwards of one causal LM against a KV cache and counts them.
+
+    Everything per-step is kept cheap (per-forward overhead dominates on CPU and on a GPU at batch 1): the adapter
+    toggle is a flag (:class:`dflash_ds.lora.AdapterControl`), logits are computed only for the rows a step reads.
+    The cache is a :class:`transformers.DynamicCache`, or with ``static`` the shared
+    :class:`StaticDecoding` cache (and compiled decoder).
+    """
+
+    def __init__(self, model: nn.Module, max_len: int, block_size: int, static: StaticDecoding | None = None) -> None:
         self.model = unwrap_model(model)
         self.control = getattr(self.model, "dflash_adapter", None)
-        # the fused step computes hidden states once and applies lm_head only to the rows it reads
         self.decoder = self.model.get_decoder()
         self.lm_head = self.model.get_output_embeddings()
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        params = inspect.signature(self.model.forward).parameters
+        params = inspect.signature(self.decoder.forward).parameters
         # transformers 5.24 renamed past_key_values to cache (the old name is deprecated, SPEC 11)
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.block_size = block_size
         self.max_len = max_len
-        self.positions = torch.arange(max_len + block_size + 1, device=self.device)[None]
-        self._zeros: torch.Tensor | None = None
-        self.cache = self.new_cache()
+        self.static = static
+        if static is not None and max_len + block_size * (block_size + 2) > static.max_cache_len:
+            raise ValueError(f"the static cache holds {static.max_cache_len} tokens; this generation needs up to "
+                             f"{max_len + block_size * (block_size + 2)} (prompt + new tokens + one fused step)")
+        self.positions = torch.arange(max_len + 2 * block_size * (block_size + 2), device=self.device)[None]
+        self.cache = static.fresh_cache() if static is not None else self.new_cache()
         self.counts = {"prefill": 0, "draft": 0, "draft_prefill": 0, "verify": 0}
         self.rows = 0  # query rows of every forward after the prefill (what the step pays for on a CPU)
 
@@ -122,7 +152,7 @@ class Engine:
         return DynamicCache(config=self.model.config)
 
     def set_adapter(self, on: bool) -> None:
-        """Adapter on for every token (gate None) or off (exact base model). Set before every forward."""
+        """Adapter on for every token or off (exact base model). Set before every forward."""
         control = self.control
         if control is None:
             if on:
@@ -130,66 +160,101 @@ class Engine:
             return
         control.set(on)
 
-    def zeros_mask(self, rows: int, cols: int) -> torch.Tensor:
-        """An all-visible additive mask ``[1, 1, rows, cols]`` (a view of a preallocated zero buffer)."""
-        z = self._zeros
-        if z is None or z.shape[2] < rows or z.shape[3] < cols:
-            z = self._zeros = torch.zeros(
-                1, 1, max(rows, self.block_size), max(cols, self.max_len + self.block_size + 1),
-                dtype=self.dtype, device=self.device,
-            )
-        return z[:, :, :rows, :cols]
+    def mask(self, start: int, pattern: torch.Tensor) -> torch.Tensor:
+        """The additive mask ``[1, 1, q, cols]`` of ``q`` rows whose in-step visibility is ``pattern [q, q]``
+        (additive) and who all see the ``start`` cached tokens; ``cols`` is ``start + q`` (dynamic cache) or every
+        slot of the static cache (stale slots masked)."""
+        q = pattern.shape[0]
+        if self.static is None:
+            mask = torch.zeros(1, 1, q, start + q, dtype=self.dtype, device=self.device)
+        else:
+            mask = torch.full((1, 1, q, self.static.max_cache_len), torch.finfo(self.dtype).min, dtype=self.dtype,
+                              device=self.device)
+            mask[..., :start] = 0
+        mask[0, 0, :, start : start + q] = pattern
+        return mask
+
+    def causal(self, q: int) -> torch.Tensor:
+        """The additive causal pattern ``[q, q]``."""
+        return torch.full((q, q), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device).triu(1)
 
     def ids(self, tokens: Sequence[int]) -> torch.Tensor:
         return torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache,
+               pad_to: int | None = None) -> torch.Tensor:
+        """Final hidden states ``[q, H]``; appends ``q`` rows to ``cache``. With a static cache and ``pad_to``, the
+        forward runs on ``pad_to`` rows (padding rows see only themselves and are cropped off at once), so a
+        compiled decoder sees one shape per kind of forward."""
+        q = input_ids.shape[1]
+        decode = self.decoder
+        if self.static is not None:
+            if mask is None:
+                mask = self.mask(int(positions[0, 0]), self.causal(q))
+            if pad_to is not None and q < pad_to:
+                extra = pad_to - q
+                L = int(cache.get_seq_length())
+                input_ids = torch.cat([input_ids, input_ids.new_zeros(1, extra)], dim=1)
+                positions = torch.cat([positions, positions[:, -1:].expand(1, extra)], dim=1)
+                pad = torch.full((1, 1, extra, mask.shape[-1]), torch.finfo(self.dtype).min, dtype=self.dtype,
+                                 device=self.device)
+                slots = torch.arange(L + q, L + pad_to, device=self.device)
+                pad[0, 0, torch.arange(extra, device=self.device), slots] = 0  # a padding row sees its own slot
+                mask = torch.cat([mask, pad], dim=2)
+            if pad_to is not None:
+                decode = self.static.decode
+                # a fresh [1, q] tensor with strides (q, 1): a slice's strides differ per engine (a new graph each)
+                positions = positions.reshape(-1).clone().view(1, -1)
+        out = decode(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                     **{self.cache_kw: cache})
+        hidden = out.last_hidden_state[0]
+        if hidden.shape[0] > q:
+            cache.crop(-(hidden.shape[0] - q))
+            hidden = hidden[:q]
+        return hidden
 
     def forward(
         self,
         input_ids: torch.Tensor,
         start: int,
-        cache: DynamicCache,
+        cache,
         *,
         mask: torch.Tensor | None = None,
         keep: int = 0,
         kind: str = "verify",
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """Logits ``[q or keep, V]`` of ``input_ids [1, q]`` at positions ``start .. start+q-1``; appends to ``cache``.
+        A prefill computes no logits (returns None).
 
-        ``mask`` None: causal (built by transformers). Otherwise an additive ``[1, 1, q, start+q]`` mask.
+        ``mask`` None: causal. Otherwise an additive mask from :meth:`mask` (or ``[1, 1, q, start+q]``).
         """
         q = input_ids.shape[1]
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=self.positions[:, start : start + q],
-            attention_mask=mask,
-            use_cache=True,
-            logits_to_keep=keep,
-            **{self.cache_kw: cache},
-        )
+        positions = self.positions[:, start : start + q]
+        pad_to = None if kind == "prefill" else (1 if q == 1 else self.block_size)
+        hidden = self.decode(input_ids, positions, mask, cache, pad_to=pad_to)
         self.counts[kind] += 1
-        if kind != "prefill":
-            self.rows += q
-        return out.logits[0]
+        if kind == "prefill":
+            return None
+        self.rows += q
+        return self.lm_head(hidden[-keep:] if keep else hidden)
 
     def forward_hidden(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, rows_from: int, kind: str
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, rows_from: int, kind: str,
+        pad_to: int | None = None,
     ) -> torch.Tensor:
         """Final hidden states ``[q, H]`` of ``input_ids [1, q]`` at ``positions [1, q]`` against ``self.cache``,
-        the adapter on for rows ``rows_from ..`` only (the gate of scope ``block``); ``mask`` ``[1, 1, q, L+q]``."""
+        the adapter on for rows ``rows_from ..`` only (the gate of scope ``block``); ``mask`` from :meth:`mask`."""
         control = self.control
         if control is not None:
-            control.set(rows_from < input_ids.shape[1], rows_from)
-        out = self.decoder(
-            input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
-            **{self.cache_kw: self.cache},
-        )
+            control.set(rows_from < (pad_to or input_ids.shape[1]), rows_from)
+        hidden = self.decode(input_ids, positions, mask, self.cache, pad_to=pad_to)
         self.counts[kind] += 1
         self.rows += input_ids.shape[1]
-        return out.last_hidden_state[0]
+        return hidden
 
 
-def _cache_len(cache: DynamicCache) -> int:
-    return cache.get_seq_length()
+def _cache_len(cache) -> int:
+    return int(cache.get_seq_length())  # a 0-d tensor for a static cache
 
 
 def _crop(cache: DynamicCache, remove: int) -> None:
@@ -257,10 +322,15 @@ class LoRABlockDrafter:
         self.cache: DynamicCache | None = None
         self.cache_len = 0
         self._block: torch.Tensor | None = None
+        self._all_visible: torch.Tensor | None = None
 
     def start(self, engine: Engine, tokens: list[int]) -> None:
         B = engine.block_size
+        if self.own_cache and engine.static is not None:
+            raise ValueError("a static (compiled) cache supports scope 'block' adapters only: scope 'all' drafts "
+                             "from a second, adapter-on cache")
         self._block = torch.full((1, B), self.mask_token_id, dtype=torch.long, device=engine.device)
+        self._all_visible = None
         self.cache, self.cache_len = None, 0
         if self.own_cache:
             self.cache = engine.new_cache()
@@ -298,7 +368,9 @@ class LoRABlockDrafter:
             mask = self._all_scope_mask(engine, start, len(pending), B)
         else:
             cache, start, ids = engine.cache, L, block
-            mask = engine.zeros_mask(B, L + B)  # block queries see every cached key and their whole block
+            if self._all_visible is None:
+                self._all_visible = torch.zeros(B, B, dtype=engine.dtype, device=engine.device)
+            mask = engine.mask(L, self._all_visible)  # block queries see every cached key and their whole block
         logits = engine.forward(ids, start, cache, mask=mask, keep=B - 1, kind="draft")  # [B-1, V]
         _crop(cache, B)  # drafted keys never stay in a cache
         if self.own_cache:
@@ -522,6 +594,7 @@ def speculative_generate(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     step_callback: Callable[[Engine, list[int], Drafter], None] | None = None,
+    static: StaticDecoding | None = None,
 ) -> SpecResult:
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (batch 1), drafting with ``drafter``.
 
@@ -533,7 +606,7 @@ def speculative_generate(
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     tokens, eos, generator = _prepare(model, prompt_ids, eos_token_ids, temperature, generator, "speculative_generate")
-    engine = Engine(model, len(tokens) + max_new_tokens, block_size)
+    engine = Engine(model, len(tokens) + max_new_tokens, block_size, static=static)
     result = SpecResult()
     sample = temperature > 0
     cache = engine.cache
@@ -632,32 +705,47 @@ def _choose_anchors(k: int, groups: int | None, outcome_counts: list[int]) -> tu
 
 class _FusedStep:
     """Builds and caches the per-step inputs of the fused forward (the in-step mask depends only on ``k`` and the
-    anchors, so it is built once per distinct pair)."""
+    anchors, so it is built once per distinct pair).
+
+    The verify rows take ``verify_slots`` rows (``k + 1``, or ``B`` with a static cache: padding rows that see only
+    themselves fill the rest), so the groups, where the adapter starts, always begin at the same row of a compiled
+    graph. Returns ``(ids [1, R], positions [1, R], mask, first group row)``.
+    """
 
     def __init__(self, engine: Engine, mask_token_id: int) -> None:
         self.engine = engine
         self.mask_token_id = mask_token_id
-        self._layouts: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layouts: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def _layout(self, k: int, anchors: tuple[int, ...]):
+        engine, B = self.engine, self.engine.block_size
+        visible, offsets = fused_step_layout(k, anchors, B)
+        V = k + 1
+        slots = max(V, B) if engine.static is not None else V
+        R = slots + len(anchors) * B
+        where = torch.cat([torch.arange(V), torch.arange(slots, R)])  # layout row -> row of the forward
+        full = torch.zeros(R, R, dtype=torch.bool)
+        full[where[:, None], where[None, :]] = visible
+        full[torch.arange(V, slots), torch.arange(V, slots)] = True  # padding rows see only themselves
+        rows = torch.full((R,), k, dtype=torch.long)
+        rows[where] = offsets
+        pattern = torch.zeros(R, R, dtype=engine.dtype)
+        pattern.masked_fill_(~full, torch.finfo(engine.dtype).min)
+        return pattern.to(engine.device), rows.to(engine.device), slots
 
     def inputs(self, L: int, t: int, drafted: list[int], anchors: tuple[int, ...]):
         engine, B = self.engine, self.engine.block_size
         key = (len(drafted), anchors)
         layout = self._layouts.get(key)
         if layout is None:
-            visible, offsets = fused_step_layout(len(drafted), anchors, B)
-            pattern = torch.zeros(visible.shape, dtype=engine.dtype)
-            pattern.masked_fill_(~visible, torch.finfo(engine.dtype).min)
-            layout = self._layouts[key] = (pattern.to(engine.device), offsets.to(engine.device))
-        pattern, offsets = layout
-        R = pattern.shape[0]
+            layout = self._layouts[key] = self._layout(len(drafted), anchors)
+        pattern, offsets, slots = layout
         verify = [t, *drafted]
-        ids = list(verify)
+        ids = verify + [0] * (slots - len(verify))
         for i in anchors:
             ids.append(verify[i])
             ids.extend([self.mask_token_id] * (B - 1))
-        mask = torch.zeros(1, 1, R, L + R, dtype=engine.dtype, device=engine.device)
-        mask[0, 0, :, L:] = pattern  # every row sees the whole cache
-        return engine.ids(ids), (offsets + L)[None], mask
+        return engine.ids(ids), (offsets + L)[None], engine.mask(L, pattern), slots
 
 
 @torch.no_grad()
@@ -672,6 +760,7 @@ def fused_generate(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     config: FusedConfig | None = None,
+    static: StaticDecoding | None = None,
     step_callback: Callable[[Engine, list[int], list[int]], None] | None = None,
 ) -> SpecResult:
     """Speculative decoding with ONE forward per step (scope ``block`` adapters only).
@@ -689,13 +778,15 @@ def fused_generate(
         raise ValueError(f"the fused loop needs block_size >= 3 (a group drafts positions 2 .. B-1), got {block_size}")
     tokens, eos, generator = _prepare(model, prompt_ids, eos_token_ids, temperature, generator, "fused_generate")
     B = block_size
-    engine = Engine(model, len(tokens) + max_new_tokens + B, B)
+    engine = Engine(model, len(tokens) + max_new_tokens + B, B, static=static)
     if engine.control is None:
         raise ValueError("the fused loop needs a dflash-ds LoRA adapter on the model (apply_lora / --adapter)")
     result = SpecResult(loop="fused")
     sample = temperature > 0
     cache, lm_head = engine.cache, engine.lm_head
     step = _FusedStep(engine, mask_token_id)
+    # a static cache pads every fused forward to its largest shape: B verify slots and one group per outcome
+    pad_to = B + min(cfg.groups or B, B) * B if static is not None else None
     fresh = LoRABlockDrafter(mask_token_id, scope="block")
     outcome_counts = [0] * B
     drafted: list[int] = []
@@ -711,8 +802,8 @@ def fused_generate(
             k = len(drafted)
             # groups are worth their rows only if the next step can still verify a drafted token
             anchors = _choose_anchors(k, cfg.groups, outcome_counts) if remaining >= 3 else ()
-            ids, positions, mask = step.inputs(L, tokens[-1], drafted, anchors)
-            hidden = engine.forward_hidden(ids, positions, mask, rows_from=k + 1, kind="verify")  # [R, H]
+            ids, positions, mask, first_group = step.inputs(L, tokens[-1], drafted, anchors)
+            hidden = engine.forward_hidden(ids, positions, mask, rows_from=first_group, kind="verify", pad_to=pad_to)
             logits = lm_head(hidden[: k + 1])  # [k+1, V]
             if sample:
                 n, bonus = _accept_sampling(drafted, probs_q[:k] if probs_q is not None else None, logits,
@@ -730,7 +821,7 @@ def fused_generate(
                 break
             drafted, probs_q = [], None
             if n in anchors:
-                r = k + 1 + anchors.index(n) * B
+                r = first_group + anchors.index(n) * B
                 group_logits = lm_head(hidden[r + 1 : r + B])  # block positions 1 .. B-1
                 if not (cfg.reject_mismatch and int(group_logits[0].argmax()) != bonus):
                     if sample:
@@ -758,6 +849,7 @@ def autoregressive_generate(
     eos_token_ids: Iterable[int] | int | None = (),
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    static: StaticDecoding | None = None,
 ) -> SpecResult:
     """The AR baseline on the same engine: prefill, then one adapter-off forward per token."""
     return speculative_generate(
@@ -769,4 +861,5 @@ def autoregressive_generate(
         eos_token_ids=eos_token_ids,
         temperature=temperature,
         generator=generator,
+        static=static,
     )

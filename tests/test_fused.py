@@ -177,7 +177,13 @@ class SequenceLM(nn.Module):
         self.rows_per_forward: list[int] = []
 
     def get_decoder(self):
-        return self._decode
+        lm = self
+
+        class Decoder(nn.Module):
+            def forward(self, input_ids, position_ids, attention_mask=None, use_cache=True, cache=None, **_):
+                return lm._decode(input_ids, position_ids, attention_mask, use_cache, cache)
+
+        return Decoder()
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -312,3 +318,34 @@ def test_needs_an_adapter_and_a_block_of_three(sdpa_model):
     with pytest.raises(ValueError, match="--fused-fallback"):
         FusedConfig(fallback="nope")
     assert autoregressive_generate(sdpa_model, [5, 6], max_new_tokens=3).num_tokens == 3
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Static cache and compiled decoder: the same tokens and the same acceptance as the dynamic, eager path (fp32)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["static", "compiled"])
+def test_static_and_compiled_paths_are_exact(compile):
+    from dflash_ds.speculative import LoRABlockDrafter, StaticDecoding, speculative_generate
+
+    model = tiny_model("sdpa", layers=1, seed=2)
+    static = StaticDecoding(model, 160, compile=compile)
+    for prompt in prompts():
+        for config in (FusedConfig(), FusedConfig(groups=1, fallback="draft")):
+            want = fused_generate(model, prompt, MASK, block_size=4, max_new_tokens=20, config=config)
+            got = fused_generate(model, prompt, MASK, block_size=4, max_new_tokens=20, config=config, static=static)
+            assert got.output_ids == want.output_ids == hf_greedy(model, prompt, 20)
+            assert got.accepted_per_step == want.accepted_per_step and got.fallbacks == want.fallbacks
+        two = speculative_generate(model, prompt, LoRABlockDrafter(MASK), block_size=4, max_new_tokens=20,
+                                   static=static)
+        ar = autoregressive_generate(model, prompt, max_new_tokens=20, static=static)
+        assert two.output_ids == ar.output_ids == want.output_ids
+    # the static cache is one allocation shared by every generation; a generation that cannot fit fails up front
+    with pytest.raises(ValueError, match="static cache holds 160 tokens"):
+        fused_generate(model, list(range(4, 90)), MASK, block_size=4, max_new_tokens=60, static=static)
+    if compile:  # one graph per kind of forward (fused, AR, verify, draft): padding keeps the shapes fixed
+        import torch._dynamo
+
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert frames <= 8, frames

@@ -52,3 +52,18 @@ def test_disabled_adapter_is_the_base_layer():
         assert torch.equal(layer(x), layer.base_layer(x))
     assert control.enabled
     assert not torch.equal(layer(x), layer.base_layer(x))
+
+
+@pytest.mark.parametrize("rows_from", [0, 3, 7])
+def test_decode_fast_path_equals_the_reference(rows_from):
+    """Batch 1 without autograd takes the functional multiply-add path: same values as the gate product."""
+    torch.manual_seed(1)
+    control = AdapterControl()
+    layer = LoRALinear(nn.Linear(16, 24), r=4, alpha=8.0, dropout=0.0, control=control)
+    nn.init.normal_(layer.lora_B.weight, std=0.3)
+    x = torch.randn(1, 7, 16)
+    control.set(True, rows_from=rows_from)
+    with torch.no_grad():
+        got = layer(x)
+        want = _reference(x, layer.base_layer, layer.lora_A.weight, layer.lora_B.weight, layer.scaling, rows_from)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
