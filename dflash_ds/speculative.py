@@ -656,7 +656,7 @@ class FusedConfig:
     """Knobs of :func:`fused_generate`.
 
     groups           draft groups per forward, at most (None: one per possible outcome ``n = 0 .. k``). With fewer,
-                     the anchors are the outcomes seen most often so far in this generation (ties: smaller ``n``).
+                     the anchors are the likeliest outcomes by the drafter's own confidence (:func:`_choose_anchors`).
     fallback         what happens when no group is anchored at the accepted outcome ``n`` (or its drafts were
                      dropped): ``refill``: the next forward verifies no draft (the bonus alone, one committed token)
                      and drafts afresh in a group anchored at the bonus; ``draft``: one draft-only forward
@@ -695,11 +695,24 @@ def fused_step_layout(num_drafts: int, anchors: Sequence[int], block_size: int) 
     return visible, offsets
 
 
-def _choose_anchors(k: int, groups: int | None, outcome_counts: list[int]) -> tuple[int, ...]:
-    """Anchors ``i`` in ``0 .. k`` for this step's groups: all, or the ``groups`` most frequent outcomes so far."""
+def _choose_anchors(k: int, groups: int | None, outcome_counts: list[int],
+                    confidence: list[float] | None = None) -> tuple[int, ...]:
+    """Anchors ``i`` in ``0 .. k`` for this step's groups: all, or the ``groups`` likeliest outcomes ``n``.
+
+    With the drafter's confidence ``c_j`` in each draft (its top probability), ``P(n = i) = c_1 .. c_i (1 - c_{i+1})``
+    (``n = k``: all accepted); without (drafts from a draft-only forward), the outcomes seen most often so far.
+    Ties go to the smaller ``i``."""
     if groups is None or groups >= k + 1:
         return tuple(range(k + 1))
-    ranked = sorted(range(k + 1), key=lambda i: (-outcome_counts[i], i))
+    if confidence is not None and len(confidence) == k:
+        score, reach = [], 1.0
+        for c in confidence:
+            score.append(reach * (1.0 - c))
+            reach *= c
+        score.append(reach)
+    else:
+        score = [float(c) for c in outcome_counts[: k + 1]]
+    ranked = sorted(range(k + 1), key=lambda i: (-score[i], i))
     return tuple(sorted(ranked[:groups]))
 
 
@@ -791,6 +804,7 @@ def fused_generate(
     outcome_counts = [0] * B
     drafted: list[int] = []
     probs_q: torch.Tensor | None = None
+    confidence: list[float] | None = None
     with _preserved(engine):
         t0 = time.perf_counter()
         L = _prefill(engine, tokens)
@@ -799,9 +813,10 @@ def fused_generate(
         while generated < max_new_tokens:
             remaining = max_new_tokens - generated
             drafted = drafted[: remaining - 1]  # never verify past max_new_tokens
+            confidence = confidence[: len(drafted)] if confidence is not None else None
             k = len(drafted)
             # groups are worth their rows only if the next step can still verify a drafted token
-            anchors = _choose_anchors(k, cfg.groups, outcome_counts) if remaining >= 3 else ()
+            anchors = _choose_anchors(k, cfg.groups, outcome_counts, confidence) if remaining >= 3 else ()
             ids, positions, mask, first_group = step.inputs(L, tokens[-1], drafted, anchors)
             hidden = engine.forward_hidden(ids, positions, mask, rows_from=first_group, kind="verify", pad_to=pad_to)
             logits = lm_head(hidden[: k + 1])  # [k+1, V]
@@ -819,7 +834,7 @@ def fused_generate(
             if hit:
                 result.hit_eos = True
                 break
-            drafted, probs_q = [], None
+            drafted, probs_q, confidence = [], None, None
             if n in anchors:
                 r = first_group + anchors.index(n) * B
                 group_logits = lm_head(hidden[r + 1 : r + B])  # block positions 1 .. B-1
@@ -829,6 +844,9 @@ def fused_generate(
                         drafted = d.tolist()
                     else:
                         drafted = group_logits[1:].argmax(dim=-1).tolist()
+                    if cfg.groups is not None:  # the next step's anchors follow the drafter's confidence
+                        q = probs_q if sample else torch.softmax(group_logits[1:].float(), dim=-1)
+                        confidence = q.max(dim=-1).values.tolist()
             num = min(B - 1, max_new_tokens - generated - 1)
             if not drafted and anchors and num > 0:  # no usable group
                 result.fallbacks += 1
