@@ -77,13 +77,13 @@ def _interleaved_times(ops: dict[str, Callable[[], Any]], after: Callable[[], No
 
 def forward_costs(model, mask_token_id: int, scope: str, context_len: int, block_sizes: list[int], *,
                   repeats: int = 30, warmup: int = 5, seed: int = 0, sync: Callable[[], None] | None = None,
-                  vocab_high: int | None = None, fused_groups: int | None = None) -> dict[str, Any]:
+                  vocab_high: int | None = None, fused_groups: int | None = None, static=None) -> dict[str, Any]:
     """Median times of one AR step, one draft and one verify forward per block size, at ``context_len`` cached
     tokens, through the engine and drafter that ``speculative_generate`` uses. ``sync``: e.g.
     ``torch.cuda.synchronize`` (the argmax's ``tolist`` also waits for the device)."""
     import torch
 
-    from dflash_ds.speculative import Engine, LoRABlockDrafter, _choose_anchors, _crop, _FusedStep
+    from dflash_ds.speculative import Engine, LoRABlockDrafter, _cache_len, _choose_anchors, _crop, _FusedStep
 
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
@@ -92,7 +92,7 @@ def forward_costs(model, mask_token_id: int, scope: str, context_len: int, block
     out: dict[str, Any] = {"context_len": context_len, "scope": scope, "per_block": {}}
     with torch.no_grad():
         for B in block_sizes:
-            engine = Engine(model, context_len + B + 2, B)
+            engine = Engine(model, context_len + B + 2, B, static=static)
             control = engine.control
             saved = (control.enabled, control.rows_from) if control is not None else None
             try:
@@ -118,22 +118,23 @@ def forward_costs(model, mask_token_id: int, scope: str, context_len: int, block
                 k = B - 2  # the fused loop verifies the B-2 drafts of a group
                 anchors = _choose_anchors(k, fused_groups, [0] * (k + 1))
                 step = _FusedStep(engine, mask_token_id)
+                pad_to = B + min(fused_groups or B, B) * B if static is not None else None  # as fused_generate pads
 
                 def fused():  # one fused forward: verify rows + groups, logits of the verify rows and one group
-                    ids, positions, mask = step.inputs(L, tokens[-1], block[0, 1 : k + 1].tolist(), anchors)
-                    hidden = engine.forward_hidden(ids, positions, mask, rows_from=k + 1, kind="verify")
+                    ids, positions, mask, first = step.inputs(L, tokens[-1], block[0, 1 : k + 1].tolist(), anchors)
+                    hidden = engine.forward_hidden(ids, positions, mask, rows_from=first, kind="verify", pad_to=pad_to)
                     engine.lm_head(hidden[: k + 1]).argmax(-1).tolist()
-                    return engine.lm_head(hidden[k + 2 : k + 1 + B]).argmax(-1).tolist()
+                    return engine.lm_head(hidden[first + 1 : first + B]).argmax(-1).tolist()
 
                 def crop_back():
-                    _crop(cache, cache.get_seq_length() - L)
+                    _crop(cache, _cache_len(cache) - L)
 
                 ops = {"ar": ar, "draft": draft, "verify": verify}
                 if scope == "block" and B >= 3:
                     ops["fused"] = fused
                 t = _interleaved_times(ops, crop_back, repeats, warmup, sync)
                 t_ar, t_draft, t_verify = t["ar"], t["draft"], t["verify"]
-                assert cache.get_seq_length() == L
+                assert _cache_len(cache) == L
             finally:
                 if control is not None:
                     control.set(*saved)
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--fused-groups", type=int, default=None, help="fused loop: groups per forward (default: all)")
     p.add_argument("--fused-fallback", default="refill", choices=("refill", "draft"))
+    p.add_argument("--compile", default="none", choices=("none", "static", "compile"),
+                   help="every decode forward (AR, draft, verify, fused) on a static KV cache, eager (static) or "
+                        "torch.compile-d (compile; CUDA graphs on a GPU), as `dflash-ds eval --compile`")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: timings synchronise the device)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model and adapter dtype")
     p.add_argument("--seed", type=int, default=0)
@@ -279,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         eos = []
     M_new = args.max_new_tokens
     fused_cfg = FusedConfig(groups=args.fused_groups, fallback=args.fused_fallback)
+    static = None
+    if args.compile != "none":
+        from dflash_ds.evaluate import compile_mode
+        from dflash_ds.speculative import StaticDecoding
+
+        Bmax = max(args.block_sizes)
+        static = StaticDecoding(model, max(len(pr) for pr in prompts) + M_new + 2 * Bmax * (Bmax + 2),
+                                compile=args.compile == "compile", mode=compile_mode(model))
     mean_context = int(statistics.mean(len(pr) for pr in prompts) + M_new / 2)
 
     report: dict[str, Any] = {
@@ -297,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             "stop_at_eos": eos,
             "repeats": args.repeats, "fwd_repeats": args.fwd_repeats, "cost_context_len": mean_context,
             "dtype": args.dtype, "device": args.device, "torch_threads": torch.get_num_threads(),
+            "compile": args.compile, "fused": {"groups": args.fused_groups, "fallback": args.fused_fallback},
             "adapter_std": args.adapter_std if source != "given" else None,
         },
         "method": {
@@ -343,22 +356,23 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         costs = forward_costs(model, meta.mask_token_id, meta.scope, mean_context, args.block_sizes,
                               repeats=args.fwd_repeats, seed=args.seed + rep, vocab_high=vocab_high, sync=sync,
-                              fused_groups=fused_cfg.groups)
+                              fused_groups=fused_cfg.groups, static=static)
         report["forward_costs_rounds"].append(costs)
         for B in args.block_sizes:
             c = costs["per_block"][B]
             st = per_block[B]
             loops = {"two_forward": lambda pr: speculative_generate(
                 model, pr, LoRABlockDrafter(meta.mask_token_id, scope=meta.scope), block_size=B, max_new_tokens=M_new,
-                eos_token_ids=eos)}
+                eos_token_ids=eos, static=static)}
             if "t_fused_s" in c:
                 loops["fused"] = lambda pr: fused_generate(model, pr, meta.mask_token_id, block_size=B,
-                                                           max_new_tokens=M_new, eos_token_ids=eos, config=fused_cfg)
+                                                           max_new_tokens=M_new, eos_token_ids=eos, config=fused_cfg,
+                                                           static=static)
             ar_wall, ar_tokens = 0.0, 0
             acc = {name: {"wall": 0.0, "tokens": 0, "verifies": 0, "drafts": 0, "fallbacks": 0, "steps": 0}
                    for name in loops}
             for k, pr in enumerate(prompts):  # interleaved per prompt: AR, then each loop
-                ar = autoregressive_generate(model, pr, max_new_tokens=M_new, eos_token_ids=eos)
+                ar = autoregressive_generate(model, pr, max_new_tokens=M_new, eos_token_ids=eos, static=static)
                 ar_wall += ar.wall_time
                 ar_tokens += ar.num_tokens
                 for name, generate in loops.items():

@@ -110,6 +110,11 @@ class StaticDecoding:
         decoder = self.model.get_decoder()
         # dynamic=False: one graph per padded row count; the adapter switch is read as a Python value, so each kind
         # of forward (AR, verify, draft, fused) keeps one (enabled, rows_from) pair and one graph
+        if compile:
+            import torch._dynamo.config as dynamo_config
+
+            # four kinds of forward per block size: past dynamo's default of 8 graphs it would fall back to eager
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         self.decode = torch.compile(decoder, dynamic=False, mode=mode) if compile else decoder
         self.compiled = compile
 
