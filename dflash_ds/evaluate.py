@@ -68,6 +68,13 @@ LOOP_LABELS = {"fused": "fused loop", "two_forward": "two-forward loop"}
 COMPILE_CHOICES = ("none", "static", "compile")
 
 
+def default_loop(device: torch.device) -> str:
+    """The drafter's loop when both run: the one that measured faster where it was measured. On a CPU the
+    two-forward loop (a fused forward's extra rows cost compute there: docs/benchmarks.md); on a GPU the fused loop,
+    whose extra rows are nearly free at batch 1 (one forward per step instead of a draft and a verify)."""
+    return "fused" if device.type == "cuda" else "two_forward"
+
+
 def compile_mode(model: nn.Module) -> str | None:
     """``reduce-overhead`` (CUDA graphs) on a GPU, where launch overhead is most of a decode forward at batch 1;
     inductor's default elsewhere."""
@@ -365,16 +372,16 @@ def build_methods(model: nn.Module, meta, *, block_size: int, loop: str, baselin
                                     generator=gen, static=static)
         return r.output_ids, r.wall_time, r, r.verify_forwards
 
-    two_forward = ours(lambda: LoRABlockDrafter(meta.mask_token_id, meta.scope))
     if loop != "two_forward" and meta.scope != "block":
         raise ValueError(f"--loop {loop}: the fused loop needs a scope 'block' adapter (this one is "
                          f"{meta.scope!r}); use --loop two_forward")
-    loops = {"fused": fused_run, "two_forward": two_forward}
-    first = "two_forward" if loop == "two_forward" else "fused"
+    loops = {"fused": fused_run, "two_forward": ours(lambda: LoRABlockDrafter(meta.mask_token_id, meta.scope))}
+    first = loop if loop != "both" else default_loop(next(model.parameters()).device)
     methods = [Method(AR, "autoregressive (our engine)", ar),
                Method(DRAFTER, f"drafter ({LOOP_LABELS[first]})", loops[first])]
     if loop == "both":
-        methods.append(Method(DRAFTER_OTHER_LOOP, f"drafter ({LOOP_LABELS['two_forward']})", two_forward))
+        other = "two_forward" if first == "fused" else "fused"
+        methods.append(Method(DRAFTER_OTHER_LOOP, f"drafter ({LOOP_LABELS[other]})", loops[other]))
     if baselines in ("fast", "all"):
         if greedy:
             methods.append(Method(PROMPT_LOOKUP, "prompt lookup (transformers)", hf(prompt_lookup_tokens)))
@@ -411,9 +418,9 @@ def run_eval(
 
     ``meta`` is the adapter's :class:`dflash_ds.lora.DraftMeta` (block size, MASK id, scope). ``prompts`` are
     conversations (last turn user), pre-formatted strings or token-id lists. ``loop``: the drafter's decoding loop
-    (``fused``: one forward per step; ``two_forward``: a draft and a verify forward; ``both``: the fused loop as
-    the drafter and the two-forward loop beside it; ``auto``: ``both`` for scope ``block`` adapters, else
-    ``two_forward``, the only loop scope ``all`` has). ``compile``: ``none`` (dynamic cache, eager), ``static`` (a
+    (``fused``: one forward per step; ``two_forward``: a draft and a verify forward; ``both``: side by side, the
+    drafter's row in the loop :func:`default_loop` picks for the device; ``auto``: ``both`` for scope ``block``
+    adapters, else ``two_forward``, the only loop scope ``all`` has). ``compile``: ``none`` (dynamic cache, eager), ``static`` (a
     static cache, eager) or ``compile`` (a static cache and a ``torch.compile``-d decoder; on a GPU CUDA graphs too),
     for dflash-ds's loops and the AR baseline alike. Every method runs on every prompt in each of ``repeats``
     timing rounds, interleaved prompt by prompt so drift hits all methods alike; τ and outputs come from the first
@@ -653,8 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", choices=BASELINE_CHOICES, default="fast")
     p.add_argument("--loop", choices=LOOP_CHOICES, default="auto",
                    help="the drafter's decoding loop: fused (one forward per step), two_forward (draft, then "
-                   "verify), both side by side with the fused loop as the drafter, or auto (default): both for "
-                   "scope block adapters, two_forward for scope all")
+                   "verify), both side by side (the drafter row: two_forward on a CPU, fused on a GPU, as measured), "
+                   "or auto (default): both for scope block adapters, two_forward for scope all")
     p.add_argument("--fused-groups", type=_groups_arg, default=None, metavar="N|all",
                    help="fused loop: draft groups per forward (default all: one per possible outcome)")
     p.add_argument("--fused-fallback", choices=FALLBACKS, default=FusedConfig.fallback,

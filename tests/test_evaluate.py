@@ -131,12 +131,15 @@ def test_report_keys_and_consistency(setup):
         "drafter", "drafter_other_loop", "ngram", "prompt_lookup_hf", "untrained_floor", "hf_greedy", "autoregressive"]
     # the loops side by side (the default for a scope block adapter): the fused drafter runs one forward per step
     # (fallbacks refill, no draft-only forward); the two-forward loop one verify plus at most one draft per step
-    assert report["config"]["loop"] == "both" and report["loop"] == "fused" and report["draft_forwards"] == 0
-    assert report["forwards_per_step"] == 1.0 and 0.0 <= report["fallback_rate"] <= 1.0
-    assert report["tokens_per_forward"] == pytest.approx(report["generated_tokens"] / report["verify_forwards"])
-    other = report["baselines"]["drafter_other_loop"]
-    assert other["loop"] == "two_forward" and 1.0 < other["forwards_per_step"] <= 2.0
-    assert other["tokens_per_forward"] == pytest.approx(other["tau"] / other["forwards_per_step"])
+    # on a CPU the drafter row is the two-forward loop (measured faster there), the fused loop beside it
+    assert report["config"]["loop"] == "both" and report["loop"] == "two_forward"
+    assert 1.0 < report["forwards_per_step"] <= 2.0
+    assert report["tokens_per_forward"] == pytest.approx(report["tau"] / report["forwards_per_step"])
+    fused = report["baselines"]["drafter_other_loop"]
+    assert fused["loop"] == "fused" and fused["label"] == "drafter (fused loop)"
+    assert fused["forwards_per_step"] == 1.0 and 0.0 <= fused["fallback_rate"] <= 1.0  # refill: no draft forward
+    assert fused["tokens_per_forward"] == pytest.approx(fused["tau"])
+    assert fused["greedy_match"] is True
     table = format_table(report)
     for label in ("drafter", "prompt lookup", "floor", "autoregressive"):
         assert label in table
