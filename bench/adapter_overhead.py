@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """What the LoRA adapter adds to a decode forward: ``t(adapter on) / t(adapter off) - 1`` for the same rows.
 
-For each row count ``q`` (default 1, 8, 16, 64) at a fixed cached context, three forwards of the same ``q`` tokens
-are timed round-robin (median of ``--repeats``): the adapter off (the verifier), on with this checkout's
-:class:`dflash_ds.lora.LoRALinear`, and on with the implementation it replaced (module calls for ``lora_A`` and
-``lora_B``, an identity dropout module, then an add: ``LEGACY`` below, copied from the previous commit), so the
-overhead ratio before/after comes from one process on one machine state. Outputs of both adapter paths are
-checked equal. Model: the cached tiny target (``dflash-ds tiny-target``) with ``--adapter`` (default: a random
+For each row count ``q`` (default 1, 8, 16, 64) at a fixed cached context, four forwards of the same ``q`` tokens
+are timed round-robin (median of ``--repeats``): the adapter off (the verifier) and on, with this checkout's decode
+path (:class:`dflash_ds.lora.LoRALinear` with :func:`dflash_ds.lora.stack_projections`, as ``dflash-ds eval`` runs
+it) and with the implementation it replaced (every projection its own product, module calls for ``lora_A`` and
+``lora_B``, an identity dropout module, then an add: :func:`legacy_forward`, copied from the previous commit), so
+the overhead before/after comes from one process on one machine state. Outputs of both paths are checked equal. Model: the cached tiny target (``dflash-ds tiny-target``) with ``--adapter`` (default: a random
 non-zero adapter), or a random Qwen3-shaped model.
 
     python bench/adapter_overhead.py --adapter demo_work/run/adapter --threads 1
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    from dflash_ds.lora import LoRAConfig, LoRALinear, apply_lora, load_adapter_dir, lora_modules
+    from dflash_ds.lora import LoRAConfig, LoRALinear, apply_lora, load_adapter_dir, lora_modules, stack_projections
     from dflash_ds.speculative import Engine
     from dflash_ds.tiny import _is_complete, default_cache_dir
 
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.02)
     for _, m in lora_modules(model):
         m._legacy_dropout = nn.Identity()
+    stack_projections(model)
     engine = Engine(model, args.context + max(args.rows) + 8, 8)
     L, vocab = args.context, model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
@@ -100,12 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         engine.forward(torch.randint(0, vocab, (1, L), generator=gen), 0, engine.cache, kind="prefill")
         for q in args.rows:
             ids = torch.randint(0, vocab, (1, q), generator=gen)
-            same = torch.equal(run(ids, True, False), run(ids, True, True))
+            same = torch.allclose(run(ids, True, False), run(ids, True, True), atol=1e-5, rtol=1e-5)
             rounds = []
             for _ in range(args.rounds):
-                times = {"off": [], "on": [], "on_legacy": []}
+                times = {"off": [], "on": [], "off_legacy": [], "on_legacy": []}
                 for i in range(args.repeats + 20):
-                    for name, on, legacy in (("off", False, False), ("on", True, False), ("on_legacy", True, True)):
+                    for name, on, legacy in (("off", False, False), ("on", True, False), ("off_legacy", False, True),
+                                             ("on_legacy", True, True)):
                         t0 = time.perf_counter()
                         run(ids, on, legacy)
                         if i >= 20:
@@ -113,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                 med = {k: statistics.median(v) for k, v in times.items()}
                 rounds.append({**{f"t_{k}_s": v for k, v in med.items()},
                                "overhead": med["on"] / med["off"] - 1,
-                               "overhead_legacy": med["on_legacy"] / med["off"] - 1})
+                               "overhead_legacy": med["on_legacy"] / med["off_legacy"] - 1,
+                               "verify_new_over_legacy": med["off"] / med["off_legacy"]})
             r = dict(sorted(rounds, key=lambda x: x["overhead"])[len(rounds) // 2])
             r.update(rounds=rounds, outputs_equal=same, overhead_ratio_new_over_legacy=r["overhead"] / r["overhead_legacy"])
             report["rows"][q] = r
-            print(f"q={q:3d}: off {r['t_off_s'] * 1e3:.3f} ms; adapter overhead {r['overhead']:.3f} "
+            print(f"q={q:3d}: off {r['t_off_s'] * 1e3:.3f} ms ({r['verify_new_over_legacy']:.2f}x the previous); "
+                  f"adapter overhead {r['overhead']:.3f} "
                   f"(previous implementation {r['overhead_legacy']:.3f}, ratio {r['overhead_ratio_new_over_legacy']:.2f}); "
                   f"outputs equal {same}", flush=True)
     print(f"wrote {M.write_json(args.out, report)}")

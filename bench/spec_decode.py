@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                   else "random Qwen3-shaped target + random adapter (temp dir)")
     print(f"spec_decode: model {model_path} ({source}), adapter {adapter}", flush=True)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
-    meta = load_adapter_dir(model, adapter)
+    meta = load_adapter_dir(model, adapter, stack=args.compile != "compile")
     model.to(args.device).eval()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     vocab = model.config.vocab_size

@@ -735,7 +735,7 @@ def _main(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype,
                                                  attn_implementation=args.attn_implementation)
-    meta = load_adapter_dir(model, args.adapter)
+    meta = load_adapter_dir(model, args.adapter, stack=args.compile != "compile")  # compiled graphs fuse on their own
     model.to(device).eval()
     report = run_eval(
         model,

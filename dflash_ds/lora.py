@@ -164,6 +164,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / r if r > 0 else 0.0
         # no module at all for p = 0: a module call per projection is measurable at decode batch sizes
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.stacked: StackedProjections | None = None  # set by stack_projections (decoding only)
         if r > 0:
             self.lora_A = nn.Linear(base_layer.in_features, r, bias=False)
             self.lora_B = nn.Linear(r, base_layer.out_features, bias=False)
@@ -183,6 +184,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., seq, in] -> [..., seq, out]``: the base projection, plus ``scaling * B(A(x))`` on the gated rows."""
+        stacked = self.stacked
+        if stacked is not None and not torch.is_grad_enabled() and x.dim() == 3 and x.shape[0] == 1:
+            return stacked.output(self, x)
         group = self.tp.group if self._tp_active() else None
         if group is None:
             y = self.base_layer(x)
@@ -217,6 +221,81 @@ class LoRALinear(nn.Module):
             return torch.add(y, delta, alpha=self.scaling)  # the scaling rides on the add: one kernel fewer
         y[..., start:, :].add_(delta, alpha=self.scaling)  # y is this layer's own output: safe to write in place
         return y
+
+
+class StackedProjections:
+    """Decoding only: the projections of one layer that read the same input (q/k/v; gate/up) as ONE matmul whose
+    weight stacks their base weights and their LoRA ``A`` factors, then ONE multiply-add of all their ``B`` factors
+    (block-diagonal, scaling folded in) on the gated rows. A decode forward at batch 1 is mostly per-op cost, so
+    this turns 3 (2) base products plus 9 (6) adapter ops into 1 product plus 1 multiply-add.
+
+    The members' base and ``A`` weights become views of the stacked weight (no extra memory); ``B`` is copied, so
+    stack after the adapter's weights are final (evaluation), never while training. The first member called
+    computes every member's output; the others return their slice of it for the same input tensor.
+    """
+
+    def __init__(self, members: list["LoRALinear"]) -> None:
+        outs = [m.base_layer.out_features for m in members]
+        ranks = [m.r for m in members]
+        self.out, rank = sum(outs), sum(ranks)
+        base = [m.base_layer for m in members]
+        weight = torch.cat([b.weight.detach() for b in base] + [m.lora_A.weight.detach() for m in members if m.r])
+        self.weight = weight
+        self.bias = None
+        if any(b.bias is not None for b in base):
+            self.bias = torch.cat([b.bias.detach() if b.bias is not None else weight.new_zeros(n)
+                                   for b, n in zip(base, outs)] + [weight.new_zeros(rank)])
+        self.slices: dict[int, slice] = {}
+        blocks = weight.new_zeros(self.out, rank)
+        o = r = 0
+        for m, n, k in zip(members, outs, ranks):
+            m.base_layer.weight.data = weight[o : o + n]  # a view: the stacked weight is the only copy
+            if k:
+                m.lora_A.weight.data = weight[self.out + r : self.out + r + k]
+                blocks[o : o + n, r : r + k] = m.lora_B.weight.detach() * m.scaling
+            self.slices[id(m)] = slice(o, o + n)
+            o, r = o + n, r + k
+        self.b_t = blocks.t()  # [rank, out]
+        self.control = members[0].control
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self._last = id(members[-1])
+
+    def output(self, member: "LoRALinear", x: torch.Tensor) -> torch.Tensor:
+        if self._input is not x:
+            self._input, self._output = x, self._compute(x)
+        y = self._output[..., self.slices[id(member)]]
+        if id(member) == self._last:  # the layer has read every member: drop the references
+            self._input = self._output = None
+        return y
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        control, out = self.control, self.out
+        start = control.rows_from
+        if not control.enabled or start >= x.shape[-2] or not self.b_t.shape[0]:
+            bias = self.bias[:out] if self.bias is not None else None
+            return nn.functional.linear(x, self.weight[:out], bias)
+        y = nn.functional.linear(x, self.weight, self.bias)  # [1, q, out + rank]: base outputs, then A products
+        y[0, start:, :out].addmm_(y[0, start:, out:], self.b_t)
+        return y[..., :out]
+
+
+def stack_projections(model: nn.Module, groups=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))) -> int:
+    """Stack the adapted projections that read the same input in every layer (:class:`StackedProjections`), for
+    decoding with the adapter's final weights. Skips tensor-parallel shards. Returns the number of stacks made."""
+    made = 0
+    for parent in model.modules():
+        for names in groups:
+            # projections without an adapter stay plain nn.Linear layers: stack the adapted ones (2 or more)
+            members = [m for m in (getattr(parent, n, None) for n in names)
+                       if isinstance(m, LoRALinear) and not m._tp_active() and m.stacked is None]
+            if len(members) < 2 or len({m.base_layer.in_features for m in members}) != 1:
+                continue
+            stack = StackedProjections(members)
+            for m in members:
+                m.stacked = stack
+            made += 1
+    return made
 
 
 def _module_seed(name: str, seed: int) -> int:
@@ -479,9 +558,12 @@ def read_adapter_dir(path) -> tuple[LoRAConfig, DraftMeta, dict[str, torch.Tenso
     return config, meta, load_file(str(path / ADAPTER_WEIGHTS))
 
 
-def load_adapter_dir(model: nn.Module, path, tp: TPGroup | None = None) -> DraftMeta:
-    """Fit ``model`` with the adapter saved at ``path`` (in place); returns its drafting metadata."""
+def load_adapter_dir(model: nn.Module, path, tp: TPGroup | None = None, stack: bool = False) -> DraftMeta:
+    """Fit ``model`` with the adapter saved at ``path`` (in place); returns its drafting metadata. ``stack``: for
+    eager decoding only, stack the projections that share an input (:func:`stack_projections`)."""
     config, meta, state = read_adapter_dir(path)
     apply_lora(model, config, tp=tp)
     load_full_lora_state(model, state)
+    if stack:
+        stack_projections(model)
     return meta

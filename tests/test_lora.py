@@ -67,3 +67,45 @@ def test_decode_fast_path_equals_the_reference(rows_from):
         got = layer(x)
         want = _reference(x, layer.base_layer, layer.lora_A.weight, layer.lora_B.weight, layer.scaling, rows_from)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2-bias"])
+def test_stacked_projections_give_the_same_logits(family):
+    """q/k/v and gate/up stacked into one product each (decoding): same logits for the adapter off, on for every
+    row and on for a suffix of rows, and the members' weights are views of the stack (no copy)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from dflash_ds.lora import LoRAConfig, apply_lora, lora_modules, stack_projections
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=8)).eval()
+    else:  # q/k/v carry biases
+        model = Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    # qwen3: every projection adapted (stacks q/k/v and gate/up); qwen2: some (stacks q/v; up alone is not stacked)
+    targets = LoRAConfig.target_modules if family == "qwen3" else ("q_proj", "v_proj", "up_proj", "down_proj")
+    control = apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=targets))
+    for _, m in lora_modules(model):
+        nn.init.normal_(m.lora_B.weight, std=0.2)
+    ids = torch.randint(0, 64, (1, 9))
+    settings = [(False, 0), (True, 0), (True, 5)]
+
+    def logits():
+        out = []
+        with torch.no_grad():
+            for enabled, rows_from in settings:
+                control.set(enabled, rows_from)
+                out.append(model(input_ids=ids).logits)
+        return out
+
+    before = logits()
+    assert stack_projections(model) == (4 if family == "qwen3" else 2)  # per layer: q/k/v and gate/up, or q/v
+    attn = model.model.layers[0].self_attn
+    stacked = attn.q_proj.stacked
+    second = attn.k_proj if family == "qwen3" else attn.v_proj
+    assert second.base_layer.weight.data_ptr() == stacked.weight[attn.q_proj.base_layer.out_features:].data_ptr()
+    for want, got in zip(before, logits()):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before[0], before[1])  # the adapter changes the logits: the comparison means something
