@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -221,10 +222,13 @@ def _sync_module_from_fp32(engine) -> None:
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
-    """Write the PEFT adapter directory of a checkpoint (no DeepSpeed, no model needed)."""
+    """Write the PEFT adapter directory of a checkpoint (no DeepSpeed, no model needed), atomically."""
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise ValueError(f"{path}: no {STATE_FILE}; pass a checkpoint directory such as OUTPUT/checkpoints/step_00000100")
+    if not (path / COMPLETE).exists():
+        raise ValueError(f"{path}: a half-written checkpoint (no {COMPLETE}: its save was interrupted); "
+                         "export a complete one, e.g. OUTPUT/checkpoints for the latest")
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     save_adapter_dir(out_dir, state["adapter"], LoRAConfig(**state["lora_config"]), DraftMeta(**state["draft_meta"]))
     return Path(out_dir)
@@ -238,7 +242,11 @@ def main_export(argv: list[str] | None = None) -> int:
     ckpt = Path(args.checkpoint)
     if (ckpt / "latest").exists() and not (ckpt / STATE_FILE).exists():
         ckpt = ckpt / (ckpt / "latest").read_text().strip()
-    out = export_checkpoint(ckpt, args.out)
+    try:
+        out = export_checkpoint(ckpt, args.out)
+    except ValueError as exc:
+        print(f"dflash-ds export: error: {exc}", file=sys.stderr)
+        return 2
     print(f"adapter written to {out}")
     return 0
 

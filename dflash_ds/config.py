@@ -122,6 +122,17 @@ class TrainConfig:
             raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.eval_interval and not self.eval_prompts:
             raise ValueError("--eval-interval needs --eval-prompts")
+        if self.eval_prompts:  # read now: a bad prompt file must not surface at the first evaluation, hours in
+            from .evaluate import read_prompts
+
+            try:
+                read_prompts(self.eval_prompts)
+            except FileNotFoundError as exc:
+                raise ValueError(f"--eval-prompts {exc}") from None
+        if self.resume not in (None, "auto"):
+            from .checkpoint import find_checkpoint
+
+            find_checkpoint(self.resume, self.output_dir)
 
 
 def _pair(text: str) -> tuple[float, float]:

@@ -76,6 +76,8 @@ def regenerate_file(
 
     conversations, _ = read_conversations(in_path, bad_lines="skip")
     conversations = [c for c in conversations if c[0]["role"] != "text"][:limit]
+    if not conversations:
+        raise ValueError(f"{in_path}: no usable conversation to answer")
     mine = conversations[rank::world_size]  # conversation i of this shard is input conversation rank + i*world
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if torch.cuda.is_available():
@@ -98,8 +100,12 @@ def regenerate_file(
 def main(argv: list[str] | None = None) -> int:
     from .parallel import exit_on_dist_failure
 
-    with exit_on_dist_failure("dflash-ds regenerate"):
-        return _main(argv)
+    try:
+        with exit_on_dist_failure("dflash-ds regenerate"):  # another rank died or hangs: exit 3
+            return _main(argv)
+    except (FileNotFoundError, ValueError) as exc:  # bad input: one line naming the file, exit 2
+        print(f"dflash-ds regenerate: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _main(argv: list[str] | None) -> int:

@@ -121,6 +121,14 @@ def load_target(cfg: TrainConfig, ds: dict, layout: ParallelLayout, dtype: torch
     return model
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a blank or torn one (a run killed while appending it)."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
+
+
 class MetricsLog:
     """``OUTPUT/metrics.jsonl`` (one object per optimizer step) and TensorBoard through DeepSpeed's monitor."""
 
@@ -134,7 +142,7 @@ class MetricsLog:
         # a resumed run rewrites the steps after its checkpoint, so the file reads like an uninterrupted run
         if not self.path.exists():
             return
-        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        keep = [l for l in self.path.read_text().splitlines() if _step_of(l) is not None and _step_of(l) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(l + "\n" for l in keep))
         os.replace(tmp, self.path)
