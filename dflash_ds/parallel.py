@@ -101,12 +101,14 @@ def set_dist_timeout(seconds: float) -> int:
 _DEAD = re.compile(r"connection closed by peer|connection reset by peer|broken pipe|socket closed|"
                    r"recv\(\) failed|send\(\) failed", re.IGNORECASE)
 _HUNG = re.compile(r"timed out|collective operation timeout", re.IGNORECASE)
+_BACKEND = re.compile(r"gloo|nccl|processgroup|c10d", re.IGNORECASE)
 
 
-def dist_failure_message(exc: BaseException) -> str | None:
+def dist_failure_message(exc: BaseException, hint: str = "resume with --resume auto") -> str | None:
     """One line naming the cause when ``exc`` is another rank dying or hanging under a collective, else None."""
     text = str(exc)
-    if not isinstance(exc, RuntimeError) or not (_DEAD.search(text) or _HUNG.search(text)):
+    from_backend = isinstance(exc, dist.DistError) or bool(_BACKEND.search(text))
+    if not isinstance(exc, RuntimeError) or not from_backend or not (_DEAD.search(text) or _HUNG.search(text)):
         return None
     rank = os.environ.get("RANK", "?")
     detail = text.strip().splitlines()[0][-200:] if text.strip() else type(exc).__name__
@@ -117,18 +119,18 @@ def dist_failure_message(exc: BaseException) -> str | None:
         limit = f"{_timeout_now_s:g} s" if _timeout_now_s is not None else "the timeout"
         cause = (f"a collective waited {limit} (--dist-timeout) for another rank: a rank is hung (stopped process, "
                  "frozen node, network partition), or one rank's work between collectives (a checkpoint save on "
-                 "slow storage) took longer than the timeout")
-    return f"rank {rank}: {cause}; resume with --resume auto ({detail})"
+                 "slow storage, a bigger share of the work) took longer than the timeout")
+    return f"rank {rank}: {cause}; {hint} ({detail})"
 
 
 @contextlib.contextmanager
-def exit_on_dist_failure(prog: str):
+def exit_on_dist_failure(prog: str, hint: str = "resume with --resume auto"):
     """Turn another rank's death or hang into one clear line and exit code 3, leaving at once: interpreter shutdown
     would tear down process groups whose peers may never answer."""
     try:
         yield
     except RuntimeError as exc:
-        message = dist_failure_message(exc)
+        message = dist_failure_message(exc, hint)
         if message is None:
             raise
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)

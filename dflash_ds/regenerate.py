@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from .parallel import exit_on_dist_failure
 
     try:
-        with exit_on_dist_failure("dflash-ds regenerate"):  # another rank died or hangs: exit 3
+        with exit_on_dist_failure("dflash-ds regenerate", hint="run it again"):  # another rank died or hangs: exit 3
             return _main(argv)
     except (FileNotFoundError, ValueError) as exc:  # bad input: one line naming the file, exit 2
         print(f"dflash-ds regenerate: error: {exc}", file=sys.stderr)

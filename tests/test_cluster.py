@@ -234,3 +234,12 @@ def test_hung_rank_ends_the_other_node_within_the_timeout_then_resume_on_fewer_r
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     run_train(assets, out, nproc=1, extra=["--grad-accum", "2", "--save-interval", "2", "--resume", "auto"])
     assert_same_run(reference, out)
+
+
+def test_only_process_group_failures_become_exit_3():
+    from dflash_ds.parallel import dist_failure_message
+
+    gloo = "[third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242"
+    assert "another rank died" in dist_failure_message(RuntimeError(gloo))
+    assert dist_failure_message(RuntimeError("file lock timed out")) is None  # not a collective: the traceback stays
+    assert dist_failure_message(ValueError(gloo)) is None
