@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -97,6 +98,23 @@ def _materialise_adam_state(optimizer, step: int) -> None:
         link()
 
 
+def fault_for_tests(point: str, step: int) -> None:
+    """Fault injection for the crash and resume tests, at ``point`` (AFTER_STEP, IN_STEP, IN_SAVE) of optimizer step
+    ``step``: ``DFLASH_DS_TEST_KILL_<point>=<step>`` kills the process for real (no clean-up). Optional:
+    ``DFLASH_DS_TEST_KILL_RANK=<global rank>`` (default every rank) and ``DFLASH_DS_TEST_KILL_SIGNAL=STOP`` (a hung
+    rank: the process stays, frozen)."""
+    if os.environ.get(f"DFLASH_DS_TEST_KILL_{point}") != str(step):
+        return
+    if os.environ.get("DFLASH_DS_TEST_KILL_RANK", str(_rank())) != str(_rank()):
+        return
+    import signal
+    import time
+
+    name = os.environ.get("DFLASH_DS_TEST_KILL_SIGNAL", "KILL")
+    print(f"test fault: SIG{name} to rank {_rank()} at {point.lower()} {step}, t={time.time():.3f}", flush=True)
+    os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+
+
 def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     root = Path(root)
@@ -114,8 +132,7 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, kee
     state["adapter"] = _gathered_adapter(engine)
     state["optimizer"] = gather_optimizer_state(model)
     state["lr_scheduler"] = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
-    if os.environ.get("DFLASH_DS_TEST_KILL_IN_SAVE") == str(step):  # tests: die mid-save, before the rename
-        os.kill(os.getpid(), 9)
+    fault_for_tests("IN_SAVE", step)  # tests: die mid-save, before the rename
     if _rank() == 0:
         torch.save(state, partial / STATE_FILE)
         (partial / COMPLETE).write_text(f"{step}\n")
@@ -126,6 +143,7 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, kee
         tmp.write_text(tag + "\n")
         os.replace(tmp, root / "latest")
         _prune(root, keep_last)
+        print(f"checkpoint {root / tag} written", flush=True)
     _barrier()
     return root / tag
 
@@ -204,10 +222,13 @@ def _sync_module_from_fp32(engine) -> None:
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
-    """Write the PEFT adapter directory of a checkpoint (no DeepSpeed, no model needed)."""
+    """Write the PEFT adapter directory of a checkpoint (no DeepSpeed, no model needed), atomically."""
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise ValueError(f"{path}: no {STATE_FILE}; pass a checkpoint directory such as OUTPUT/checkpoints/step_00000100")
+    if not (path / COMPLETE).exists():
+        raise ValueError(f"{path}: a half-written checkpoint (no {COMPLETE}: its save was interrupted); "
+                         "export a complete one, e.g. OUTPUT/checkpoints for the latest")
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     save_adapter_dir(out_dir, state["adapter"], LoRAConfig(**state["lora_config"]), DraftMeta(**state["draft_meta"]))
     return Path(out_dir)
@@ -221,7 +242,11 @@ def main_export(argv: list[str] | None = None) -> int:
     ckpt = Path(args.checkpoint)
     if (ckpt / "latest").exists() and not (ckpt / STATE_FILE).exists():
         ckpt = ckpt / (ckpt / "latest").read_text().strip()
-    out = export_checkpoint(ckpt, args.out)
+    try:
+        out = export_checkpoint(ckpt, args.out)
+    except ValueError as exc:
+        print(f"dflash-ds export: error: {exc}", file=sys.stderr)
+        return 2
     print(f"adapter written to {out}")
     return 0
 

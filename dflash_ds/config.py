@@ -58,6 +58,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     max_nonfinite: int = 10
+    dist_timeout: float = 1800.0  # seconds a collective may wait for the other ranks (see parallel.py)
     # data
     bad_lines: str = "skip"
     num_proc: int = 1
@@ -117,8 +118,21 @@ class TrainConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.eval_interval and not self.eval_prompts:
             raise ValueError("--eval-interval needs --eval-prompts")
+        if self.eval_prompts:  # read now: a bad prompt file must not surface at the first evaluation, hours in
+            from .evaluate import read_prompts
+
+            try:
+                read_prompts(self.eval_prompts)
+            except FileNotFoundError as exc:
+                raise ValueError(f"--eval-prompts {exc}") from None
+        if self.resume not in (None, "auto"):
+            from .checkpoint import find_checkpoint
+
+            find_checkpoint(self.resume, self.output_dir)
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -175,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gradient-checkpointing", action="store_true")
     a("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"])
     a("--max-nonfinite", type=int, default=10, help="abort after this many skipped non-finite losses")
+    a("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+      help="a collective that waits longer for another rank fails the run with a clear message (a dead or hung "
+           "rank); must exceed the slowest checkpoint save. Set-up waits max(this, 1800 s). Default 1800")
     a("--bad-lines", default="skip", choices=["skip", "error"])
     a("--num-proc", type=int, default=1, help="processes for tokenisation")
     a("--log-interval", type=int, default=1)

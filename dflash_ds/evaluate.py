@@ -20,6 +20,7 @@ command line.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import dataclasses
 import json
@@ -90,9 +91,9 @@ class PromptFileError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _parse_prompt(line: str) -> list[dict] | str:
+def _parse_prompt(line: bytes) -> list[dict] | str:
     """A conversation whose last turn is the user's, a ``{"prompt": str}`` record, or a pre-formatted ``text``."""
-    record = parse_json_object(line.encode("utf-8"))
+    record = parse_json_object(line)
     if not any(k in record for k in ("conversations", "messages", "text")):
         if isinstance(record.get("prompt"), str) and record["prompt"].strip():
             return [{"role": "user", "content": record["prompt"]}]
@@ -116,8 +117,10 @@ def read_prompts(path: str | os.PathLike) -> list[list[dict] | str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: prompt file not found")
     prompts: list[list[dict] | str] = []
-    with open(path, encoding="utf-8-sig", errors="strict") as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number, like a training file
         for lineno, line in enumerate(f, start=1):
+            if lineno == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8) :]
             if not line.strip():
                 continue
             try:
@@ -736,6 +739,9 @@ def _main(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype,
                                                  attn_implementation=args.attn_implementation)
     meta = load_adapter_dir(model, args.adapter, stack=args.compile != "compile")  # compiled graphs fuse on their own
+    if not 0 <= meta.mask_token_id < model.config.vocab_size:
+        raise ValueError(f"{args.adapter}: MASK id {meta.mask_token_id} is outside this model's vocabulary "
+                         f"({model.config.vocab_size}): an adapter trained on another base model?")
     model.to(device).eval()
     report = run_eval(
         model,

@@ -475,12 +475,22 @@ def load_full_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             f"adapter weights do not match the model: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]} (check --lora-targets and the base model)"
         )
+    parts = {}
+    for name, module in lora_modules(model):  # check every shape before changing any weight
+        for factor in ("lora_A", "lora_B"):
+            key, weight = peft_key(name, factor), getattr(module, factor).weight
+            try:
+                parts[key] = tp_slice_factor(module, factor, state[key])
+            except RuntimeError:  # narrower than the TP split
+                parts[key] = state[key]
+            if parts[key].shape != weight.shape:
+                raise ValueError(f"adapter weights do not match the model: {key} is {tuple(state[key].shape)}, this "
+                                 f"model takes {tuple(weight.shape)} (an adapter trained on another base model?)")
     with torch.no_grad():
         for name, module in lora_modules(model):
             for factor in ("lora_A", "lora_B"):
                 weight = getattr(module, factor).weight
-                full = state[peft_key(name, factor)]
-                weight.copy_(tp_slice_factor(module, factor, full).to(weight.dtype))
+                weight.copy_(parts[peft_key(name, factor)].to(weight.dtype))
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -7,7 +7,12 @@ gradients there).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -56,6 +61,81 @@ def build_parallel_layout(tp_size: int) -> ParallelLayout:
         dp_size=world // tp_size,
         dp_group=dp_group,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a rank that dies or hangs
+
+# Set-up (rank 0 tokenising the data into the cache while the others wait, loading the model, resuming) waits at
+# least this long whatever --dist-timeout says: those waits are legitimately long and one-sided on a first run.
+SETUP_TIMEOUT_S = 1800.0
+_timeout_now_s: float | None = None
+
+
+def setup_timeout(dist_timeout_s: float) -> timedelta:
+    global _timeout_now_s
+    _timeout_now_s = max(float(dist_timeout_s), SETUP_TIMEOUT_S)
+    return timedelta(seconds=_timeout_now_s)
+
+
+def set_dist_timeout(seconds: float) -> int:
+    """Give every process group this rank belongs to (the world, the TP/DP groups, DeepSpeed's own) this collective
+    timeout; returns how many. Needed because ``new_group()`` does not inherit the world group's timeout: a group
+    made without one (DeepSpeed makes its own) waits torch's default, 30 minutes for gloo, whatever
+    ``init_process_group(timeout=...)`` said. gloo honours the timeout on CPU: a collective whose peer is stopped
+    raises "Timed out waiting ...ms" after it; a peer that died closes its sockets and fails the collective at once.
+    """
+    global _timeout_now_s
+    from torch.distributed.distributed_c10d import _set_pg_timeout, _world
+
+    if not dist.is_initialized():
+        return 0
+    count = 0
+    for group in list(_world.pg_map):
+        _set_pg_timeout(timedelta(seconds=seconds), group)
+        count += 1
+    _timeout_now_s = float(seconds)
+    return count
+
+
+_DEAD = re.compile(r"connection closed by peer|connection reset by peer|broken pipe|socket closed|"
+                   r"recv\(\) failed|send\(\) failed", re.IGNORECASE)
+_HUNG = re.compile(r"timed out|collective operation timeout", re.IGNORECASE)
+_BACKEND = re.compile(r"gloo|nccl|processgroup|c10d", re.IGNORECASE)
+
+
+def dist_failure_message(exc: BaseException, hint: str = "resume with --resume auto") -> str | None:
+    """One line naming the cause when ``exc`` is another rank dying or hanging under a collective, else None."""
+    text = str(exc)
+    from_backend = isinstance(exc, dist.DistError) or bool(_BACKEND.search(text))
+    if not isinstance(exc, RuntimeError) or not from_backend or not (_DEAD.search(text) or _HUNG.search(text)):
+        return None
+    rank = os.environ.get("RANK", "?")
+    detail = text.strip().splitlines()[0][-200:] if text.strip() else type(exc).__name__
+    if _DEAD.search(text):
+        cause = ("another rank died (its connection closed) while this one waited in a collective: that rank's "
+                 "log or the node's kernel log (OOM killer) says why")
+    else:
+        limit = f"{_timeout_now_s:g} s" if _timeout_now_s is not None else "the timeout"
+        cause = (f"a collective waited {limit} (--dist-timeout) for another rank: a rank is hung (stopped process, "
+                 "frozen node, network partition), or one rank's work between collectives (a checkpoint save on "
+                 "slow storage, a bigger share of the work) took longer than the timeout")
+    return f"rank {rank}: {cause}; {hint} ({detail})"
+
+
+@contextlib.contextmanager
+def exit_on_dist_failure(prog: str, hint: str = "resume with --resume auto"):
+    """Turn another rank's death or hang into one clear line and exit code 3, leaving at once: interpreter shutdown
+    would tear down process groups whose peers may never answer."""
+    try:
+        yield
+    except RuntimeError as exc:
+        message = dist_failure_message(exc, hint)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)
 
 
 class ModelParallelUnit:

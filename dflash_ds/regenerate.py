@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -75,6 +76,8 @@ def regenerate_file(
 
     conversations, _ = read_conversations(in_path, bad_lines="skip")
     conversations = [c for c in conversations if c[0]["role"] != "text"][:limit]
+    if not conversations:
+        raise ValueError(f"{in_path}: no usable conversation to answer")
     mine = conversations[rank::world_size]  # conversation i of this shard is input conversation rank + i*world
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if torch.cuda.is_available():
@@ -95,6 +98,17 @@ def regenerate_file(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .parallel import exit_on_dist_failure
+
+    try:
+        with exit_on_dist_failure("dflash-ds regenerate", hint="run it again"):  # another rank died or hangs: exit 3
+            return _main(argv)
+    except (FileNotFoundError, ValueError) as exc:  # bad input: one line naming the file, exit 2
+        print(f"dflash-ds regenerate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="dflash-ds regenerate", description=__doc__.splitlines()[0])
     p.add_argument("--model-path", required=True)
     p.add_argument("--in", dest="in_path", required=True, help="JSONL conversations")
@@ -102,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--dist-timeout", type=float, default=4 * 3600.0, metavar="SECONDS",
+                   help="with several ranks: how long a rank that finished waits for the others before failing "
+                        "(a dead or hung rank); must exceed the ranks' difference in generation time (default 4 h)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -111,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    from .parallel import set_dist_timeout
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=args.dist_timeout))
+    set_dist_timeout(args.dist_timeout)
     shard = f"{args.out}.rank{rank}"
     regenerate_file(args.model_path, args.in_path, shard, args.max_new_tokens, args.batch_size, args.limit, rank, world)
     dist.barrier()
@@ -119,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         records = [json.loads(line) for r in range(world) for line in Path(f"{args.out}.rank{r}").read_text().splitlines()]
         records.sort(key=lambda rec: rec["source_index"])
         merged = [json.dumps({"conversations": rec["conversations"]}) for rec in records]
-        Path(args.out).write_text("".join(line + "\n" for line in merged))
+        tmp = Path(f"{args.out}.tmp")
+        tmp.write_text("".join(line + "\n" for line in merged))
+        os.replace(tmp, args.out)  # a crash leaves the shards, never a half-written output
         for r in range(world):
             Path(f"{args.out}.rank{r}").unlink()
         print(f"wrote {len(merged)} conversations to {args.out}")

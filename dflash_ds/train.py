@@ -22,7 +22,15 @@ from .blocks import BlockConfig, build_block_layout, resolve_mask_token_id
 from .config import TrainConfig, autotp_size, load_ds_config, parse_train_args, resolve_ds_config
 from .lora import DraftMeta, apply_lora, lora_parameters
 from .model import DFlashDrafter
-from .parallel import ModelParallelUnit, ParallelLayout, build_parallel_layout, check_parallel_sizes
+from .parallel import (
+    ModelParallelUnit,
+    ParallelLayout,
+    build_parallel_layout,
+    check_parallel_sizes,
+    exit_on_dist_failure,
+    set_dist_timeout,
+    setup_timeout,
+)
 
 log = logging.getLogger("dflash_ds.train")
 
@@ -31,15 +39,16 @@ log = logging.getLogger("dflash_ds.train")
 # set-up helpers
 
 
-def init_distributed() -> None:
-    """Join the launcher's process group (deepspeed, torchrun) or make a group of one."""
+def init_distributed(dist_timeout: float) -> None:
+    """Join the launcher's process group (deepspeed, torchrun) or make a group of one. Set-up collectives wait
+    ``max(dist_timeout, SETUP_TIMEOUT_S)``; :func:`train` tightens every group to ``dist_timeout`` before step 1."""
     import deepspeed
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=setup_timeout(dist_timeout))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
@@ -112,6 +121,14 @@ def load_target(cfg: TrainConfig, ds: dict, layout: ParallelLayout, dtype: torch
     return model
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a blank or torn one (a run killed while appending it)."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
+
+
 class MetricsLog:
     """``OUTPUT/metrics.jsonl`` (one object per optimizer step) and TensorBoard through DeepSpeed's monitor."""
 
@@ -125,7 +142,7 @@ class MetricsLog:
         # a resumed run rewrites the steps after its checkpoint, so the file reads like an uninterrupted run
         if not self.path.exists():
             return
-        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        keep = [l for l in self.path.read_text().splitlines() if _step_of(l) is not None and _step_of(l) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(l + "\n" for l in keep))
         os.replace(tmp, self.path)
@@ -151,7 +168,7 @@ def train(cfg: TrainConfig) -> Path:
     import deepspeed
     from transformers import AutoConfig, AutoTokenizer
 
-    from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+    from .checkpoint import fault_for_tests, find_checkpoint, load_checkpoint, save_checkpoint
     from .data import DataConfig, build_dataset, collate_batch
 
     # 1. everything that can be wrong with the flags and the ds_config fails here, before any model loads
@@ -164,7 +181,7 @@ def train(cfg: TrainConfig) -> Path:
             f"tensor_parallel.autotp_size={tp_size} exceeds the model's key-value head count "
             f"({model_config.num_key_value_heads})"
         )
-    init_distributed()
+    init_distributed(cfg.dist_timeout)
     check_parallel_sizes(dist.get_world_size(), tp_size)
     layout = build_parallel_layout(tp_size)
     use_bf16 = torch.cuda.is_available()
@@ -222,6 +239,9 @@ def train(cfg: TrainConfig) -> Path:
         if is_main:
             print(f"resumed from {ckpt} at step {start_step}", flush=True)
     metrics = MetricsLog(cfg.output_dir, engine, start_step, is_main)
+    groups = set_dist_timeout(cfg.dist_timeout)  # set-up is over: from here on a wait this long means a failure
+    if is_main and groups:
+        print(f"collective timeout {cfg.dist_timeout:g} s (--dist-timeout) on {groups} process groups", flush=True)
 
     def client_state(step: int) -> dict:
         return {
@@ -249,6 +269,7 @@ def train(cfg: TrainConfig) -> Path:
             batch = collate_batch([dataset[i] for i in indices], pad_id)
             seeds = [sample_seed(cfg.seed, epoch, i) for i in indices]
             blocks = build_block_layout(batch["input_ids"], batch["loss_mask"], batch["attention_mask"], block_cfg, seeds)
+            fault_for_tests("IN_STEP", step + 1)  # mid-step: the other ranks wait in the forward's collectives
             out = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device), blocks.to(device))
             loss = _inject_nan_for_tests(step + 1, out.loss)
             if not _all_finite(loss):
@@ -285,7 +306,7 @@ def train(cfg: TrainConfig) -> Path:
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", tau=f"{record['sim_tau']:.2f}")
         if cfg.save_interval and (step + 1) % cfg.save_interval == 0 and step + 1 < total_steps:
             save_checkpoint(engine, Path(cfg.output_dir) / "checkpoints", step + 1, client_state(step + 1), cfg.keep_last)
-        _crash_for_tests(step + 1)
+        fault_for_tests("AFTER_STEP", step + 1)
     bar.close()
 
     # 8. final checkpoint and the exported adapter
@@ -298,12 +319,6 @@ def train(cfg: TrainConfig) -> Path:
         print(f"adapter exported to {adapter_dir}", flush=True)
     dist.barrier()
     return adapter_dir
-
-
-def _crash_for_tests(step: int) -> None:
-    """Resume tests kill the run for real (SIGKILL, no clean-up) after a given optimizer step."""
-    if os.environ.get("DFLASH_DS_TEST_KILL_AFTER_STEP") == str(step):
-        os.kill(os.getpid(), 9)
 
 
 def _inject_nan_for_tests(step: int, loss: torch.Tensor) -> torch.Tensor:
@@ -387,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_train_args(argv)
     try:
-        train(cfg)
+        with exit_on_dist_failure("dflash-ds train"):  # another rank died or hangs: say so, exit 3
+            train(cfg)
     except ValueError as exc:  # configuration errors: one clear line, no traceback
         print(f"dflash-ds train: error: {exc}", file=sys.stderr)
         return 2

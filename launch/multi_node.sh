@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
-# Train across the nodes of a hostfile with DeepSpeed's default pdsh launcher (run on the first node).
+# Train across the nodes of a hostfile ("<hostname> slots=<GPUs>" per line). Paths must be visible on every node
+# (shared filesystem); put NCCL/HF variables in .deepspeed_env. Extra arguments are passed to dflash_ds.train.
+#
+# pdsh mode (default): run once, on the first node; DeepSpeed ssh-es into the others (needs passwordless ssh).
 #   HOSTFILE=launch/hostfile MODEL=/models/Qwen3-8B DATA=/shared/train_regen.jsonl OUT=/shared/runs/q8b launch/multi_node.sh
-# Paths must be visible on every node (shared filesystem); put NCCL/HF variables in .deepspeed_env.
+#
+# no-ssh mode (NODE_RANK set): run the same command on every node yourself, with NODE_RANK=0..N-1 and MASTER_ADDR
+# the first node's address: for clusters without passwordless ssh (Slurm, Kubernetes, a job scheduler that starts
+# one task per node). Every node needs the same hostfile; tests/test_cluster.py runs this mode on loopback.
+#   NODE_RANK=1 MASTER_ADDR=10.0.0.1 HOSTFILE=... MODEL=... DATA=... OUT=... launch/multi_node.sh --dist-timeout 600
 set -euo pipefail
 HOSTFILE=${HOSTFILE:-launch/hostfile}
 MODEL=${MODEL:?set MODEL}
 DATA=${DATA:?set DATA}
 OUT=${OUT:?set OUT (on a shared filesystem)}
 CONFIG=${CONFIG:-ds_configs/zero3.json}
-exec deepspeed --hostfile "$HOSTFILE" --launcher pdsh --module dflash_ds.train \
+if [[ -n "${NODE_RANK:-}" ]]; then
+  mode=(--no_ssh --node_rank "$NODE_RANK" --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the first node}"
+        --master_port "${MASTER_PORT:-29500}")
+else
+  mode=(--launcher pdsh)
+fi
+exec deepspeed --hostfile "$HOSTFILE" "${mode[@]}" --module dflash_ds.train \
   --deepspeed_config "$CONFIG" --model-path "$MODEL" --train-data "$DATA" --output-dir "$OUT" \
   --block-size 16 --max-length 2048 --gradient-checkpointing --save-interval 500 --resume auto "$@"

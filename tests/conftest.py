@@ -85,3 +85,43 @@ def write_conversations(path, n: int = 16, seed: int = 0):
             conv = {"conversations": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
             f.write(json.dumps(conv) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# multi-rank runs (tests/test_distributed.py, tests/test_cluster.py): one tiny target and one reference run per session
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    write_tiny_target(d / "model")
+    write_conversations(d / "data.jsonl", n=24)
+    return d
+
+
+@pytest.fixture(scope="session")
+def reference(assets, tmp_path_factory):
+    """One process, global batch 2 via gradient accumulation: what every parallel layout must reproduce."""
+    from test_distributed import adapter, metrics, run_train
+
+    out = tmp_path_factory.mktemp("ref")
+    run_train(assets, out, nproc=1, extra=["--grad-accum", "2"])
+    m = metrics(out)
+    assert m[-1]["loss"] < m[0]["loss"], "training did not lower the loss: parity would prove nothing"
+    b = [v for k, v in adapter(out).items() if "lora_B" in k]
+    assert any(t.abs().max() > 1e-3 for t in b), "adapter did not move"
+    return out
+
+
+@pytest.fixture(scope="session")
+def regenerated(assets, tmp_path_factory):
+    """Self-distillation of the reference data by one process: what every sharded regeneration must reproduce."""
+    import subprocess
+    import sys
+
+    from test_distributed import ROOT, dist_env, regenerate_args
+
+    out = tmp_path_factory.mktemp("regen") / "one.jsonl"
+    subprocess.run([sys.executable, "-m", "dflash_ds.regenerate", *regenerate_args(assets, out)], cwd=ROOT,
+                   env=dist_env(), check=True, capture_output=True, timeout=300)
+    return out

@@ -73,3 +73,34 @@ def test_gpu_bench_cpu_smoke_runs_every_case(tmp_path):
         assert cases[name]["status"] == "ok" or "FlexAttention" in cases[name]["error"], cases[name]
     decode = report["decode_1p7b"]
     assert sorted(int(b) for b in decode["at_context_32"]["per_block"]) == [4, 8, 16]
+
+
+def test_scaling_runs_the_trainer_and_computes_bytes_per_step(tmp_path):
+    """One 1-rank case of the real trainer (the script's plumbing), and the communication arithmetic at 2 ranks:
+    ZeRO-2 moves the adapter twice (reduce-scatter + all-gather, half each), ZeRO-3 also gathers base + adapter in
+    the forward and the backward, TP x2 moves 4 activation all-reduces per layer."""
+    from conftest import write_conversations, write_tiny_target
+
+    write_tiny_target(tmp_path / "model")
+    write_conversations(tmp_path / "data.jsonl", n=8)
+    report = run_bench("scaling.py", tmp_path / "sc.json", "--ranks", "1", "--layouts", "zero2", "--steps", "2",
+                       "--warmup", "0", "--model-path", str(tmp_path / "model"), "--train-data",
+                       str(tmp_path / "data.jsonl"), "--block-size", "4", "--max-length", "64", "--lora-r", "4",
+                       "--micro-batch-size", "1", "--workdir", str(tmp_path / "runs"))
+    (case,) = report["cases"]
+    assert case["status"] == "ok" and case["tokens_per_s_median"] > 0 and case["bytes_per_step_computed"]["total"] == 0
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from scaling import bytes_per_step
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tmp_path / "model")  # 2 layers, hidden 64, intermediate 128, kv 2 x 16
+    adapter = 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 2 + (128 + 64))  # r (in + out) per projection
+    common = dict(r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                  base_params=1000, micro_steps=1, tokens_per_micro=10)
+    z2 = bytes_per_step(config, dp=2, tp=1, zero_stage=2, **common)
+    z3 = bytes_per_step(config, dp=2, tp=1, zero_stage=3, **common)
+    tp = bytes_per_step(config, dp=1, tp=2, zero_stage=1, **common)
+    assert z2["adapter_params"] == adapter and z2["total"] == 4 * adapter
+    assert z3["total"] == 4 * adapter + 4 * (1000 + adapter)
+    assert tp["tp_activation_all_reduce"] == 4 * 2 * 1 * 10 * 64 * 4 and tp["dp_grad_reduce_scatter"] == 0

@@ -14,8 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_conversations, write_tiny_target
-
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
 
@@ -26,31 +24,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist")
-    write_tiny_target(d / "model")
-    write_conversations(d / "data.jsonl", n=24)
-    return d
+# the run every parallel layout must reproduce (model, data and output come separately)
+RUN_FLAGS = ["--block-size", "4", "--max-length", "96", "--lr", "5e-3", "--seed", "3", "--max-steps", str(STEPS),
+             "--kl-weight", "0.5", "--lora-r", "4"]
+
+
+def train_args(assets, out, config=None, extra=()) -> list[str]:
+    args = ["--model-path", str(assets / "model"), "--train-data", str(assets / "data.jsonl"), "--output-dir", str(out),
+            *RUN_FLAGS]
+    if config:
+        args += ["--deepspeed_config", str(ROOT / "ds_configs" / config)]
+    return args + list(extra)
+
+
+def dist_env(env_extra=None) -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
 
 
 def run_train(assets, out, nproc=1, config=None, extra=(), env_extra=None, check=True):
-    args = [
-        "--model-path", str(assets / "model"), "--train-data", str(assets / "data.jsonl"), "--output-dir", str(out),
-        "--block-size", "4", "--max-length", "96", "--lr", "5e-3", "--seed", "3", "--max-steps", str(STEPS),
-        "--kl-weight", "0.5", "--lora-r", "4",
-    ]
-    if config:
-        args += ["--deepspeed_config", str(ROOT / "ds_configs" / config)]
-    args += list(extra)
+    args = train_args(assets, out, config, extra)
     if nproc == 1:
         cmd = [sys.executable, "-m", "dflash_ds.train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), "-m", "dflash_ds.train", *args]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.update(env_extra or {})
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(env_extra), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -73,18 +71,6 @@ def assert_same_run(ref_out, out, rel=1e-4, atol=2e-5):
     assert ref_a.keys() == a.keys()
     for k in ref_a:
         torch.testing.assert_close(a[k], ref_a[k], rtol=1e-3, atol=atol, msg=k)
-
-
-@pytest.fixture(scope="module")
-def reference(assets, tmp_path_factory):
-    """One process, global batch 2 via gradient accumulation."""
-    out = tmp_path_factory.mktemp("ref")
-    run_train(assets, out, nproc=1, extra=["--grad-accum", "2"])
-    m = metrics(out)
-    assert m[-1]["loss"] < m[0]["loss"], "training did not lower the loss: parity would prove nothing"
-    b = [v for k, v in adapter(out).items() if "lora_B" in k]
-    assert any(t.abs().max() > 1e-3 for t in b), "adapter did not move"
-    return out
 
 
 @pytest.mark.parametrize(
@@ -256,15 +242,16 @@ def test_fully_skipped_step_leaves_the_adapter_unchanged(assets, tmp_path, nproc
     assert any(not torch.equal(after[k], later[k]) for k in after), "the step after it must train again"
 
 
-def test_regenerate_sharded_over_two_ranks_keeps_input_order(assets, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    common = ["--model-path", str(assets / "model"), "--in", str(assets / "data.jsonl"), "--max-new-tokens", "6"]
-    subprocess.run([sys.executable, "-m", "dflash_ds.regenerate", *common, "--out", str(tmp_path / "one.jsonl")],
-                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+def regenerate_args(assets, out) -> list[str]:
+    return ["--model-path", str(assets / "model"), "--in", str(assets / "data.jsonl"), "--max-new-tokens", "6",
+            "--out", str(out)]
+
+
+def test_regenerate_sharded_over_two_ranks_keeps_input_order(assets, regenerated, tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(_free_port()), "-m", "dflash_ds.regenerate", *common, "--out", str(tmp_path / "two.jsonl")],
-                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-    one, two = (tmp_path / "one.jsonl").read_text(), (tmp_path / "two.jsonl").read_text()
+                    str(_free_port()), "-m", "dflash_ds.regenerate", *regenerate_args(assets, tmp_path / "two.jsonl")],
+                   cwd=ROOT, env=dist_env(), check=True, capture_output=True, timeout=300)
+    one, two = regenerated.read_text(), (tmp_path / "two.jsonl").read_text()
     assert one == two and len(one.splitlines()) > 10
     prompts = [json.loads(l)["conversations"][0]["content"] for l in (assets / "data.jsonl").read_text().splitlines()]
     got = [json.loads(l)["conversations"][0]["content"] for l in two.splitlines()]
