@@ -83,7 +83,7 @@ def test_eval_rejects_an_adapter_of_another_base_model_or_block_size(target, tmp
                             ".lora_A.weight is (4, 64), this model takes (4, 32)"),
         (dict(adapter=write_adapter_like(target, tmp_path / "a1", mask_token_id=10**6)),
          "MASK id 1000000 is outside this model's vocabulary"),
-        (dict(extra=["--block-size", str(2 * BLOCK)]), f"--block-size must be in [2, {BLOCK}]"),
+        (dict(extra=["--block-size", str(2 * BLOCK)]), f"--block-size must be in [3, {BLOCK}]"),
         (dict(adapter=tmp_path / "no_adapter"), "adapter_config.json: missing (is"),
     ]
     for kwargs, message in cases:
