@@ -214,7 +214,7 @@ class LoRALinear(nn.Module):
         if group is not None:  # column: A replicated, B holds output rows; row: A holds input columns, B replicated
             u = (_CopyToTP if self.parallel == "column" else _ReduceFromTP).apply(u, group)
         if fast:
-            y[0, start:].addmm_(u[0], self.lora_B.weight.t(), alpha=self.scaling)
+            (y[0, start:] if start else y[0]).addmm_(u[0], self.lora_B.weight.t(), alpha=self.scaling)
             return y
         delta = self.lora_B(u)
         if not start:
@@ -276,8 +276,9 @@ class StackedProjections:
             bias = self.bias[:out] if self.bias is not None else None
             return nn.functional.linear(x, self.weight[:out], bias)
         y = nn.functional.linear(x, self.weight, self.bias)  # [1, q, out + rank]: base outputs, then A products
-        y[0, start:, :out].addmm_(y[0, start:, out:], self.b_t)
-        return y[..., :out]
+        rows = y[0, start:] if start else y[0]
+        rows[:, :out].addmm_(rows[:, out:], self.b_t)
+        return y  # members read their columns of the base outputs
 
 
 def stack_projections(model: nn.Module, groups=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))) -> int:
