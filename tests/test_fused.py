@@ -26,8 +26,10 @@ from test_speculative import (  # noqa: E402  (the shared tiny models and refere
     _exact_two_token_distribution,
     _prefill_kv,
     _training_style_block_logits,
+    eager_model,
     hf_greedy,
     prompts,
+    sdpa_model,
     tiny_model,
 )
 
@@ -37,16 +39,6 @@ CONFIGS = [
     FusedConfig(groups=1, fallback="draft"),
     FusedConfig(reject_mismatch=True),
 ]
-
-
-@pytest.fixture(scope="module")
-def sdpa_model():
-    return tiny_model("sdpa")
-
-
-@pytest.fixture(scope="module")
-def eager_model():
-    return tiny_model("eager", seed=1)
 
 
 # ------------------------------------------------------------------------------------------------------------------
