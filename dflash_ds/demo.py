@@ -54,10 +54,9 @@ def prepare_data(target: Path, workdir: Path, num_train: int, max_new_tokens: in
         print(f"self-distillation data (cached): {out}", flush=True)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    n = regenerate_file(str(target), str(target / "data" / "train.jsonl"), str(out), max_new_tokens=max_new_tokens,
-                        batch_size=32, limit=num_train)
-    print(f"self-distillation: {n} target-generated answers in {time.perf_counter() - t0:.0f}s -> {out}", flush=True)
+    stats = regenerate_file(str(target), str(target / "data" / "train.jsonl"), str(out),
+                            max_new_tokens=max_new_tokens, batch_size=32, limit=num_train)
+    print(f"self-distillation: {stats.summary()} -> {out}", flush=True)
     return out
 
 

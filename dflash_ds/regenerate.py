@@ -13,6 +13,8 @@ import argparse
 import json
 import os
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +27,34 @@ def _prompt_messages(messages: list[dict]) -> list[dict] | None:
     return prompt if prompt and prompt[-1]["role"] == "user" else None
 
 
+@dataclass
+class RegenStats:
+    """What a regeneration produced and how fast: ``new_tokens`` counts answer tokens plus the end-of-turn where
+    the target wrote one (padding and the rows' idle steps after their end are not counted)."""
+
+    answers: int = 0
+    truncated: int = 0  # answers cut off at max_new_tokens (recorded as "truncated": true)
+    empty: int = 0  # empty answers, dropped
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.answers} answers ({self.truncated} cut off at the token limit, {self.empty} empty dropped), "
+                f"{self.new_tokens} tokens in {self.seconds:.0f} s: {self.tokens_per_s:.0f} tokens/s")
+
+
+def answer_tokens(row: list[int], eos_id: int) -> tuple[list[int], bool]:
+    """The answer's ids (up to, not including, the first ``eos_id``) and whether it was cut off (no eos: the row
+    ran to max_new_tokens, so the end-of-turn after it would be the template's, not the target's)."""
+    if eos_id in row:
+        return row[: row.index(eos_id)], False
+    return row, True
+
+
 @torch.no_grad()
 def regenerate_conversations(
     model,
@@ -33,29 +63,51 @@ def regenerate_conversations(
     max_new_tokens: int = 128,
     batch_size: int = 32,
     progress: bool = True,
-) -> list[tuple[int, dict]]:
-    """Greedy answers for each conversation's prompt, in order: ``(i, {"conversations": [...]})`` with ``i`` the
-    conversation's position in ``conversations`` (conversations whose answer is empty are dropped)."""
+) -> tuple[list[tuple[int, dict]], RegenStats]:
+    """Greedy answers for each conversation's prompt: ``[(i, {"conversations": [...], "truncated": bool})]`` in
+    input order (``i`` the conversation's position in ``conversations``; empty answers are dropped), and stats.
+
+    Prompts are rendered by :func:`dflash_ds.data.render_chat`, the rendering training and evaluation use. They run
+    in batches of similar length (longest first): left padding then costs little, and the first batch shows the
+    peak memory.
+    """
     from tqdm import tqdm
+
+    from .data import render_chat
 
     tokenizer.padding_side = "left"  # decoder-only batched generation continues from the right edge
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_id = tokenizer.eos_token_id
     prompts = [(i, _prompt_messages(conv)) for i, conv in enumerate(conversations)]
-    prompts = [(i, p) for i, p in prompts if p is not None]
-    records: list[tuple[int, dict]] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="regenerate", disable=not progress):
-        chunk = prompts[start : start + batch_size]
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for _, p in chunk]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    texts = [(i, p, render_chat(tokenizer, p, add_generation_prompt=True)) for i, p in prompts if p is not None]
+    lengths = {i: len(ids) for (i, _, _), ids in zip(texts, tokenizer([t for _, _, t in texts], add_special_tokens=False)["input_ids"])}
+    texts.sort(key=lambda item: (-lengths[item[0]], item[0]))
+    stats, records = RegenStats(), []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(texts), desc="regenerate", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        enc = tokenizer([t for _, _, t in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id,
         )
-        for (index, prompt), row in zip(chunk, out[:, enc["input_ids"].shape[1] :]):
-            answer = tokenizer.decode(row, skip_special_tokens=True)
-            if answer.strip():
-                records.append((index, {"conversations": prompt + [{"role": "assistant", "content": answer}]}))
-    return records
+        for (index, prompt, _), row in zip(chunk, out[:, enc["input_ids"].shape[1] :].tolist()):
+            ids, truncated = answer_tokens(row, eos_id)
+            stats.new_tokens += len(ids) + (0 if truncated else 1)
+            answer = tokenizer.decode(ids, skip_special_tokens=True)
+            if not answer.strip():
+                stats.empty += 1
+                continue
+            stats.answers += 1
+            stats.truncated += truncated
+            conv = prompt + [{"role": "assistant", "content": answer}]
+            records.append((index, {"conversations": conv, "truncated": truncated}))
+        stats.seconds = time.perf_counter() - t0
+        bar.update(len(chunk))
+        bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}", cut=stats.truncated)
+    bar.close()
+    records.sort(key=lambda item: item[0])
+    return records, stats
 
 
 def regenerate_file(
@@ -67,8 +119,9 @@ def regenerate_file(
     limit: int | None = None,
     rank: int = 0,
     world_size: int = 1,
-) -> int:
-    """Regenerate ``in_path`` into ``out_path`` (this rank's share when ``world_size > 1``). Returns lines written."""
+) -> RegenStats:
+    """Regenerate ``in_path`` into ``out_path`` (this rank's share when ``world_size > 1``). Returns this rank's
+    stats (answers written, truncated, tokens/s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import read_conversations
@@ -82,7 +135,7 @@ def regenerate_file(
     else:
         device, dtype = torch.device("cpu"), torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    answered = regenerate_conversations(model, tokenizer, mine, max_new_tokens, batch_size, progress=rank == 0)
+    answered, stats = regenerate_conversations(model, tokenizer, mine, max_new_tokens, batch_size, progress=rank == 0)
     records = [rec for _, rec in answered]
     if world_size > 1:  # where each answer came from, so rank 0 can restore input order (empty answers are dropped)
         records = [{**rec, "source_index": rank + i * world_size} for i, rec in answered]
@@ -91,7 +144,7 @@ def regenerate_file(
         for r in records:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, out_path)
-    return len(records)
+    return stats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,19 +159,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        n = regenerate_file(args.model_path, args.in_path, args.out, args.max_new_tokens, args.batch_size, args.limit)
-        print(f"wrote {n} conversations to {args.out}")
+        stats = regenerate_file(args.model_path, args.in_path, args.out, args.max_new_tokens, args.batch_size, args.limit)
+        print(f"wrote {stats.answers} conversations to {args.out}: {stats.summary()}")
         return 0
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     shard = f"{args.out}.rank{rank}"
-    regenerate_file(args.model_path, args.in_path, shard, args.max_new_tokens, args.batch_size, args.limit, rank, world)
+    stats = regenerate_file(args.model_path, args.in_path, shard, args.max_new_tokens, args.batch_size, args.limit,
+                            rank, world)
+    print(f"rank {rank}: {stats.summary()}", flush=True)
     dist.barrier()
     if rank == 0:  # merge the shards back into input order
         records = [json.loads(line) for r in range(world) for line in Path(f"{args.out}.rank{r}").read_text().splitlines()]
         records.sort(key=lambda rec: rec["source_index"])
-        merged = [json.dumps({"conversations": rec["conversations"]}) for rec in records]
+        merged = [json.dumps({"conversations": rec["conversations"], "truncated": rec["truncated"]}) for rec in records]
         Path(args.out).write_text("".join(line + "\n" for line in merged))
         for r in range(world):
             Path(f"{args.out}.rank{r}").unlink()

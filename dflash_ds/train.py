@@ -182,6 +182,7 @@ def train(cfg: TrainConfig) -> Path:
         paths=list(cfg.train_data),
         max_length=cfg.max_length,
         bad_lines=cfg.bad_lines,
+        truncated=cfg.truncated,
         num_proc=cfg.num_proc,
         cache_dir=str(Path(cfg.output_dir) / "data_cache"),
     )

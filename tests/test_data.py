@@ -486,3 +486,69 @@ def test_build_dataset_cache_reuse_and_invalidation(tok, tmp_path, monkeypatch):
     calls.clear()
     build_dataset(_make_tokenizer(QWEN3), DataConfig(paths=paths, cache_dir=str(cache)))
     assert len(calls) > 0 and len(os.listdir(cache)) == 4
+
+
+# ------------------------------------------------------------------------------------------------ self-distillation
+
+
+class _ScriptedLM:
+    """Stands in for a causal LM in regenerate: records the prompts it is given and answers each with a scripted
+    continuation (``answers[k]`` for the k-th prompt in call order, padded with eos like ``generate`` does)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, answers: list[list[int]], eos: int) -> None:
+        self.answers, self.eos, self.prompts = list(answers), eos, []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            self.prompts.append([t for t, m in zip(ids, mask) if m])
+            rows.append(self.answers.pop(0)[:max_new_tokens])
+        width = max(map(len, rows))
+        new = torch.tensor([r + [self.eos] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_regenerate_renders_prompts_like_training_and_eval(qwen_tok):
+    """Qwen3: without enable_thinking=False the generation prompt lacks the empty think block, so the target
+    wrote thinking traces that evaluation never asks for (the old regenerate did exactly that)."""
+    from dflash_ds.evaluate import render_prompt
+    from dflash_ds.regenerate import regenerate_conversations
+
+    convs = [[{"role": "user", "content": "what is two plus two?"}, {"role": "assistant", "content": "four"}]]
+    answer = qwen_tok("it is four.", add_special_tokens=False)["input_ids"] + [qwen_tok.eos_token_id]
+    lm = _ScriptedLM([answer], qwen_tok.eos_token_id)
+    records, _ = regenerate_conversations(lm, qwen_tok, convs, max_new_tokens=32, progress=False)
+    assert lm.prompts == [render_prompt(qwen_tok, convs[0][:1])]
+    assert "<think>\n\n</think>" in qwen_tok.decode(lm.prompts[0])
+    # the training tokenisation of the regenerated conversation starts with exactly that prompt
+    example = tokenize_conversation(qwen_tok, records[0][1]["conversations"], max_length=512)
+    assert example["input_ids"][: len(lm.prompts[0])] == lm.prompts[0]
+
+
+def test_truncated_answers_are_recorded_then_dropped_or_kept_without_end_of_turn(tok, tmp_path):
+    """An answer cut off at max_new_tokens: regenerate marks it, training drops it by default, and under 'keep' its
+    end-of-turn token (written by the template, never by the target) gets no loss."""
+    from dflash_ds.regenerate import regenerate_conversations
+
+    eos = tok.eos_token_id
+    words = tok("the quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": "x"}] for q in ("hello", "what is")]
+    # longest prompt first: "what is" gets the finished answer, "hello" the one that runs past the limit
+    lm = _ScriptedLM([words[:3] + [eos], words * 3], eos)
+    records, stats = regenerate_conversations(lm, tok, convs, max_new_tokens=len(words) + 2, progress=False)
+    assert [r["truncated"] for _, r in records] == [True, False] and stats.truncated == 1
+    assert stats.new_tokens == (len(words) + 2) + 4  # the cut answer's tokens + the finished one's with its eos
+    path = _write_jsonl(tmp_path / "regen.jsonl", [r for _, r in records])
+
+    dropped = build_dataset(tok, DataConfig(paths=[str(path)]))
+    assert len(dropped) == 1
+    kept = build_dataset(tok, DataConfig(paths=[str(path)], truncated="keep"))
+    assert len(kept) == 2
+    cut, done = kept[0], kept[1]
+    assert _masked_runs(tok, done)[-1].endswith("<|im_end|>")
+    assert not _masked_runs(tok, cut)[-1].endswith("<|im_end|>")
+    assert cut["loss_mask"].count(1) > 5  # the cut answer itself is still supervised
+    with pytest.raises(ValueError, match="--truncated"):
+        DataConfig(paths=[str(path)], truncated="maybe")
