@@ -268,25 +268,3 @@ def build_flex_block_mask(layout: BlockLayout, attention_mask: torch.Tensor, blo
 
     T = S + N * B
     return create_block_mask(mask_mod, b, None, T, T, device=str(device), BLOCK_SIZE=block)
-
-
-def resolve_mask_token_id(tokenizer, vocab_size: int, explicit: int | None = None) -> int:
-    """MASK id: ``explicit`` if given, else the tokenizer's ``<|mask|>``/mask token, else the first embedding row no
-    token uses (Qwen3: 151669). Raises naming ``--mask-token-id`` when none works (the frozen embedding cannot
-    grow a trained row, so adding a token is left to the user who can resize and save the base model)."""
-    if explicit is not None:
-        if not 0 <= explicit < vocab_size:
-            raise ValueError(f"--mask-token-id {explicit} is outside the embedding (vocab_size {vocab_size})")
-        return explicit
-    for candidate in ("<|mask|>", getattr(tokenizer, "mask_token", None)):
-        if candidate:
-            tid = tokenizer.convert_tokens_to_ids(candidate)
-            if tid is not None and tid != tokenizer.unk_token_id and 0 <= tid < vocab_size:
-                return int(tid)
-    used = len(tokenizer)
-    if used < vocab_size:
-        return used
-    raise ValueError(
-        f"no MASK token: the tokenizer has no <|mask|> token and all {vocab_size} embedding rows are used; "
-        "pass --mask-token-id, or add a special token to the tokenizer and resize the model's embeddings"
-    )

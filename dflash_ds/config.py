@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--context-ratio", type=_pair, default=(0.0, 0.0), help="LO,HI: anchors start at floor(r*S), r~U[LO,HI]")
     a("--noise-min", type=_optional_float, default=None, help="noise schedule lower bound; none = one-step")
     a("--gamma", type=_optional_float, default=7.0, help="loss decay exp(-(k-1)/gamma); none = uniform")
-    a("--mask-token-id", type=int, default=None)
+    a("--mask-token-id", type=int, default=None,
+      help="MASK id (default: <|mask|>, else an unused embedding row, else an unused special token; dflash.json "
+           "records which)")
     a("--ce-weight", type=float, default=1.0)
     a("--kl-weight", type=float, default=1.0)
     a("--kl-type", default="forward", choices=["forward", "reverse", "tvd"])

@@ -297,17 +297,22 @@ def write_prompts_jsonl(path: str | os.PathLike[str], samples: Iterable[Function
 # --------------------------------------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Any:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, special_tokens: Sequence[str] | None = None) -> Any:
     """Train a byte-level BPE tokenizer and wrap it as a ``transformers`` fast tokenizer.
 
     Byte-level BPE without a normalizer maps any string to bytes and back, so code (tabs, runs of spaces,
     newlines, non-ASCII) round-trips exactly. Ids 0..3 are the special tokens ``<|endoftext|>`` (pad),
     ``<|im_start|>``, ``<|im_end|>`` (eos, ends every turn) and ``<|mask|>`` (the drafter's MASK token).
+    ``special_tokens`` replaces that list (it must start with those three; tests use it to build a tokenizer
+    without ``<|mask|>``, like SmolLM2's); ``<|mask|>`` is the mask token only if listed.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    n_base = 256 + len(SPECIAL_TOKENS)
+    specials = list(SPECIAL_TOKENS if special_tokens is None else special_tokens)
+    if specials[:3] != list(SPECIAL_TOKENS[:3]):
+        raise ValueError(f"special_tokens must start with {list(SPECIAL_TOKENS[:3])}, got {specials[:3]}")
+    n_base = 256 + len(specials)
     if vocab_size < n_base:
         raise ValueError(f"vocab_size must be at least {n_base} (bytes + special tokens), got {vocab_size}")
     tok = Tokenizer(models.BPE())
@@ -325,7 +330,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Any:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
         show_progress=False,
     )
@@ -334,7 +339,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Any:
         tokenizer_object=tok,
         pad_token=PAD_TOKEN,
         eos_token=IM_END,
-        mask_token=MASK_TOKEN,
+        mask_token=MASK_TOKEN if MASK_TOKEN in specials else None,
         additional_special_tokens=[IM_START],
         clean_up_tokenization_spaces=False,  # the clean-up would eat spaces before punctuation in code
         model_max_length=1_000_000,  # no truncation warnings; the trained context is in tiny_target.json

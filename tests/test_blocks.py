@@ -8,7 +8,6 @@ from dflash_ds.blocks import (
     build_attention_mask,
     build_block_layout,
     decay_weights,
-    resolve_mask_token_id,
 )
 
 MASK = 95
@@ -185,27 +184,3 @@ def test_config_errors_name_the_flag():
         BlockConfig(anchor_strategy="grid")
     with pytest.raises(ValueError, match="--context-ratio"):
         BlockConfig(context_ratio=(0.5, 0.2))
-
-
-class _Tok:
-    def __init__(self, vocab, mask=None):
-        self.vocab = vocab
-        self.mask_token = mask
-        self.unk_token_id = None
-
-    def __len__(self):
-        return len(self.vocab)
-
-    def convert_tokens_to_ids(self, t):
-        return self.vocab.get(t)
-
-
-def test_mask_token_resolution_order():
-    tok = _Tok({"a": 0, "b": 1, "<|mask|>": 2})
-    assert resolve_mask_token_id(tok, 10, explicit=7) == 7
-    assert resolve_mask_token_id(tok, 10) == 2
-    assert resolve_mask_token_id(_Tok({"a": 0, "b": 1}), 10) == 2  # first unused embedding row
-    with pytest.raises(ValueError, match="--mask-token-id"):
-        resolve_mask_token_id(_Tok({"a": 0, "b": 1}), 2)
-    with pytest.raises(ValueError, match="--mask-token-id 12"):
-        resolve_mask_token_id(tok, 10, explicit=12)
