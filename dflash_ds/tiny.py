@@ -636,7 +636,7 @@ def build_tiny_target(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-built is left behind, not even the .tmp
         raise
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     return meta
 
 
@@ -766,7 +766,7 @@ def _build_into(tmp: Path, cfg: TinyTargetConfig, progress: bool) -> dict[str, A
     return meta
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``; an old ``dst`` is moved aside first so ``dst`` is never half-written."""
     if dst.exists():
         old = dst.with_name(dst.name + ".old")
@@ -777,6 +777,21 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old)
     else:
         src.rename(dst)
+
+
+def empty_or_missing(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def copy_dir(src: Path, dst: Path) -> None:
+    """Copy a cached build to ``dst`` (missing or empty) through ``dst.tmp``, so ``dst`` is never half-written."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        dst.rmdir()  # empty (the caller checked)
+    tmp.rename(dst)
 
 
 def _spread(n: int, k: int) -> list[int]:
@@ -803,15 +818,16 @@ def _version(package: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    """``$DFLASH_DS_CACHE/tiny-target-v1`` if the variable is set, else ``~/.cache/dflash_ds/tiny-target-v1``."""
+def default_cache_dir(name: str = CACHE_NAME) -> Path:
+    """``$DFLASH_DS_CACHE/<name>`` if the variable is set, else ``~/.cache/dflash_ds/<name>`` (``name``: the tiny
+    target's ``tiny-target-v1`` by default; :mod:`dflash_ds.real_target` caches under its own name)."""
     root = os.environ.get(CACHE_ENV)
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "dflash_ds"
-    return base / CACHE_NAME
+    return base / name
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Exclusive lock so that several processes (e.g. ranks of one launch) build the cache only once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as f:
@@ -836,7 +852,7 @@ def ensure_tiny_target(
     path = Path(cache_dir).expanduser().resolve() if cache_dir is not None else default_cache_dir()
     if _is_complete(path):
         return path
-    with _file_lock(path.with_name(path.name + ".lock")):
+    with file_lock(path.with_name(path.name + ".lock")):
         if not _is_complete(path):  # another process may have finished it while we waited
             if progress:
                 print(f"building the tiny target in {path} (a few minutes, once)", file=sys.stderr)
@@ -910,7 +926,7 @@ def main_tiny_target(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     dst = Path(args.out).expanduser().resolve()
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    if not empty_or_missing(dst):
         print(f"dflash-ds tiny-target: error: {dst} exists and is not an empty directory", file=sys.stderr)
         return 1
     try:
@@ -918,13 +934,7 @@ def main_tiny_target(argv: Sequence[str] | None = None) -> int:
     except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"dflash-ds tiny-target: error: {e}", file=sys.stderr)
         return 1
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        dst.rmdir()  # empty, checked above
-    tmp.rename(dst)
+    copy_dir(src, dst)
     meta = json.loads((dst / METADATA_FILE).read_text(encoding="utf-8"))
     print(_summary(meta, dst))
     return 0
