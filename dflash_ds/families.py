@@ -91,6 +91,14 @@ def decoder(model: nn.Module) -> nn.Module:
     return getattr(model, family_of(model).decoder_attr)
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward argument that takes a KV cache: ``cache`` in transformers 5.24 (``past_key_values`` is the
+    deprecated name, SPEC 11), ``past_key_values`` in older releases."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def check_tp_compatible(config, tp_size: int) -> None:
     """Fail fast, naming the setting, when the model cannot be split ``tp_size`` ways."""
     if tp_size <= 1:
