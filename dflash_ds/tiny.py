@@ -43,7 +43,7 @@ import sysconfig
 import textwrap
 import time
 import tokenize
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -914,30 +914,47 @@ def main_build(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def main_tiny_target(argv: Sequence[str] | None = None) -> int:
-    """``dflash-ds tiny-target --out DIR``: copy the cached tiny target to DIR (building the cache if needed)."""
-    parser = argparse.ArgumentParser(
-        prog="dflash-ds tiny-target",
-        description=f"Copy the cached tiny target (default {default_cache_dir()}, "
-        f"root overridable with ${CACHE_ENV}) to DIR, building it first if needed.",
-    )
+def copy_cached_main(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    ensure: Callable[[str | None, bool], Path],
+    errors: tuple[type[BaseException], ...],
+    summary: Callable[[Path], str],
+) -> int:
+    """The ``--out DIR [--cache-dir D] [--quiet]`` command of a cached target: ``ensure(cache_dir, progress)`` builds
+    or finds the cache, which is copied to DIR (missing or empty); ``errors`` become one line and exit code 1."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--out", required=True, help="destination directory (must not exist or be empty)")
     parser.add_argument("--cache-dir", default=None, help="cache directory to use instead of the default")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     dst = Path(args.out).expanduser().resolve()
     if not empty_or_missing(dst):
-        print(f"dflash-ds tiny-target: error: {dst} exists and is not an empty directory", file=sys.stderr)
+        print(f"{prog}: error: {dst} exists and is not an empty directory", file=sys.stderr)
         return 1
     try:
-        src = ensure_tiny_target(args.cache_dir, progress=not args.quiet)
-    except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:
-        print(f"dflash-ds tiny-target: error: {e}", file=sys.stderr)
+        src = ensure(args.cache_dir, not args.quiet)
+    except errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     copy_dir(src, dst)
-    meta = json.loads((dst / METADATA_FILE).read_text(encoding="utf-8"))
-    print(_summary(meta, dst))
+    print(summary(dst))
     return 0
+
+
+def main_tiny_target(argv: Sequence[str] | None = None) -> int:
+    """``dflash-ds tiny-target --out DIR``: copy the cached tiny target to DIR (building the cache if needed)."""
+    return copy_cached_main(
+        argv,
+        prog="dflash-ds tiny-target",
+        description=f"Copy the cached tiny target (default {default_cache_dir()}, "
+        f"root overridable with ${CACHE_ENV}) to DIR, building it first if needed.",
+        ensure=lambda cache_dir, progress: ensure_tiny_target(cache_dir, progress=progress),
+        errors=(FileExistsError, FileNotFoundError, RuntimeError, ValueError),
+        summary=lambda dst: _summary(json.loads((dst / METADATA_FILE).read_text(encoding="utf-8")), dst),
+    )
 
 
 if __name__ == "__main__":  # python -m dflash_ds.tiny {build-tiny-target,tiny-target} ...
