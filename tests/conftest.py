@@ -11,9 +11,9 @@ FAMILIES = ("qwen3", "llama")
 
 
 def tiny_config(family: str = "qwen3", **overrides):
-    """A 2-layer random config. ``llama`` is SmolLM2-shaped: tied embeddings, no q/k norms, head_dim from
-    hidden / heads; ``qwen3`` has a separate lm_head and q/k norms, as Qwen3-8B."""
-    from transformers import LlamaConfig, Qwen3Config
+    """A 2-layer random config. ``llama`` is SmolLM2-shaped: tied embeddings, no q/k norms; ``qwen3`` has a separate
+    lm_head and q/k norms, as Qwen3-8B; ``qwen2`` (q/k/v biases) and ``mistral`` (sliding window) also work."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     kwargs = dict(
         vocab_size=96,
@@ -28,7 +28,7 @@ def tiny_config(family: str = "qwen3", **overrides):
         attn_implementation="sdpa",
     )
     kwargs.update(overrides)
-    return {"qwen3": Qwen3Config, "llama": LlamaConfig}[family](**kwargs)
+    return {"qwen3": Qwen3Config, "llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family](**kwargs)
 
 
 def tiny_qwen3_config(**overrides):
