@@ -66,8 +66,10 @@ RECIPES = {
                       micro_batch_size=1, lr=1e-3, eval_prompts=16, max_new_tokens=128, repeats=1, regen_ranks=2,
                       regen_batch=8, truncated="drop"),
 }
-#: The "write this function" prompt of the SmolLM2 recipe (the tiny target was trained on bare signatures).
-WRITE_FUNCTION = "Complete this Python function.\n\n```python\n{prompt}\n```"
+#: The "write this function" prompt of the SmolLM2 recipe (the tiny target was trained on bare signatures). "Reply
+#: with the code only": SmolLM2 otherwise explains the code after it, and more answers run into the token limit
+#: (measured on 16 stdlib prompts at 128 tokens: 5 cut off with this prompt, 8 with the bare signature).
+WRITE_FUNCTION = "Complete this Python function. Reply with the code only.\n\n```python\n{prompt}\n```"
 #: Held-out code for the SmolLM2 recipe: other code bases than the stdlib it is trained on (installed dependencies).
 EVAL_CODE_BASES = ("tqdm", "datasets.utils")
 
