@@ -60,7 +60,7 @@ class TrainConfig:
     max_nonfinite: int = 10
     # data
     bad_lines: str = "skip"
-    truncated: str = "drop"
+    truncated: str = "keep"
     num_proc: int = 1
     # bookkeeping
     log_interval: int = 1
@@ -179,9 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flex_attention"])
     a("--max-nonfinite", type=int, default=10, help="abort after this many skipped non-finite losses")
     a("--bad-lines", default="skip", choices=["skip", "error"])
-    a("--truncated", default="drop", choices=["drop", "keep"],
-      help="regenerated answers cut off at the token limit: drop them (default), or keep them without supervising "
-           "the end-of-turn the target never wrote")
+    a("--truncated", default="keep", choices=["keep", "drop"],
+      help="regenerated answers cut off at the token limit: keep them without supervising the end-of-turn the "
+           "target never wrote (default; measured tau 3.20 vs 1.73 for drop on the tiny demo), or drop them")
     a("--num-proc", type=int, default=1, help="processes for tokenisation")
     a("--log-interval", type=int, default=1)
     a("--save-interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")

@@ -36,8 +36,11 @@ ROLES = ("system", "user", "assistant")
 # Role of the one-message sentinel that stands for a pre-formatted {"text": ...} record.
 TEXT_ROLE = "text"
 BAD_LINE_POLICIES = ("skip", "error")
-# What to do with an answer that regeneration cut off at --max-new-tokens (record field "truncated": true):
-# "drop" it, or "keep" it without supervising the end-of-turn token after it (the target never wrote one there).
+# What to do with an answer that regeneration cut off at --max-new-tokens (record field "truncated": true): "keep" it
+# without supervising the end-of-turn token after it (the target never wrote one there), or "drop" it. Keep is the
+# default because it measured better: the tiny demo (512 answers, 144 cut off at 64 tokens, same data and seed)
+# reached tau 3.20 with keep and 1.73 with drop; dropping removes exactly the long answers the target keeps writing
+# at evaluation time.
 TRUNCATED_POLICIES = ("drop", "keep")
 # Bump when the tokenisation or masking logic changes, so that old caches are not reused.
 _CACHE_FORMAT_VERSION = 2
@@ -60,7 +63,7 @@ class DataConfig:
     cache_dir: if set, the tokenised dataset is saved here and reused while the files, the tokenizer, the
         chat template, max_length, bad_lines and truncated stay the same.
     truncated: records marked ``"truncated": true`` (an answer regeneration cut off at its token limit):
-        "drop" (default) or "keep" with the end-of-turn after that answer unsupervised.
+        "keep" (default) with the end-of-turn after that answer unsupervised, or "drop".
     """
 
     paths: list[str]
@@ -68,7 +71,7 @@ class DataConfig:
     bad_lines: str = "skip"
     num_proc: int = 1
     cache_dir: str | None = None
-    truncated: str = "drop"
+    truncated: str = "keep"
 
     def __post_init__(self) -> None:
         if isinstance(self.paths, (str, os.PathLike)):

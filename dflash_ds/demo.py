@@ -60,11 +60,11 @@ RECIPES = {
     # 1.8M parameters: per-forward overhead dominates, so one process with batch 32 regenerates fastest
     "tiny": Recipe(zero_stage=3, steps=200, num_train=512, distill_tokens=64, block_size=8, max_length=256,
                    micro_batch_size=4, lr=3e-3, eval_prompts=16, max_new_tokens=96, repeats=3, regen_ranks=1,
-                   regen_batch=32, truncated="drop"),
+                   regen_batch=32, truncated="keep"),
     # 134.5M parameters, compute-bound on 2 cores (AR step ~55 ms): two ranks of one thread each, ZeRO-2
     "smollm2": Recipe(zero_stage=2, steps=300, num_train=512, distill_tokens=128, block_size=8, max_length=512,
                       micro_batch_size=1, lr=1e-3, eval_prompts=16, max_new_tokens=128, repeats=1, regen_ranks=2,
-                      regen_batch=8, truncated="drop"),
+                      regen_batch=8, truncated="keep"),
 }
 #: The "write this function" prompt of the SmolLM2 recipe (the tiny target was trained on bare signatures). "Reply
 #: with the code only": SmolLM2 otherwise explains the code after it, and more answers run into the token limit

@@ -527,9 +527,9 @@ def test_regenerate_renders_prompts_like_training_and_eval(qwen_tok, monkeypatch
     assert example["input_ids"][: len(lm.prompts[0])] == lm.prompts[0]
 
 
-def test_truncated_answers_are_recorded_then_dropped_or_kept_without_end_of_turn(tok, tmp_path, monkeypatch):
-    """An answer cut off at max_new_tokens: regenerate marks it, training drops it by default, and under 'keep' its
-    end-of-turn token (written by the template, never by the target) gets no loss."""
+def test_truncated_answers_are_recorded_then_kept_without_end_of_turn_or_dropped(tok, tmp_path, monkeypatch):
+    """An answer cut off at max_new_tokens: regenerate marks it; training keeps it by default without a loss on its
+    end-of-turn token (written by the template, never by the target), or drops it under 'drop'."""
     from dflash_ds import regenerate
 
     eos = tok.eos_token_id
@@ -543,9 +543,9 @@ def test_truncated_answers_are_recorded_then_dropped_or_kept_without_end_of_turn
     assert stats.new_tokens == (len(words) + 2) + 4  # the cut answer's tokens + the finished one's with its eos
     path = _write_jsonl(tmp_path / "regen.jsonl", [r for _, r in records])
 
-    dropped = build_dataset(tok, DataConfig(paths=[str(path)]))
+    dropped = build_dataset(tok, DataConfig(paths=[str(path)], truncated="drop"))
     assert len(dropped) == 1
-    kept = build_dataset(tok, DataConfig(paths=[str(path)], truncated="keep"))
+    kept = build_dataset(tok, DataConfig(paths=[str(path)]))
     assert len(kept) == 2
     cut, done = kept[0], kept[1]
     assert _masked_runs(tok, done)[-1].endswith("<|im_end|>")
