@@ -221,7 +221,7 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
         S = ids.shape[1]
         hidden = drafter.hidden_states(ids, am, layout)  # same forward, mask and gate as (a)
         logits = lm_head(hidden[:, S:]).float()  # [1, N*B, V]: every block position
-        with torch.no_grad(), control.disabled(), control.gated(None):  # a second, adapter-off teacher forward
+        with torch.no_grad(), control.disabled():  # a second, adapter-off teacher forward
             teacher_logits = model(input_ids=ids, attention_mask=am).logits.float()  # [1, S, V]
         sup = layout.labels != IGNORE_INDEX
         s = logits[sup]

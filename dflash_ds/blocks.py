@@ -210,16 +210,22 @@ def block_visibility(layout: BlockLayout, attention_mask: torch.Tensor) -> torch
     Clean query p: clean keys <= p that are not padding. Block query in block j: clean keys < a_j and every key
     of block j. Padding blocks see nothing.
     """
-    b, S = attention_mask.shape
-    N, B = layout.num_blocks, layout.block_size
-    device = attention_mask.device
-    key_real = attention_mask.bool()  # [b, S]
+    return visibility(layout.anchors, layout.block_valid, layout.block_size, attention_mask.bool())
+
+
+def visibility(anchors: torch.Tensor, block_valid: torch.Tensor, block_size: int, key_real: torch.Tensor) -> torch.Tensor:
+    """The rule of :func:`block_visibility` from its parts: ``anchors``/``block_valid`` ``[b, N]``, ``key_real``
+    ``[b, S]`` (False on padding). The decoder's fused step uses it too, with its verify rows as the clean tokens and
+    its draft groups as the blocks, so decoding sees exactly what training saw."""
+    b, S = key_real.shape
+    N, B = anchors.shape[1], block_size
+    device = key_real.device
     causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
     clean_rows = torch.cat(
         [causal[None] & key_real[:, None, :], torch.zeros(b, S, N * B, dtype=torch.bool, device=device)], dim=2
     )
-    anchors = layout.anchors.to(device)  # [b, N]
-    valid = layout.block_valid.to(device)
+    anchors = anchors.to(device)  # [b, N]
+    valid = block_valid.to(device)
     sees_clean = torch.arange(S, device=device)[None, None, :] < anchors[:, :, None]  # [b, N, S]
     sees_clean = sees_clean & key_real[:, None, :] & valid[:, :, None]
     own_block = torch.eye(N, dtype=torch.bool, device=device)[None] & valid[:, :, None]  # [b, N, N]

@@ -177,7 +177,7 @@ def evaluate(target: Path, adapter: Path, prompts: Path, args) -> dict:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     tokenizer = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
-    meta = load_adapter_dir(model, adapter)
+    meta = load_adapter_dir(model, adapter, stack=True)
     prompt_ids = load_prompts(prompts, tokenizer, limit=args.eval_prompts)
     report = run_eval(model, tokenizer, meta, prompt_ids, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                       baselines="fast")

@@ -20,25 +20,32 @@ command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from .data import TEXT_ROLE, conversation_of, parse_json_object, render_chat
 from .speculative import (
+    FALLBACKS,
+    FusedConfig,
     LoRABlockDrafter,
     NgramDrafter,
     SpecResult,
+    StaticDecoding,
     autoregressive_generate,
     eos_ids_of,
+    fused_generate,
     speculative_generate,
     unwrap_model,
     untrained_floor_drafter,
@@ -49,19 +56,29 @@ SPLIT_AT = 32  # tau is split into steps that start within the first 32 generate
 
 # method keys, in table order
 DRAFTER = "drafter"
+DRAFTER_OTHER_LOOP = "drafter_other_loop"  # the drafter through the loop --loop did not pick (with --loop both)
 NGRAM = "ngram"
 PROMPT_LOOKUP = "prompt_lookup_hf"
 FLOOR = "untrained_floor"
 HF_GREEDY = "hf_greedy"
 AR = "autoregressive"
-LABELS = {
-    DRAFTER: "drafter (trained adapter)",
-    NGRAM: "n-gram lookup (our loop)",
-    PROMPT_LOOKUP: "prompt lookup (transformers)",
-    FLOOR: "untrained adapter (floor)",
-    HF_GREEDY: "greedy (transformers)",
-    AR: "autoregressive (our engine)",
-}
+TABLE_ORDER = (DRAFTER, DRAFTER_OTHER_LOOP, NGRAM, PROMPT_LOOKUP, FLOOR, HF_GREEDY)
+LOOP_CHOICES = ("auto", "fused", "two_forward", "both")
+LOOP_LABELS = {"fused": "fused loop", "two_forward": "two-forward loop"}
+COMPILE_CHOICES = ("none", "static", "compile")
+
+
+def default_loop(device: torch.device) -> str:
+    """The drafter's loop when both run: the one that measured faster where it was measured. On a CPU the
+    two-forward loop (a fused forward's extra rows cost compute there: docs/benchmarks.md); on a GPU the fused loop,
+    whose extra rows are nearly free at batch 1 (one forward per step instead of a draft and a verify)."""
+    return "fused" if device.type == "cuda" else "two_forward"
+
+
+def compile_mode(model: nn.Module) -> str | None:
+    """``reduce-overhead`` (CUDA graphs) on a GPU, where launch overhead is most of a decode forward at batch 1;
+    inductor's default elsewhere."""
+    return "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
 
 
 class PromptFileError(ValueError):
@@ -195,6 +212,9 @@ def _tau_split(results: Sequence[SpecResult], split: int = SPLIT_AT) -> tuple[fl
     return tuple(b[0] / b[1] if b[1] else None for b in sums)  # type: ignore[return-value]
 
 
+LOOP_STATS = ("loop", "forwards_per_step", "tokens_per_forward", "rows_per_forward", "fallback_rate")
+
+
 def spec_stats(results: Sequence[SpecResult], block_size: int) -> dict[str, Any]:
     """τ, its histogram, acceptance by block position and forward counts over a set of generations."""
     tokens = sum(r.num_tokens for r in results)
@@ -211,7 +231,14 @@ def spec_stats(results: Sequence[SpecResult], block_size: int) -> dict[str, Any]
                 accepted[j] += j < n
     first, rest = _tau_split(results)
     per_prompt = [r.tau for r in results]
+    steps = sum(len(r.committed_per_step) for r in results)
+    forwards = draft + verify
     return {
+        "loop": results[0].loop if results else None,
+        "forwards_per_step": forwards / steps if steps else None,
+        "tokens_per_forward": tokens / forwards if forwards else None,
+        "rows_per_forward": sum(r.rows for r in results) / forwards if forwards else None,
+        "fallback_rate": sum(r.fallbacks for r in results) / steps if steps else None,
         "tau": tokens / verify if verify else 0.0,
         "tau_histogram": hist,
         "acceptance_by_position": [a / c if c else None for a, c in zip(accepted, reach)],
@@ -241,7 +268,8 @@ def spec_stats(results: Sequence[SpecResult], block_size: int) -> dict[str, Any]
 class _Run:
     """One method's generations (first repeat) and its timing over all repeats."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str) -> None:
+        self.label = label
         self.results: list[Any] = []  # SpecResult, or dicts for transformers' generate
         self.outputs: list[list[int]] = []
         self.tokens = [0]  # per repeat
@@ -269,6 +297,17 @@ class _Run:
         return [n / t if t > 0 else 0.0 for n, t in zip(self.tokens, self.times)]
 
 
+@dataclass
+class Method:
+    """One decoder in the comparison. ``run(prompt, generator, max_new_tokens)`` returns ``(new ids, seconds,
+    result, forwards)``: ``result`` a :class:`SpecResult` for dflash-ds's loops, a dict for transformers'
+    ``generate``."""
+
+    name: str
+    label: str
+    run: Callable[[list[int], torch.Generator | None, int], tuple[list[int], float, Any, int]]
+
+
 def _hf_generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, eos: list[int], pad: int,
                  prompt_lookup: int | None) -> tuple[list[int], float, int]:
     """transformers' own greedy ``generate`` (optionally with prompt lookup): (new ids, seconds, forwards)."""
@@ -284,8 +323,9 @@ def _hf_generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, eo
     )
     if prompt_lookup:
         kwargs["prompt_lookup_num_tokens"] = prompt_lookup
+    control = getattr(model, "dflash_adapter", None)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (control.disabled() if control is not None else contextlib.nullcontext()):
             t0 = time.perf_counter()
             out = model.generate(ids, **kwargs)
             seconds = time.perf_counter() - t0
@@ -299,6 +339,59 @@ def _hf_generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, eo
     return new, seconds, count[0]
 
 
+def build_methods(model: nn.Module, meta, *, block_size: int, loop: str, baselines: str, greedy: bool,
+                  temperature: float, eos: list[int], pad: int, prompt_lookup_tokens: int,
+                  fused: FusedConfig | None = None, static: StaticDecoding | None = None) -> list[Method]:
+    """The decoders of one evaluation, the autoregressive baseline first (speedups are measured against it). With
+    ``static``, dflash-ds's loops (AR included) share one static, possibly compiled, cache."""
+    B = block_size
+
+    def ours(drafter_factory) -> Callable:
+        def run(prompt, gen, n_new):
+            r = speculative_generate(model, prompt, drafter_factory(), block_size=B, max_new_tokens=n_new,
+                                     eos_token_ids=eos, temperature=temperature, generator=gen, static=static)
+            return r.output_ids, r.wall_time, r, r.verify_forwards + r.draft_forwards
+        return run
+
+    def fused_run(prompt, gen, n_new):
+        r = fused_generate(model, prompt, meta.mask_token_id, block_size=B, max_new_tokens=n_new, eos_token_ids=eos,
+                           temperature=temperature, generator=gen, config=fused, static=static)
+        return r.output_ids, r.wall_time, r, r.verify_forwards + r.draft_forwards
+
+    def hf(prompt_lookup: int | None) -> Callable:
+        def run(prompt, gen, n_new):
+            new, secs, fwd = _hf_generate(model, prompt, max_new_tokens=n_new, eos=eos, pad=pad,
+                                          prompt_lookup=prompt_lookup)
+            return new, secs, {"forwards": fwd, "tokens": len(new)}, fwd
+        return run
+
+    def ar(prompt, gen, n_new):
+        r = autoregressive_generate(model, prompt, max_new_tokens=n_new, eos_token_ids=eos, temperature=temperature,
+                                    generator=gen, static=static)
+        return r.output_ids, r.wall_time, r, r.verify_forwards
+
+    if loop != "two_forward" and meta.scope != "block":
+        raise ValueError(f"--loop {loop}: the fused loop needs a scope 'block' adapter (this one is "
+                         f"{meta.scope!r}); use --loop two_forward")
+    loops = {"fused": fused_run, "two_forward": ours(lambda: LoRABlockDrafter(meta.mask_token_id, meta.scope))}
+    first = loop if loop != "both" else default_loop(next(model.parameters()).device)
+    methods = [Method(AR, "autoregressive (our engine)", ar),
+               Method(DRAFTER, f"drafter ({LOOP_LABELS[first]})", loops[first])]
+    if loop == "both":
+        other = "two_forward" if first == "fused" else "fused"
+        methods.append(Method(DRAFTER_OTHER_LOOP, f"drafter ({LOOP_LABELS[other]})", loops[other]))
+    if baselines in ("fast", "all"):
+        if greedy:
+            methods.append(Method(PROMPT_LOOKUP, "prompt lookup (transformers)", hf(prompt_lookup_tokens)))
+        methods.append(Method(FLOOR, "untrained adapter (floor)",
+                              ours(lambda: untrained_floor_drafter(meta.mask_token_id))))
+    if baselines == "all":
+        methods.append(Method(NGRAM, "n-gram lookup (our loop)", ours(NgramDrafter)))
+        if greedy:
+            methods.append(Method(HF_GREEDY, "greedy (transformers)", hf(None)))
+    return methods
+
+
 def run_eval(
     model: nn.Module,
     tokenizer,
@@ -310,6 +403,9 @@ def run_eval(
     block_size: int | None = None,
     repeats: int = 3,
     baselines: str = "fast",
+    loop: str = "auto",
+    fused: FusedConfig | None = None,
+    compile: str = "none",
     seed: int = 0,
     prompt_lookup_tokens: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
@@ -319,24 +415,34 @@ def run_eval(
     """Evaluate the adapter on ``model`` (fitted with :func:`dflash_ds.lora.apply_lora` / ``load_adapter_dir``).
 
     ``meta`` is the adapter's :class:`dflash_ds.lora.DraftMeta` (block size, MASK id, scope). ``prompts`` are
-    conversations (last turn user), pre-formatted strings or token-id lists. Every method runs on every prompt in
-    each of ``repeats`` timing rounds, interleaved prompt by prompt so drift hits all methods alike; τ and outputs
-    come from the first round (the runs are seeded, so every round generates the same tokens). Returns the report
-    dict (see the module docstring and :func:`format_table`). The model's train/eval mode and adapter switch are
-    restored.
+    conversations (last turn user), pre-formatted strings or token-id lists. ``loop``: the drafter's decoding loop
+    (``fused``: one forward per step; ``two_forward``: a draft and a verify forward; ``both``: side by side, the
+    drafter's row in the loop :func:`default_loop` picks for the device; ``auto``: ``both`` for scope ``block``
+    adapters, else ``two_forward``, the only loop scope ``all`` has). ``compile``: ``none`` (dynamic cache, eager), ``static`` (a
+    static cache, eager) or ``compile`` (a static cache and a ``torch.compile``-d decoder; on a GPU CUDA graphs too),
+    for dflash-ds's loops and the AR baseline alike. Every method runs on every prompt in each of ``repeats``
+    timing rounds, interleaved prompt by prompt so drift hits all methods alike; τ and outputs come from the first
+    round (the runs are seeded, so every round generates the same tokens). Returns the report dict (see the module
+    docstring and :func:`format_table`). The model's train/eval mode and adapter switch are restored.
     """
     if baselines not in BASELINE_CHOICES:
         raise ValueError(f"--baselines must be one of {'/'.join(BASELINE_CHOICES)}, got {baselines!r}")
+    if loop not in LOOP_CHOICES:
+        raise ValueError(f"--loop must be one of {'/'.join(LOOP_CHOICES)}, got {loop!r}")
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {temperature}")
+    if loop == "auto":
+        loop = "both" if meta.scope == "block" else "two_forward"
     trained_block = int(meta.block_size)
     B = int(block_size or trained_block)
-    if not 2 <= B <= trained_block:
-        raise ValueError(f"--block-size must be in [2, {trained_block}] (the adapter was trained with {trained_block})")
+    lowest = 2 if loop == "two_forward" else 3
+    if not lowest <= B <= trained_block:
+        raise ValueError(f"--block-size must be in [{lowest}, {trained_block}] (the adapter was trained with "
+                         f"{trained_block}{'; the fused loop drafts positions 2 .. B-1' if lowest == 3 else ''})")
     K = int(prompt_lookup_tokens or B - 1)
     hf_model = unwrap_model(model)
     eos = sorted(set(eos_token_ids)) if eos_token_ids is not None else eos_ids_of(tokenizer, hf_model)
@@ -346,67 +452,47 @@ def run_eval(
     if not prompt_ids:
         raise ValueError("no prompts to evaluate")
     greedy = temperature == 0
-
-    methods: dict[str, Any] = {DRAFTER: lambda: LoRABlockDrafter(meta.mask_token_id, meta.scope)}
-    if baselines in ("fast", "all"):
-        if greedy:
-            methods[PROMPT_LOOKUP] = "hf_prompt_lookup"
-        methods[FLOOR] = lambda: untrained_floor_drafter(meta.mask_token_id)
-    if baselines == "all":
-        methods[NGRAM] = lambda: NgramDrafter()
-        if greedy:
-            methods[HF_GREEDY] = "hf_greedy"
-    runs = {AR: _Run(), **{name: _Run() for name in methods}}
-
-    control = getattr(hf_model, "dflash_adapter", None)
-    saved = (control.enabled, control.gate) if control is not None else None
-    was_training = hf_model.training
-    hf_model.eval()
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(f"--compile must be one of {'/'.join(COMPILE_CHOICES)}, got {compile!r}")
+    static = None
+    if compile != "none":
+        if meta.scope != "block":
+            raise ValueError("--compile static/compile needs a scope 'block' adapter (scope 'all' keeps a second cache)")
+        static = StaticDecoding(hf_model, max(map(len, prompt_ids)) + max_new_tokens + 2 * B * (B + 2),
+                                compile=compile == "compile", mode=compile_mode(hf_model))
+    methods = build_methods(hf_model, meta, block_size=B, loop=loop, baselines=baselines, greedy=greedy,
+                            temperature=temperature, eos=eos, pad=pad, prompt_lookup_tokens=K, fused=fused,
+                            static=static)
+    runs = {m.name: _Run(m.label) for m in methods}
+    device = next(hf_model.parameters()).device
 
     def gen_for(i: int) -> torch.Generator | None:
-        if greedy:
-            return None
-        return torch.Generator(device=next(hf_model.parameters()).device).manual_seed(seed * 1_000_003 + i)
+        return None if greedy else torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
 
-    def run_one(name: str, spec: Any, prompt: list[int], i: int, n_new: int):
-        if isinstance(spec, str):  # transformers' generate, adapter off
-            if control is not None:
-                control.enabled, control.gate = False, None
-            new, secs, fwd = _hf_generate(hf_model, prompt, max_new_tokens=n_new, eos=eos, pad=pad,
-                                          prompt_lookup=K if spec == "hf_prompt_lookup" else None)
-            return new, secs, {"forwards": fwd, "tokens": len(new)}, fwd
-        if name == AR:
-            r = autoregressive_generate(hf_model, prompt, max_new_tokens=n_new, eos_token_ids=eos,
-                                        temperature=temperature, generator=gen_for(i))
-        else:
-            r = speculative_generate(hf_model, prompt, spec(), block_size=B, max_new_tokens=n_new,
-                                     eos_token_ids=eos, temperature=temperature, generator=gen_for(i))
-        return r.output_ids, r.wall_time, r, r.verify_forwards + r.draft_forwards
-
-    order = [AR, *methods]
-    specs = {AR: None, **methods}
+    control = getattr(hf_model, "dflash_adapter", None)
+    was_training = hf_model.training
+    hf_model.eval()
     try:
-        if warmup:  # one-time costs (lazy init, mask functions) stay out of the timings
-            for name in order:
-                run_one(name, specs[name], prompt_ids[0], 0, min(8, max_new_tokens))
-        bar = _progress(repeats * len(prompt_ids), progress)
-        for rep in range(repeats):
-            if rep:
-                for run in runs.values():
-                    run.new_repeat()
-            for i, prompt in enumerate(prompt_ids):
-                for name in order:
-                    out, secs, res, fwd = run_one(name, specs[name], prompt, i, max_new_tokens)
-                    runs[name].add(rep, out, secs, res, fwd)
-                bar.update(1)
-        bar.close()
+        with control.preserved() if control is not None else contextlib.nullcontext():
+            if warmup:  # one-time costs (lazy init, mask functions, compiling every shape) stay out of the timings
+                for m in methods:
+                    m.run(prompt_ids[0], gen_for(0), max_new_tokens if compile == "compile" else min(8, max_new_tokens))
+            bar = _progress(repeats * len(prompt_ids), progress)
+            for rep in range(repeats):
+                if rep:
+                    for run in runs.values():
+                        run.new_repeat()
+                for i, prompt in enumerate(prompt_ids):
+                    for m in methods:
+                        runs[m.name].add(rep, *m.run(prompt, gen_for(i), max_new_tokens))
+                    bar.update(1)
+            bar.close()
     finally:
         hf_model.train(was_training)
-        if control is not None:
-            control.enabled, control.gate = saved
-
+    config = {"loop": loop, "fused": dataclasses.asdict(fused or FusedConfig()) if loop != "two_forward" else None,
+              "compile": compile}
     return _build_report(runs, prompt_ids, B, trained_block, K, meta, greedy, temperature, max_new_tokens,
-                         repeats, baselines, seed, eos)
+                         repeats, baselines, seed, eos, config)
 
 
 def _progress(total: int, enabled: bool):
@@ -416,7 +502,7 @@ def _progress(total: int, enabled: bool):
 
 
 def _build_report(runs, prompt_ids, B, trained_block, K, meta, greedy, temperature, max_new_tokens, repeats,
-                  baselines, seed, eos) -> dict[str, Any]:
+                  baselines, seed, eos, loop_config) -> dict[str, Any]:
     ar, spec = runs[AR], runs[DRAFTER]
     ar_tps = ar.tokens_per_s
 
@@ -434,6 +520,7 @@ def _build_report(runs, prompt_ids, B, trained_block, K, meta, greedy, temperatu
         rep_total[1] += t
     drafter_match = matches(spec)
     report: dict[str, Any] = {
+        "label": spec.label,
         **{k: stats[k] for k in ("tau", "tau_histogram", "acceptance_by_position", "forwards_per_token")},
         "ar_tokens_per_s": ar_tps,
         "spec_tokens_per_s": spec.tokens_per_s,
@@ -448,13 +535,13 @@ def _build_report(runs, prompt_ids, B, trained_block, K, meta, greedy, temperatu
     for name, run in runs.items():
         if name in (AR, DRAFTER):
             continue
-        entry: dict[str, Any] = {"label": LABELS[name], "tokens_per_s": run.tokens_per_s}
+        entry: dict[str, Any] = {"label": run.label, "tokens_per_s": run.tokens_per_s}
         entry["speedup"] = run.tokens_per_s / ar_tps if ar_tps > 0 else 0.0
         entry["speedup_ci"] = speedups(run)
         if isinstance(run.results[0], SpecResult):
             s = spec_stats(run.results, B)
             entry.update({k: s[k] for k in ("tau", "tau_histogram", "acceptance_by_position", "forwards_per_token",
-                                            "tau_first_32", "tau_rest", "tau_per_prompt")})
+                                            "tau_first_32", "tau_rest", "tau_per_prompt", *LOOP_STATS)})
         else:
             forwards = sum(r["forwards"] for r in run.results)
             tokens = sum(r["tokens"] for r in run.results)
@@ -481,6 +568,7 @@ def _build_report(runs, prompt_ids, B, trained_block, K, meta, greedy, temperatu
         for i, p in enumerate(prompt_ids)
     ]
     report["config"] = {
+        **loop_config,
         "block_size": B,
         "trained_block_size": trained_block,
         "scope": meta.scope,
@@ -502,38 +590,43 @@ def _build_report(runs, prompt_ids, B, trained_block, K, meta, greedy, temperatu
 
 
 def _table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = [{"method": DRAFTER, "label": LABELS[DRAFTER], "tau": report["tau"], "tokens_per_s":
-             report["spec_tokens_per_s"], "speedup": report["speedup"], "speedup_ci": report["speedup_ci"]["ci95"],
-             "greedy_match": report["greedy_match"]}]
-    for name in (NGRAM, PROMPT_LOOKUP, FLOOR, HF_GREEDY):
+    def row(method: str, entry: dict[str, Any], tau, speedup, ci) -> dict[str, Any]:
+        return {"method": method, "label": entry["label"], "tau": tau, "tokens_per_s": entry["tokens_per_s"],
+                "speedup": speedup, "speedup_ci": ci, "greedy_match": entry["greedy_match"],
+                "tokens_per_forward": entry.get("tokens_per_forward"), "loop": entry.get("loop")}
+
+    rows = [row(DRAFTER, {**report, "tokens_per_s": report["spec_tokens_per_s"]}, report["tau"], report["speedup"],
+                report["speedup_ci"]["ci95"])]
+    for name in TABLE_ORDER[1:]:
         b = report["baselines"].get(name)
         if b is not None:
-            rows.append({"method": name, "label": b["label"], "tau": b.get("tau"), "tokens_per_s": b["tokens_per_s"],
-                         "speedup": b["speedup"], "speedup_ci": b["speedup_ci"]["ci95"],
-                         "greedy_match": b["greedy_match"]})
-    rows.append({"method": AR, "label": LABELS[AR], "tau": 1.0, "tokens_per_s": report["ar_tokens_per_s"],
-                 "speedup": 1.0, "speedup_ci": None, "greedy_match": True if report["greedy_match"] is not None
-                 else None})
+            rows.append(row(name, b, b.get("tau"), b["speedup"], b["speedup_ci"]["ci95"]))
+    ar = {"label": "autoregressive (our engine)", "tokens_per_s": report["ar_tokens_per_s"], "tokens_per_forward": 1.0,
+          "greedy_match": True if report["greedy_match"] is not None else None}
+    rows.append(row(AR, ar, 1.0, 1.0, None))
     return rows
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The printed summary: one row per method (tau, tokens/s, speedup with its 95% interval, greedy == AR)."""
+    """The printed summary: one row per method (tau, tokens per forward, tokens/s, speedup with its 95% interval,
+    greedy == AR), then the drafter's loop accounting, the spread of tau and how much the target loops."""
 
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    header = f"{'method':<30} {'tau':>6} {'tok/s':>9} {'speedup':>8} {'95% CI':>16} {'=AR':>4}"
+    header = f"{'method':<36} {'tau':>5} {'tok/fwd':>7} {'tok/s':>8} {'speedup':>8} {'95% CI':>14} {'=AR':>4}"
     lines = [header, "-" * len(header)]
     for r in report["table"]:
         ci = r["speedup_ci"]
         ci_s = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-"
         match = {True: "yes", False: "NO", None: "-"}[r["greedy_match"]]
-        lines.append(f"{r['label']:<30} {num(r['tau'], '6.2f')} {num(r['tokens_per_s'], '9.1f')} "
-                     f"{num(r['speedup'], '7.2f')}x {ci_s:>16} {match:>4}")
+        lines.append(f"{r['label']:<36} {num(r['tau'], '5.2f')} {num(r['tokens_per_forward'], '7.2f')} "
+                     f"{num(r['tokens_per_s'], '8.1f')} {num(r['speedup'], '7.2f')}x {ci_s:>14} {match:>4}")
     pp = report["tau_per_prompt"]
     ci = pp["ci95_median"]
     extra = [
+        f"drafter: {report['loop']} loop, {num(report['forwards_per_step'], '.2f')} forwards per step, "
+        f"{num(report['rows_per_forward'], '.1f')} rows per forward, fallback rate {num(report['fallback_rate'], '.2f')}",
         f"tau per prompt: median {num(pp['median'], '.2f')}"
         + (f" (95% bootstrap CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""),
         f"tau first {SPLIT_AT} tokens {num(report['tau_first_32'], '.2f')}, rest {num(report['tau_rest'], '.2f')}; "
@@ -563,6 +656,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first K prompts")
     p.add_argument("--repeats", type=int, default=3, help="timing rounds for the speedup interval (default 3)")
     p.add_argument("--baselines", choices=BASELINE_CHOICES, default="fast")
+    p.add_argument("--loop", choices=LOOP_CHOICES, default="auto",
+                   help="the drafter's decoding loop: fused (one forward per step), two_forward (draft, then "
+                   "verify), both side by side (the drafter row: two_forward on a CPU, fused on a GPU, as measured), "
+                   "or auto (default): both for scope block adapters, two_forward for scope all")
+    p.add_argument("--fused-groups", type=_groups_arg, default=None, metavar="N|all",
+                   help="fused loop: draft groups per forward (default all: one per possible outcome)")
+    p.add_argument("--fused-fallback", choices=FALLBACKS, default=FusedConfig.fallback,
+                   help="fused loop, when no group matches the outcome: refill (the next forward drafts afresh) "
+                   "or draft (one draft-only forward)")
+    p.add_argument("--compile", choices=COMPILE_CHOICES, default="none",
+                   help="decode forwards on a static KV cache (static), and torch.compile-d (compile; CUDA graphs on a "
+                   "GPU): for dflash-ds's loops and the AR baseline alike, scope block only (default none)")
+    p.add_argument("--fused-reject-mismatch", action="store_true",
+                   help="fused loop: drop a group's drafts when its guess for the bonus slot was wrong")
     p.add_argument("--prompt-lookup-tokens", type=int, default=None, help="K for prompt lookup (default B-1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -572,6 +679,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _groups_arg(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of groups or 'all', got {value!r}") from None
+
+
+def fused_config_from_args(args: argparse.Namespace) -> FusedConfig:
+    return FusedConfig(groups=args.fused_groups, fallback=args.fused_fallback,
+                       reject_mismatch=args.fused_reject_mismatch)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
@@ -612,7 +733,7 @@ def _main(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype,
                                                  attn_implementation=args.attn_implementation)
-    meta = load_adapter_dir(model, args.adapter)
+    meta = load_adapter_dir(model, args.adapter, stack=args.compile != "compile")  # compiled graphs fuse on their own
     model.to(device).eval()
     report = run_eval(
         model,
@@ -624,6 +745,9 @@ def _main(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         repeats=args.repeats,
         baselines=args.baselines,
+        loop=args.loop,
+        fused=fused_config_from_args(args),
+        compile=args.compile,
         seed=args.seed,
         prompt_lookup_tokens=args.prompt_lookup_tokens,
         progress=not args.no_progress,

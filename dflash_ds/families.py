@@ -40,8 +40,9 @@ class ModelFamily:
     ``row_parallel``: projections split by input columns, output all-reduced (one all-reduce per attention / MLP).
     ``tp_divides``: config attributes the TP size must divide (the base weights are split along them).
     ``decoder_attr``: attribute of the ``*ForCausalLM`` holding the decoder stack.
-    ``sliding_window_types``: whether ``config.sliding_window`` is in force for this family (see
-    :func:`sliding_window`).
+    ``stack_groups``: projections that read the same input, which decoding stacks into one product
+    (:func:`dflash_ds.lora.stack_projections`).
+    ``sliding_window``: whether ``config.sliding_window`` is in force for this family (see :func:`sliding_window`).
     """
 
     name: str
@@ -50,6 +51,7 @@ class ModelFamily:
     column_parallel: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
     row_parallel: tuple[str, ...] = ("o_proj", "down_proj")
     tp_divides: tuple[str, ...] = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    stack_groups: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
     sliding_window: str = "none"  # "none" | "always" (Mistral: when set) | "layer_types" (Qwen2: per layer)
 
     def parallel_kind(self, projection: str) -> str | None:

@@ -58,33 +58,41 @@ class LoRAConfig:
 class AdapterControl:
     """One switch shared by every :class:`LoRALinear` of a model.
 
-    ``enabled`` turns the adapter off for the verifier (a Python flag: free to toggle). ``gate`` is ``None``
-    (adapter on for every token) or a ``[batch, seq, 1]`` tensor multiplied onto the adapter output: 1 on block
-    tokens, 0 on clean tokens (scope ``block``). It must stay set through backward when gradient checkpointing
+    ``enabled`` turns the adapter off for the verifier (a Python flag: free to toggle). ``rows_from`` gates it by
+    sequence position: the adapter runs on rows ``rows_from ..`` of every sequence and not at all on the rows
+    before (0: every row). Scope ``block`` puts the clean tokens first and the gated rows (training blocks, decoding
+    draft groups) after them, so the gate is always a suffix and the adapter's products run on those rows only
+    (sliced, not multiplied by a 0/1 gate). It must stay set through backward when gradient checkpointing
     recomputes the forward.
     """
 
     def __init__(self) -> None:
         self.enabled = True
-        self.gate: torch.Tensor | None = None
+        self.rows_from = 0
+
+    def set(self, enabled: bool, rows_from: int = 0) -> None:
+        self.enabled, self.rows_from = enabled, rows_from
+
+    @contextmanager
+    def preserved(self) -> Iterator["AdapterControl"]:
+        """Restore ``enabled`` and ``rows_from`` on exit (decoders switch the adapter per forward)."""
+        saved = self.enabled, self.rows_from
+        try:
+            yield self
+        finally:
+            self.enabled, self.rows_from = saved
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
-        previous = self.enabled
-        self.enabled = False
-        try:
+        with self.preserved():
+            self.enabled = False
             yield
-        finally:
-            self.enabled = previous
 
     @contextmanager
-    def gated(self, gate: torch.Tensor | None) -> Iterator[None]:
-        previous = self.gate
-        self.gate = gate
-        try:
+    def all_rows(self) -> Iterator[None]:
+        with self.preserved():
+            self.rows_from = 0
             yield
-        finally:
-            self.gate = previous
 
 
 @dataclass
@@ -152,7 +160,9 @@ class LoRALinear(nn.Module):
         self.tp = tp or TPGroup()
         self.r = r
         self.scaling = alpha / r if r > 0 else 0.0
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # no module at all for p = 0: a module call per projection is measurable at decode batch sizes
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.stacked: StackedProjections | None = None  # set by stack_projections (decoding only)
         if r > 0:
             self.lora_A = nn.Linear(base_layer.in_features, r, bias=False)
             self.lora_B = nn.Linear(r, base_layer.out_features, bias=False)
@@ -171,36 +181,122 @@ class LoRALinear(nn.Module):
         return self.parallel is not None and self.tp.size > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        adapter_on = self.has_adapter and self.control.enabled
-        if not self._tp_active():
+        """``x [..., seq, in] -> [..., seq, out]``: the base projection, plus ``scaling * B(A(x))`` on the gated rows."""
+        stacked = self.stacked
+        if stacked is not None and not torch.is_grad_enabled() and x.dim() == 3 and x.shape[0] == 1:
+            return stacked.output(self, x)
+        group = self.tp.group if self._tp_active() else None
+        if group is None:
             y = self.base_layer(x)
-            if adapter_on:
-                y = self._add_delta(y, self.lora_B(self.lora_A(self.lora_dropout(x))))
-            return y
-        group = self.tp.group
-        if self.parallel == "column":
+        elif self.parallel == "column":
             y = self.base_layer(_CopyToTP.apply(x, group))
-            if adapter_on:
-                u = _CopyToTP.apply(self.lora_A(self.lora_dropout(x)), group)
-                y = self._add_delta(y, self.lora_B(u))
+        else:  # row parallel: the bias (if any) must be added once, after the reduction
+            base = self.base_layer
+            y = _ReduceFromTP.apply(nn.functional.linear(x, base.weight), group)
+            if base.bias is not None:
+                y = y + base.bias
+        control = self.control
+        start = control.rows_from
+        if not (self.has_adapter and control.enabled) or start >= x.shape[-2]:
             return y
-        # row parallel: the bias (if any) must be added once, after the reduction
-        base = self.base_layer
-        y = _ReduceFromTP.apply(nn.functional.linear(x, base.weight), group)
-        if base.bias is not None:
-            y = y + base.bias
-        if adapter_on:
-            u = _ReduceFromTP.apply(self.lora_A(self.lora_dropout(x)), group)
-            y = self._add_delta(y, self.lora_B(u))
+        if start:
+            x = x[..., start:, :]
+        if self.lora_dropout is not None:
+            x = self.lora_dropout(x)
+        # Decoding (no autograd, batch 1, weights not partitioned by ZeRO-3, whose module hooks gather them): plain
+        # functional calls and one fused multiply-add into this layer's own output rows; two ops instead of three
+        # module calls and an add, which is most of the adapter's cost in a small decode forward.
+        fast = not torch.is_grad_enabled() and x.dim() == 3 and x.shape[0] == 1 and not hasattr(self.lora_A.weight,
+                                                                                             "ds_id")
+        u = nn.functional.linear(x, self.lora_A.weight) if fast else self.lora_A(x)
+        if group is not None:  # column: A replicated, B holds output rows; row: A holds input columns, B replicated
+            u = (_CopyToTP if self.parallel == "column" else _ReduceFromTP).apply(u, group)
+        if fast:
+            y[0, start:].addmm_(u[0], self.lora_B.weight.t(), alpha=self.scaling)
+            return y
+        delta = self.lora_B(u)
+        if not start:
+            return torch.add(y, delta, alpha=self.scaling)  # the scaling rides on the add: one kernel fewer
+        y[..., start:, :].add_(delta, alpha=self.scaling)  # y is this layer's own output: safe to write in place
         return y
 
-    def _add_delta(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``y + scaling * gate * delta``; the scaling rides on the add (one kernel fewer per projection, which is
-        most of a decode forward's cost at batch 1)."""
-        gate = self.control.gate
-        if gate is not None:
-            delta = delta * gate.to(delta.dtype)
-        return torch.add(y, delta, alpha=self.scaling)
+
+class StackedProjections:
+    """Decoding only: the projections of one layer that read the same input (q/k/v; gate/up) as ONE matmul whose
+    weight stacks their base weights and their LoRA ``A`` factors, then ONE multiply-add of all their ``B`` factors
+    (block-diagonal, scaling folded in) on the gated rows. A decode forward at batch 1 is mostly per-op cost, so
+    this turns 3 (2) base products plus 9 (6) adapter ops into 1 product plus 1 multiply-add.
+
+    The members' base and ``A`` weights become views of the stacked weight (no extra memory); ``B`` is copied, so
+    stack after the adapter's weights are final (evaluation), never while training. The first member called
+    computes every member's output; the others return their slice of it for the same input tensor.
+    """
+
+    def __init__(self, members: list["LoRALinear"]) -> None:
+        outs = [m.base_layer.out_features for m in members]
+        ranks = [m.r for m in members]
+        self.out, rank = sum(outs), sum(ranks)
+        base = [m.base_layer for m in members]
+        weight = torch.cat([b.weight.detach() for b in base] + [m.lora_A.weight.detach() for m in members if m.r])
+        self.weight = weight
+        self.bias = None
+        if any(b.bias is not None for b in base):
+            self.bias = torch.cat([b.bias.detach() if b.bias is not None else weight.new_zeros(n)
+                                   for b, n in zip(base, outs)] + [weight.new_zeros(rank)])
+        self.slices: dict[int, slice] = {}
+        blocks = weight.new_zeros(self.out, rank)
+        o = r = 0
+        for m, n, k in zip(members, outs, ranks):
+            m.base_layer.weight.data = weight[o : o + n]  # a view: the stacked weight is the only copy
+            if k:
+                m.lora_A.weight.data = weight[self.out + r : self.out + r + k]
+                blocks[o : o + n, r : r + k] = m.lora_B.weight.detach() * m.scaling
+            self.slices[id(m)] = slice(o, o + n)
+            o, r = o + n, r + k
+        self.b_t = blocks.t()  # [rank, out]
+        self.control = members[0].control
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self._last = id(members[-1])
+
+    def output(self, member: "LoRALinear", x: torch.Tensor) -> torch.Tensor:
+        if self._input is not x:
+            self._input, self._output = x, self._compute(x)
+        y = self._output[..., self.slices[id(member)]]
+        if id(member) == self._last:  # the layer has read every member: drop the references
+            self._input = self._output = None
+        return y
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        control, out = self.control, self.out
+        start = control.rows_from
+        if not control.enabled or start >= x.shape[-2] or not self.b_t.shape[0]:
+            bias = self.bias[:out] if self.bias is not None else None
+            return nn.functional.linear(x, self.weight[:out], bias)
+        y = nn.functional.linear(x, self.weight, self.bias)  # [1, q, out + rank]: base outputs, then A products
+        y[0, start:, :out].addmm_(y[0, start:, out:], self.b_t)
+        return y[..., :out]
+
+
+def stack_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] | None = None) -> int:
+    """Stack the adapted projections that read the same input in every layer (:class:`StackedProjections`), for
+    decoding with the adapter's final weights (``groups``: the model family's, :mod:`dflash_ds.families`). Skips
+    tensor-parallel shards. Returns the number of stacks made."""
+    if groups is None:
+        groups = family_of(model).stack_groups
+    made = 0
+    for parent in model.modules():
+        for names in groups:
+            # projections without an adapter stay plain nn.Linear layers: stack the adapted ones (2 or more)
+            members = [m for m in (getattr(parent, n, None) for n in names)
+                       if isinstance(m, LoRALinear) and not m._tp_active() and m.stacked is None]
+            if len(members) < 2 or len({m.base_layer.in_features for m in members}) != 1:
+                continue
+            stack = StackedProjections(members)
+            for m in members:
+                m.stacked = stack
+            made += 1
+    return made
 
 
 def _module_seed(name: str, seed: int) -> int:
@@ -445,9 +541,12 @@ def read_adapter_dir(path) -> tuple[LoRAConfig, DraftMeta, dict[str, torch.Tenso
     return config, meta, load_file(str(path / ADAPTER_WEIGHTS))
 
 
-def load_adapter_dir(model: nn.Module, path, tp: TPGroup | None = None) -> DraftMeta:
-    """Fit ``model`` with the adapter saved at ``path`` (in place); returns its drafting metadata."""
+def load_adapter_dir(model: nn.Module, path, tp: TPGroup | None = None, stack: bool = False) -> DraftMeta:
+    """Fit ``model`` with the adapter saved at ``path`` (in place); returns its drafting metadata. ``stack``: for
+    eager decoding only, stack the projections that share an input (:func:`stack_projections`)."""
     config, meta, state = read_adapter_dir(path)
     apply_lora(model, config, tp=tp)
     load_full_lora_state(model, state)
+    if stack:
+        stack_projections(model)
     return meta

@@ -69,16 +69,10 @@ class DFlashDrafter(nn.Module):
             mask = build_flex_block_mask(layout, attention_mask)
         else:
             mask = build_attention_mask(layout, attention_mask, dtype)
-        control = adapter_control(self.model)
-        control.enabled = True
-        if self.scope == "block":
-            gate = torch.zeros(b, full_ids.shape[1], 1, dtype=dtype, device=input_ids.device)
-            gate[:, S:] = 1.0
-        else:
-            gate = None
         # Left set on purpose (not a context manager): non-reentrant gradient checkpointing re-runs this forward
         # during backward and must see the same gate. Every forward that uses the model sets it again.
-        control.gate = gate
+        # Scope block: the adapter runs on the block rows (after the S clean ones) only.
+        adapter_control(self.model).set(True, rows_from=S if self.scope == "block" else 0)
         out = decoder(self.model)(input_ids=full_ids, attention_mask=mask, position_ids=layout.position_ids)
         return out.last_hidden_state
 
@@ -90,7 +84,7 @@ class DFlashDrafter(nn.Module):
         if self.scope == "block":
             return hidden[:, :S].detach()  # the gate kept the adapter off there: this *is* the base model
         control = adapter_control(self.model)
-        with torch.no_grad(), control.disabled(), control.gated(None):
+        with torch.no_grad(), control.disabled():
             return decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout) -> DrafterOutput:

@@ -380,8 +380,9 @@ def _periodic_eval(cfg: TrainConfig, engine, tokenizer, meta: DraftMeta) -> dict
     was_training = model.training
     model.eval()
     prompts = load_prompts(cfg.eval_prompts, tokenizer, limit=cfg.eval_limit)
+    loop = "fused" if meta.scope == "block" else "two_forward"
     report = run_eval(model, tokenizer, meta, prompts, max_new_tokens=cfg.eval_max_new_tokens, baselines="none",
-                      repeats=1, progress=False)
+                      loop=loop, repeats=1, progress=False)
     model.train(was_training)
     return {"eval_tau": report["tau"], "eval_speedup": report["speedup"]}
 

@@ -87,7 +87,7 @@ def test_report_keys_and_consistency(setup):
                       progress=False)
     assert model.training
     model.eval()
-    assert model.dflash_adapter.enabled is True and model.dflash_adapter.gate is None
+    assert model.dflash_adapter.enabled is True and model.dflash_adapter.rows_from == 0
     for key in ("tau", "tau_histogram", "acceptance_by_position", "forwards_per_token", "ar_tokens_per_s",
                 "spec_tokens_per_s", "speedup", "greedy_match", "per_prompt", "baselines", "repetition_rate",
                 "tau_first_32", "tau_rest", "tau_per_prompt", "speedup_ci", "table"):
@@ -118,7 +118,8 @@ def test_report_keys_and_consistency(setup):
         assert entry["ar_ids"] == entry["spec_ids"] and entry["match"]
         assert 1 <= len(entry["ar_ids"]) <= 20
     # every baseline ran, is greedy-identical to the AR output and has tokens/s and a consistent speedup
-    assert set(report["baselines"]) == {"prompt_lookup_hf", "untrained_floor", "ngram", "hf_greedy"}
+    assert set(report["baselines"]) == {"drafter_other_loop", "prompt_lookup_hf", "untrained_floor", "ngram",
+                                        "hf_greedy"}
     for name, b in report["baselines"].items():
         assert b["greedy_match"] is True, name
         assert b["tokens_per_s"] > 0
@@ -127,7 +128,18 @@ def test_report_keys_and_consistency(setup):
     assert report["baselines"]["prompt_lookup_hf"]["prompt_lookup_num_tokens"] == BLOCK - 1
     assert report["baselines"]["hf_greedy"]["tau"] <= 1.0 + 1e-9  # plain generate: one token per forward
     assert [r["method"] for r in report["table"]] == [
-        "drafter", "ngram", "prompt_lookup_hf", "untrained_floor", "hf_greedy", "autoregressive"]
+        "drafter", "drafter_other_loop", "ngram", "prompt_lookup_hf", "untrained_floor", "hf_greedy", "autoregressive"]
+    # the loops side by side (the default for a scope block adapter): the fused drafter runs one forward per step
+    # (fallbacks refill, no draft-only forward); the two-forward loop one verify plus at most one draft per step
+    # on a CPU the drafter row is the two-forward loop (measured faster there), the fused loop beside it
+    assert report["config"]["loop"] == "both" and report["loop"] == "two_forward"
+    assert 1.0 < report["forwards_per_step"] <= 2.0
+    assert report["tokens_per_forward"] == pytest.approx(report["tau"] / report["forwards_per_step"])
+    fused = report["baselines"]["drafter_other_loop"]
+    assert fused["loop"] == "fused" and fused["label"] == "drafter (fused loop)"
+    assert fused["forwards_per_step"] == 1.0 and 0.0 <= fused["fallback_rate"] <= 1.0  # refill: no draft forward
+    assert fused["tokens_per_forward"] == pytest.approx(fused["tau"])
+    assert fused["greedy_match"] is True
     table = format_table(report)
     for label in ("drafter", "prompt lookup", "floor", "autoregressive"):
         assert label in table
@@ -137,10 +149,10 @@ def test_report_keys_and_consistency(setup):
 def test_baselines_fast_none_and_sampling(setup):
     model, tok, meta = setup
     fast = run_eval(model, tok, meta, CONVERSATIONS[:2], max_new_tokens=8, repeats=1, progress=False, warmup=False)
-    assert set(fast["baselines"]) == {"prompt_lookup_hf", "untrained_floor"}  # the default
+    assert set(fast["baselines"]) == {"drafter_other_loop", "prompt_lookup_hf", "untrained_floor"}  # the default
     assert fast["speedup_ci"]["ci95"] is None and fast["speedup_ci"]["n"] == 1
     none = run_eval(model, tok, meta, CONVERSATIONS[:1], max_new_tokens=8, repeats=1, baselines="none",
-                    block_size=2, progress=False, warmup=False)
+                    block_size=2, loop="two_forward", progress=False, warmup=False)
     assert none["baselines"] == {} and len(none["acceptance_by_position"]) == 1
     assert [r["method"] for r in none["table"]] == ["drafter", "autoregressive"]
     sampled = run_eval(model, tok, meta, CONVERSATIONS[:2], max_new_tokens=8, repeats=1, temperature=0.8,
@@ -151,6 +163,11 @@ def test_baselines_fast_none_and_sampling(setup):
         run_eval(model, tok, meta, CONVERSATIONS[:1], block_size=BLOCK + 1, progress=False)
     with pytest.raises(ValueError, match="baselines"):
         run_eval(model, tok, meta, CONVERSATIONS[:1], baselines="some", progress=False)
+    with pytest.raises(ValueError, match=r"block-size must be in \[3, 4\].*fused"):
+        run_eval(model, tok, meta, CONVERSATIONS[:1], block_size=2, loop="fused", progress=False)
+    all_scope = DraftMeta(block_size=BLOCK, mask_token_id=meta.mask_token_id, scope="all")
+    with pytest.raises(ValueError, match="--loop fused.*scope 'block'"):
+        run_eval(model, tok, all_scope, CONVERSATIONS[:1], loop="fused", progress=False)
 
 
 def test_statistics_helpers():

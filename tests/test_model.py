@@ -71,7 +71,7 @@ def test_block_scope_clean_stream_is_the_base_model(attn):
         clean_logits = model.lm_head(h[:, :S])
         base_logits = base(input_ids=ids).logits
         control = adapter_control(model)
-        control.gate = None
+        control.rows_from = 0
         adapted = model(input_ids=ids).logits
     torch.testing.assert_close(clean_logits, base_logits, rtol=0, atol=2e-5)
     assert not torch.allclose(adapted, base_logits, atol=1e-3), "adapter has no effect: the test would prove nothing"

@@ -43,7 +43,7 @@ def tiny_model(attn: str = "sdpa", vocab: int = VOCAB, hidden: int = 64, layers:
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
-    model.dflash_adapter.enabled, model.dflash_adapter.gate = False, None
+    model.dflash_adapter.set(False)
     ids = torch.tensor([prompt])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=eos, pad_token_id=0)
@@ -211,12 +211,10 @@ def _prefill_kv(model, ids: list[int], adapter: bool):
     from transformers import DynamicCache
 
     ctl = model.dflash_adapter
-    saved = ctl.enabled, ctl.gate
-    ctl.enabled, ctl.gate = adapter, None
     cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
+    with torch.inference_mode(), ctl.preserved():
+        ctl.set(adapter)
         model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True)
-    ctl.enabled, ctl.gate = saved
     return cache
 
 
@@ -271,17 +269,10 @@ def _training_style_block_logits(model, tokens: list[int], block: int, scope: st
     visible[S:, :] = True
     mask = additive_mask(visible[None], torch.float32)
     ctl = model.dflash_adapter
-    ctl.enabled = True
-    if scope == "block":
-        gate = torch.zeros(1, T, 1)
-        gate[:, S:] = 1.0
-        ctl.gate = gate
-    else:
-        ctl.gate = None
-    with torch.no_grad():
+    with torch.no_grad(), ctl.preserved():
+        ctl.set(True, rows_from=S if scope == "block" else 0)
         hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
         logits = model.lm_head(hidden[0, S + 1 :])
-    ctl.enabled, ctl.gate = False, None
     return logits
 
 
@@ -410,7 +401,7 @@ def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: 
 def _exact_two_token_distribution(model, prompt, temperature):
     """p(x1, x2) of the target (adapter off) at ``temperature``, computed from its logits."""
     ctl = model.dflash_adapter
-    ctl.enabled, ctl.gate = False, None
+    ctl.set(False)
     V = model.config.vocab_size
     with torch.inference_mode():
         p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double() / temperature, -1)

@@ -32,9 +32,13 @@
 #    speedup with a trained adapter). Prepare the carry folder on the dev machine after `dflash-ds demo`:
 #
 #      bash bench/gpu/run.sh --prepare-spec-decode demo_work     # copies target, adapter, prompts (about 12 MiB)
-#      run(command="bash bench/gpu/run.sh --spec-decode", carry=["bench/gpu/wheels", "bench/gpu/carry"], timeout_s=420)
+#      run(command="bash bench/gpu/run.sh --spec-decode", carry=["bench/gpu/wheels", "bench/gpu/carry"], timeout_s=600)
 #
-#    It writes $OUT/spec_decode_1p7b.json, $OUT/spec_decode_tiny.json and $OUT/spec_decode.log.
+#    It writes $OUT/spec_decode_<part>.json per part (SPEC_DECODE_PARTS, below) and $OUT/spec_decode.log: both loops
+#    (two-forward, fused) against AR, eager and compiled (--compile compile: static cache + CUDA graphs), at the
+#    Qwen3-1.7B and Qwen3-8B shapes and on the trained tiny adapter. Smoke-test every part's command on the CPU first:
+#
+#      bash bench/gpu/run.sh --spec-decode-cpu-smoke
 #
 # 3. Test the code path without a GPU (tiny shapes, CPU, local Python; also checks that the carried wheel set
 #    resolves for the device's Python 3.12 / x86-64):
@@ -70,6 +74,17 @@ if [[ "${1:-}" == "--prepare-spec-decode" ]]; then
     cp -r "$adapter" bench/gpu/carry/adapter
     cp "$target/data/eval_prompts.jsonl" bench/gpu/carry/eval_prompts.jsonl
     du -sh bench/gpu/carry
+    exit 0
+fi
+
+if [[ "${1:-}" == "--spec-decode-cpu-smoke" ]]; then
+    # the --spec-decode parts' code paths (eager and compiled, both loops) at a tiny random shape on the CPU
+    set -e
+    for c in none compile; do
+        python3 bench/spec_decode.py --threads 1 --repeats 1 --fwd-repeats 3 --num-prompts 2 --max-new-tokens 16 \
+            --no-tiny-cache --hidden 64 --layers 2 --heads 2 --kv-heads 1 --head-dim 32 --intermediate 128 --vocab 512 \
+            --block-sizes 4 8 --compile "$c" --out "${OUT:-/tmp}/spec_decode_smoke_$c.json"
+    done
     exit 0
 fi
 
@@ -121,32 +136,48 @@ OUTDIR="${OUT:-bench/results}"
 mkdir -p "$OUTDIR"
 if [[ "${1:-}" == "--spec-decode" ]]; then
     shift
-    # parts, in order (SPEC_DECODE_PARTS, default "1p7b tiny"):
-    #   1p7b       Qwen3-1.7B's shape, bf16, random weights and a random adapter (tau near 1: the bound is a
-    #              slowdown; the point is how close the loop comes to it)
-    #   tiny       the demo's trained adapter on its tiny target (bench/gpu/carry), fp32, held-out prompts
-    #   1p7b_fp32  the 1p7b case in fp32, 1 round: are the outputs equal to AR when bf16 rounding is out of the way?
+    # parts, in order (SPEC_DECODE_PARTS, default "1p7b 1p7b_compiled tiny", at most 590 s;
+    # a second call with SPEC_DECODE_PARTS="8b 8b_compiled" measures the 8B shape); every part measures the
+    # AR step, draft, verify and fused-step forwards and runs AR, the two-forward and the fused loop end to end:
+    #   1p7b           Qwen3-1.7B's shape, bf16, random weights and a random adapter (tau near 1: the bound is a
+    #                  slowdown; the point is how close each loop comes to it and what one forward costs)
+    #   1p7b_compiled  the same with --compile compile (static cache, torch.compile mode reduce-overhead: CUDA graphs)
+    #   8b, 8b_compiled  Qwen3-8B's shape, eager / compiled, 1 prompt x 32 tokens (forward costs are the point)
+    #   tiny           the demo's trained adapter on its tiny target (bench/gpu/carry), fp32, held-out prompts
+    #   tiny_compiled  the same, compiled
+    #   1p7b_fp32      the 1p7b case in fp32, 1 round: are the outputs equal to AR when bf16 rounding is out of the way?
     shape=(--hidden 2048 --layers 28 --heads 16 --kv-heads 8 --head-dim 128 --intermediate 6144 --vocab 151936
            --adapter-std 0.01 --no-tiny-cache --num-prompts 2 --prompt-len 256 --max-new-tokens 64)
+    shape8b=(--hidden 4096 --layers 36 --heads 32 --kv-heads 8 --head-dim 128 --intermediate 12288 --vocab 151936
+             --adapter-std 0.01 --no-tiny-cache --num-prompts 1 --prompt-len 256 --max-new-tokens 32 --block-sizes 8 16)
+    tiny=(--model-path bench/gpu/carry/target --adapter bench/gpu/carry/adapter --prompts bench/gpu/carry/eval_prompts.jsonl
+          --num-prompts 16 --max-new-tokens 96 --block-sizes 4 8)
     rc=0
     {
-        for part in ${SPEC_DECODE_PARTS:-1p7b tiny}; do
+        for part in ${SPEC_DECODE_PARTS:-1p7b 1p7b_compiled tiny}; do
             echo "== spec_decode part $part"
             case "$part" in
-                1p7b) timeout --signal=INT 240 python3 bench/spec_decode.py --device cuda --dtype bfloat16 \
+                1p7b) timeout --signal=INT 200 python3 bench/spec_decode.py --device cuda --dtype bfloat16 \
                           "${shape[@]}" --repeats 2 --fwd-repeats 20 --out "$OUTDIR/spec_decode_1p7b.json" || rc=$? ;;
+                1p7b_compiled) timeout --signal=INT 240 python3 bench/spec_decode.py --device cuda --dtype bfloat16 \
+                          "${shape[@]}" --repeats 2 --fwd-repeats 20 --compile compile \
+                          --out "$OUTDIR/spec_decode_1p7b_compiled.json" || rc=$? ;;
+                8b|8b_compiled) timeout --signal=INT 240 python3 bench/spec_decode.py --device cuda --dtype bfloat16 \
+                          "${shape8b[@]}" --repeats 1 --fwd-repeats 10 \
+                          --compile "$([[ $part == 8b ]] && echo none || echo compile)" \
+                          --out "$OUTDIR/spec_decode_$part.json" || rc=$? ;;
                 1p7b_fp32) timeout --signal=INT 150 python3 bench/spec_decode.py --device cuda --dtype float32 \
                           "${shape[@]}" --repeats 1 --fwd-repeats 10 --out "$OUTDIR/spec_decode_1p7b_fp32.json" \
                           || rc=$? ;;
-                tiny) if [[ -f bench/gpu/carry/adapter/dflash.json ]]; then
-                          timeout --signal=INT 150 python3 bench/spec_decode.py --device cuda --dtype float32 \
-                              --model-path bench/gpu/carry/target --adapter bench/gpu/carry/adapter \
-                              --prompts bench/gpu/carry/eval_prompts.jsonl --num-prompts 16 --max-new-tokens 96 \
-                              --repeats 2 --out "$OUTDIR/spec_decode_tiny.json" || rc=$?
+                tiny|tiny_compiled) if [[ -f bench/gpu/carry/adapter/dflash.json ]]; then
+                          timeout --signal=INT 150 python3 bench/spec_decode.py --device cuda --dtype float32 "${tiny[@]}" \
+                              --compile "$([[ $part == tiny ]] && echo none || echo compile)" \
+                              --repeats 2 --out "$OUTDIR/spec_decode_$part.json" || rc=$?
                       else
-                          echo "run.sh: no bench/gpu/carry/adapter: skipping part tiny (see --prepare-spec-decode)"
+                          echo "run.sh: no bench/gpu/carry/adapter: skipping part $part (see --prepare-spec-decode)"
                       fi ;;
-                *) echo "run.sh: unknown SPEC_DECODE_PARTS entry '$part' (1p7b, tiny, 1p7b_fp32)" >&2; rc=2 ;;
+                *) echo "run.sh: unknown SPEC_DECODE_PARTS entry '$part' (1p7b, 1p7b_compiled, 8b, 8b_compiled," \
+                        "tiny, tiny_compiled, 1p7b_fp32)" >&2; rc=2 ;;
             esac
         done
         exit "$rc"
