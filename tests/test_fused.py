@@ -27,6 +27,7 @@ from test_speculative import (  # noqa: E402  (the shared tiny models and refere
     _prefill_kv,
     _training_style_block_logits,
     hf_greedy,
+    llama_model,  # noqa: F401  (a fixture: SmolLM2-shaped, so the fused loop is checked on a second family)
     prompts,
     tiny_model,
 )
@@ -117,12 +118,6 @@ def test_group_logits_equal_the_training_forward(attn, sdpa_model, eager_model):
 # ------------------------------------------------------------------------------------------------------------------
 # Greedy output is the target's, token for token
 # ------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def llama_model():
-    """SmolLM2-shaped (tied lm_head, no q/k norms): the fused loop must not depend on the model family."""
-    return tiny_model("sdpa", seed=2, family="llama", initializer_range=0.2)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["all", "groups2", "groups1-draft", "reject-mismatch"])
