@@ -21,6 +21,8 @@ setup(
     extras_require={
         "cpu": ["torch==2.13.0"],
         "test": ["pytest"],
+        # dflash-ds real-target: transformers' GGUF loader reads SmolLM2's weights (nothing of llama.cpp needed)
+        "real": ["gguf"],
     },
     entry_points={"console_scripts": ["dflash-ds=dflash_ds.cli:main"]},
 )

@@ -20,7 +20,7 @@ ANCHOR_STRATEGIES = ("random", "tile")
 @dataclass
 class BlockConfig:
     block_size: int = 16
-    num_anchors: int | None = None  # None: S // block_size for the padded batch length S
+    num_anchors: int | None = None  # None: S // block_size for each sample's own (unpadded) length S
     anchor_strategy: str = "random"
     context_ratio: tuple[float, float] = (0.0, 0.0)
     noise_min: float | None = None  # None: one-step (all followers masked)
@@ -43,6 +43,7 @@ class BlockConfig:
             raise ValueError(f"--num-anchors must be >= 1, got {self.num_anchors}")
 
     def anchors_for_length(self, seq_len: int) -> int:
+        """Blocks drawn for one sample of ``seq_len`` real tokens (its own length, never the padded batch's)."""
         return self.num_anchors if self.num_anchors is not None else max(1, seq_len // self.block_size)
 
 
@@ -143,14 +144,19 @@ def build_block_layout(
 ) -> BlockLayout:
     """Draw anchors and noise for a batch (``input_ids``, ``loss_mask``, ``attention_mask``: [b, S]).
 
-    ``sample_seeds[i]`` seeds sample ``i``'s anchors, context ratio and noise, so a sample gets the same blocks
-    whichever rank or micro-batch it lands in.
+    ``sample_seeds[i]`` seeds sample ``i``'s anchors, context ratio and noise, and its number of blocks comes from
+    its own length (``attention_mask[i].sum()``), so a sample gets the same blocks whichever rank or micro-batch
+    it lands in and whatever it is padded to; ``N`` is the largest count in the batch, the rest are padding blocks.
     """
     if cfg.mask_token_id < 0:
-        raise ValueError("BlockConfig.mask_token_id is not set (resolve it with resolve_mask_token_id)")
+        raise ValueError("BlockConfig.mask_token_id is not set (resolve it with resolve_mask_token)")
     b, S = input_ids.shape
     B = cfg.block_size
-    N = cfg.anchors_for_length(S)
+    lengths = attention_mask.sum(dim=1).tolist()
+    # Per sample, not from the padded S: a 100-token sample batched with a 1,000-token one would otherwise draw
+    # 62 blocks instead of 6 and carry half the batch's loss weight.
+    per_sample = [cfg.anchors_for_length(int(n)) for n in lengths]
+    N = max(per_sample)
     weights_k = decay_weights(B, cfg.gamma)
     k = torch.arange(B)
 
@@ -160,11 +166,10 @@ def build_block_layout(
     labels = torch.full((b, N, B), IGNORE_INDEX, dtype=torch.long)
     weights = torch.zeros(b, N, B)
     skipped = 0
-    lengths = attention_mask.sum(dim=1).tolist()
     for i in range(b):
         gen = torch.Generator().manual_seed(int(sample_seeds[i]))
         length = int(lengths[i])
-        chosen = sample_anchors(loss_mask[i], length, cfg, N, gen)
+        chosen = sample_anchors(loss_mask[i], length, cfg, per_sample[i], gen)
         if chosen.numel() == 0:
             skipped += 1
             continue
@@ -269,25 +274,3 @@ def build_flex_block_mask(layout: BlockLayout, attention_mask: torch.Tensor, blo
 
     T = S + N * B
     return create_block_mask(mask_mod, b, None, T, T, device=str(device), BLOCK_SIZE=block)
-
-
-def resolve_mask_token_id(tokenizer, vocab_size: int, explicit: int | None = None) -> int:
-    """MASK id: ``explicit`` if given, else the tokenizer's ``<|mask|>``/mask token, else the first embedding row no
-    token uses (Qwen3: 151669). Raises naming ``--mask-token-id`` when none works (the frozen embedding cannot
-    grow a trained row, so adding a token is left to the user who can resize and save the base model)."""
-    if explicit is not None:
-        if not 0 <= explicit < vocab_size:
-            raise ValueError(f"--mask-token-id {explicit} is outside the embedding (vocab_size {vocab_size})")
-        return explicit
-    for candidate in ("<|mask|>", getattr(tokenizer, "mask_token", None)):
-        if candidate:
-            tid = tokenizer.convert_tokens_to_ids(candidate)
-            if tid is not None and tid != tokenizer.unk_token_id and 0 <= tid < vocab_size:
-                return int(tid)
-    used = len(tokenizer)
-    if used < vocab_size:
-        return used
-    raise ValueError(
-        f"no MASK token: the tokenizer has no <|mask|> token and all {vocab_size} embedding rows are used; "
-        "pass --mask-token-id, or add a special token to the tokenizer and resize the model's embeddings"
-    )

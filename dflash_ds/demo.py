@@ -1,11 +1,18 @@
 """``dflash-ds demo``: the whole mission on a laptop CPU, in minutes.
 
-1. the tiny Qwen3 target trained on the standard library's source (built once and cached);
+1. the target: the tiny Qwen3 trained on the standard library's source (``--target tiny``, default; built once and
+   cached), or SmolLM2-135M-Instruct (``--target smollm2``: ``dflash-ds real-target``'s cached conversion), or a
+   directory;
 2. self-distillation data: the target's own greedy answers to training prompts (SPEC 11: this decides tau);
-3. a drafter adapter trained with DeepSpeed ZeRO-3 on 2 CPU ranks, through the ``deepspeed`` launcher exactly as
-   on a cluster;
-4. lossless speculative decoding on held-out modules' prompts: tau, acceptance by position, AR vs speculative
-   tokens/s, next to prompt lookup and the untrained-adapter floor.
+3. a drafter adapter trained with DeepSpeed on 2 CPU ranks (ZeRO-3 for the tiny target; ZeRO-2 for SmolLM2, whose
+   540 MB base ZeRO-3 would gather on every forward: 21-34 s a step against 4-5 s per sequence, SPEC 11), through
+   the ``deepspeed`` launcher exactly as on a cluster;
+4. lossless speculative decoding on held-out prompts (tiny: held-out stdlib modules; smollm2: another code base,
+   the source of tqdm and datasets.utils): tau, acceptance by position, AR vs speculative tokens/s, next to prompt
+   lookup and the untrained-adapter floor.
+
+Every stage leaves its result in ``--workdir`` and is skipped when it is there, so running the same command again
+after an interruption resumes (regeneration batch by batch, training from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -28,55 +36,135 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _zero3_config(workdir: Path) -> Path:
-    """The repo's ZeRO-3 JSON when the package runs from a checkout, else the same settings written out."""
-    repo = REPO_CONFIGS / "zero3.json"
+@dataclass(frozen=True)
+class Recipe:
+    """The defaults of one demo target (each is also a flag)."""
+
+    zero_stage: int
+    steps: int  # optimizer steps of drafter training
+    num_train: int  # training prompts to self-distil
+    distill_tokens: int  # max tokens per regenerated answer
+    block_size: int
+    max_length: int
+    micro_batch_size: int
+    lr: float
+    eval_prompts: int
+    max_new_tokens: int
+    repeats: int
+    regen_ranks: int  # processes regenerating in parallel (1 thread each when > 1)
+    regen_batch: int
+    truncated: str  # what training does with answers cut off at distill_tokens
+
+
+RECIPES = {
+    # 1.8M parameters: per-forward overhead dominates, so one process with batch 32 regenerates fastest
+    "tiny": Recipe(zero_stage=3, steps=200, num_train=512, distill_tokens=64, block_size=8, max_length=256,
+                   micro_batch_size=4, lr=3e-3, eval_prompts=16, max_new_tokens=96, repeats=3, regen_ranks=1,
+                   regen_batch=32, truncated="keep"),
+    # 134.5M parameters, compute-bound on 2 cores (AR step ~55 ms): two ranks of one thread each, ZeRO-2
+    "smollm2": Recipe(zero_stage=2, steps=300, num_train=512, distill_tokens=128, block_size=8, max_length=512,
+                      micro_batch_size=1, lr=1e-3, eval_prompts=16, max_new_tokens=128, repeats=1, regen_ranks=2,
+                      regen_batch=8, truncated="keep"),
+}
+#: The "write this function" prompt of the SmolLM2 recipe (the tiny target was trained on bare signatures). "Reply
+#: with the code only": SmolLM2 otherwise explains the code after it, and more answers run into the token limit
+#: (measured on 16 stdlib prompts at 128 tokens: 5 cut off with this prompt, 8 with the bare signature).
+WRITE_FUNCTION = "Complete this Python function. Reply with the code only.\n\n```python\n{prompt}\n```"
+#: Held-out code for the SmolLM2 recipe: other code bases than the stdlib it is trained on (installed dependencies).
+EVAL_CODE_BASES = ("tqdm", "datasets.utils")
+
+
+def _ds_config(stage: int, workdir: Path) -> Path:
+    """The repo's zero{stage}.json when the package runs from a checkout, else the same settings written out."""
+    repo = REPO_CONFIGS / f"zero{stage}.json"
     if repo.exists():
         return repo
     from .config import DEFAULT_DS_CONFIG
 
     cfg = json.loads(json.dumps(DEFAULT_DS_CONFIG))
-    cfg["zero_optimization"] = {"stage": 3, "overlap_comm": False, "stage3_param_persistence_threshold": 0}
-    path = workdir / "zero3.json"
+    cfg["zero_optimization"] = {"stage": stage, "overlap_comm": False}
+    if stage == 3:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = workdir / f"zero{stage}.json"
     path.write_text(json.dumps(cfg, indent=2))
     return path
 
 
-def prepare_data(target: Path, workdir: Path, num_train: int, max_new_tokens: int) -> Path:
-    """Regenerate ``num_train`` training conversations with the target. Cached next to the target when that
-    directory is writable (the tiny target's cache), so later demos skip this step; else in the workdir."""
+def write_function_prompts(workdir: Path, num_train: int, num_eval: int) -> tuple[Path, Path]:
+    """SmolLM2 recipe prompts: ``num_train`` stdlib functions (spread over the train-side modules) and
+    ``num_eval`` functions of :data:`EVAL_CODE_BASES`, each as a "complete this function" user turn. Written once
+    (deterministic; kept for a rerun)."""
+    import importlib
+
+    from .tiny import _spread, extract_stdlib_functions, split_by_module, write_jsonl
+
+    train_path, eval_path = workdir / "data" / "train_prompts.jsonl", workdir / "data" / "eval_prompts.jsonl"
+    if train_path.exists() and eval_path.exists():
+        return train_path, eval_path
+
+    def conv(sample) -> dict:
+        return {"conversations": [{"role": "user", "content": WRITE_FUNCTION.format(prompt=sample.prompt)},
+                                  {"role": "assistant", "content": sample.body}]}
+
+    train, _ = split_by_module(extract_stdlib_functions(max_per_module=100), eval_fraction=0.1, seed=0)
+    held_out = []
+    for name in EVAL_CODE_BASES:
+        root = Path(importlib.import_module(name).__file__).parent
+        held_out += extract_stdlib_functions(root, max_per_module=4)
+    write_jsonl(train_path, [conv(train[i]) for i in _spread(len(train), num_train)])
+    records = [conv(held_out[i]) for i in _spread(len(held_out), num_eval)]
+    write_jsonl(eval_path, [{"conversations": r["conversations"][:1]} for r in records])
+    return train_path, eval_path
+
+
+def prepare_data(target: Path, prompts: Path, workdir: Path, args) -> Path:
+    """Regenerate ``args.num_train`` training conversations with the target (``args.regen_ranks`` processes).
+    Cached next to the prompts when that directory is writable (the tiny target's cache), so later demos skip
+    this step; else in the workdir. An interrupted run resumes where it stopped."""
     from .regenerate import regenerate_file
 
-    name = f"train_selfdistill_{num_train}_{max_new_tokens}.jsonl"
-    cache = target / "data"
-    out = (cache if os.access(cache, os.W_OK) else workdir / "data") / name
+    # v2: records carry "truncated" (a cache from before would silently train on cut-off answers' end-of-turn)
+    name = f"train_selfdistill_v2_{args.num_train}_{args.distill_tokens}.jsonl"
+    out = (prompts.parent if os.access(prompts.parent, os.W_OK) else workdir / "data") / name
     if out.exists():
         print(f"self-distillation data (cached): {out}", flush=True)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    n = regenerate_file(str(target), str(target / "data" / "train.jsonl"), str(out), max_new_tokens=max_new_tokens,
-                        batch_size=32, limit=num_train)
-    print(f"self-distillation: {n} target-generated answers in {time.perf_counter() - t0:.0f}s -> {out}", flush=True)
+    common = ["--model-path", str(target), "--in", str(prompts), "--out", str(out), "--limit", str(args.num_train),
+              "--max-new-tokens", str(args.distill_tokens), "--batch-size", str(args.regen_batch)]
+    if args.regen_ranks > 1:
+        cmd = ["deepspeed", "--num_gpus", str(args.regen_ranks), "--master_port", str(_free_port()),
+               "--module", "dflash_ds.regenerate", *common]
+        print("$ " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, env=_rank_env(), check=True)
+    else:
+        stats = regenerate_file(str(target), str(prompts), str(out), max_new_tokens=args.distill_tokens,
+                                batch_size=args.regen_batch, limit=args.num_train)
+        print(f"self-distillation: {stats.summary()} -> {out}", flush=True)
     return out
 
 
-def launch_training(target: Path, data: Path, run_dir: Path, args) -> None:
-    """Two CPU ranks through the DeepSpeed launcher (the same command a cluster run uses, minus --hostfile)."""
-    cmd = [
-        "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dflash_ds.train",
-        "--deepspeed_config", str(_zero3_config(run_dir.parent)),
-        "--model-path", str(target), "--train-data", str(data), "--output-dir", str(run_dir),
-        "--block-size", str(args.block_size), "--max-length", str(args.max_length),
-        "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.steps),
-        "--lr", str(args.lr), "--warmup-ratio", "0.05", "--seed", str(args.seed),
-        "--save-interval", str(max(args.steps // 2, 1)), "--log-interval", "1",
-    ]
+def _rank_env() -> dict:
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", "1")  # two ranks share the cores; oversubscription slows both
+    return env
+
+
+def launch_training(target: Path, data: Path, run_dir: Path, args) -> None:
+    """Two CPU ranks through the DeepSpeed launcher (the same command a cluster run uses, minus --hostfile).
+    ``--resume auto``: a rerun continues from the last checkpoint."""
+    cmd = [
+        "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dflash_ds.train",
+        "--deepspeed_config", str(_ds_config(args.zero_stage, run_dir.parent)),
+        "--model-path", str(target), "--train-data", str(data), "--output-dir", str(run_dir),
+        "--block-size", str(args.block_size), "--max-length", str(args.max_length),
+        "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.steps),
+        "--lr", str(args.lr), "--warmup-ratio", "0.05", "--seed", str(args.seed), "--truncated", args.truncated,
+        "--save-interval", str(max(args.steps // 4, 1)), "--log-interval", "1", "--resume", "auto",
+    ]
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, env=env, check=True)
+    subprocess.run(cmd, env=_rank_env(), check=True)
 
 
 def evaluate(target: Path, adapter: Path, prompts: Path, args) -> dict:
@@ -97,38 +185,60 @@ def evaluate(target: Path, adapter: Path, prompts: Path, args) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags; every recipe default (:data:`RECIPES`) is a flag whose default comes from ``--target``."""
     p = argparse.ArgumentParser(prog="dflash-ds demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="demo_work")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps of drafter training")
-    p.add_argument("--num-train", type=int, default=512, help="training prompts to self-distil")
-    p.add_argument("--distill-tokens", type=int, default=64, help="max tokens per regenerated answer")
-    p.add_argument("--block-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval-prompts", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--target", default="tiny",
+                   help="'tiny' (the cached tiny Qwen3), 'smollm2' (SmolLM2-135M-Instruct, see dflash-ds real-target) "
+                        "or a target directory with data/train.jsonl and data/eval_prompts.jsonl (tiny defaults)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target", default=None, help="use this target directory instead of the cached tiny target")
+    helps = {"steps": "optimizer steps of drafter training", "num_train": "training prompts to self-distil",
+             "distill_tokens": "max tokens per regenerated answer", "zero_stage": "ZeRO stage of drafter training",
+             "regen_ranks": "processes regenerating in parallel", "truncated": "drop or keep cut-off answers"}
+    for field, value in asdict(RECIPES["tiny"]).items():
+        p.add_argument("--" + field.replace("_", "-"), type=type(value), default=None,
+                       help=f"{helps.get(field, '')} (default: the target's recipe, tiny {value}, "
+                            f"smollm2 {getattr(RECIPES['smollm2'], field)})")
     args = p.parse_args(argv)
+    recipe = RECIPES.get(args.target, RECIPES["tiny"])
+    for field, value in asdict(recipe).items():
+        if getattr(args, field) is None:
+            setattr(args, field, value)
+    if args.truncated not in ("drop", "keep"):
+        p.error(f"--truncated must be drop or keep, got {args.truncated!r}")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from .tiny import ensure_tiny_target
 
     t0 = time.perf_counter()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    target = Path(args.target).resolve() if args.target else ensure_tiny_target()
+    if args.target == "smollm2":
+        from .real_target import ensure_real_target
+
+        target = ensure_real_target()
+        train_prompts, eval_prompts = write_function_prompts(workdir, args.num_train, args.eval_prompts)
+        held_out = f"prompts from another code base ({', '.join(EVAL_CODE_BASES)})"
+    else:
+        target = ensure_tiny_target() if args.target == "tiny" else Path(args.target).resolve()
+        train_prompts, eval_prompts = target / "data" / "train.jsonl", target / "data" / "eval_prompts.jsonl"
+        held_out = "held-out modules' prompts"
     print(f"[1/4] target: {target}", flush=True)
-    data = prepare_data(target, workdir, args.num_train, args.distill_tokens)
+    data = prepare_data(target, train_prompts, workdir, args)
     print(f"[2/4] training data: {data}", flush=True)
     run_dir = workdir / "run"
-    launch_training(target, data, run_dir, args)
+    if (run_dir / "adapter" / "adapter_model.safetensors").exists():
+        print(f"trained adapter found in {run_dir / 'adapter'}: training skipped (delete it to retrain)", flush=True)
+    else:
+        launch_training(target, data, run_dir, args)
     print(f"[3/4] adapter: {run_dir / 'adapter'}  (TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'})",
           flush=True)
-    print("[4/4] speculative decoding on held-out modules' prompts", flush=True)
-    report = evaluate(target, run_dir / "adapter", target / "data" / "eval_prompts.jsonl", args)
+    print(f"[4/4] speculative decoding on {held_out}", flush=True)
+    report = evaluate(target, run_dir / "adapter", eval_prompts, args)
     metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     train_losses = [m["loss"] for m in metrics if "loss" in m]
     summary = {
@@ -139,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "greedy_match": report["greedy_match"],
         "floor_tau": (report.get("baselines", {}).get("untrained_floor") or {}).get("tau"),
         "wall_s": time.perf_counter() - t0,
+        "settings": {k: v for k, v in vars(args).items()},
         "report": report,
     }
     (workdir / "demo_report.json").write_text(json.dumps(summary, indent=2, default=str))

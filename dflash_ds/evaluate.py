@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .data import TEXT_ROLE, conversation_of, parse_json_object
+from .data import TEXT_ROLE, conversation_of, parse_json_object, render_chat
 from .speculative import (
     FALLBACKS,
     FusedConfig,
@@ -150,9 +150,7 @@ def render_prompt(tokenizer, prompt: list[dict] | str | Sequence[int]) -> list[i
     else:
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("the tokenizer has no chat template; give prompts as pre-formatted {'text': ...} lines")
-        text = tokenizer.apply_chat_template(
-            list(prompt), tokenize=False, add_generation_prompt=True, enable_thinking=False
-        )
+        text = render_chat(tokenizer, list(prompt), add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"prompt renders to no tokens: {text!r}")

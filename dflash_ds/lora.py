@@ -24,11 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Megatron-style split of a Llama/Qwen decoder layer: the first projection of attention and MLP is split by output
-# rows (heads / intermediate channels), the second by input columns, so one all-reduce per block suffices.
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
+from .families import PROJECTIONS as DEFAULT_TARGETS
+from .families import check_tp_compatible, family_of
+
 SCOPES = ("block", "all")
 
 
@@ -46,7 +44,7 @@ class LoRAConfig:
             raise ValueError(f"--lora-r must be >= 1, got {self.r}")
         if self.scope not in SCOPES:
             raise ValueError(f"--lora-scope must be one of {SCOPES}, got {self.scope!r}")
-        unknown = set(self.target_modules) - set(COLUMN_PARALLEL + ROW_PARALLEL)
+        unknown = set(self.target_modules) - set(DEFAULT_TARGETS)
         if unknown:
             raise ValueError(
                 f"--lora-targets: unknown module(s) {sorted(unknown)}; choose from {list(DEFAULT_TARGETS)}"
@@ -281,9 +279,12 @@ class StackedProjections:
         return y  # members read their columns of the base outputs
 
 
-def stack_projections(model: nn.Module, groups=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))) -> int:
+def stack_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] | None = None) -> int:
     """Stack the adapted projections that read the same input in every layer (:class:`StackedProjections`), for
-    decoding with the adapter's final weights. Skips tensor-parallel shards. Returns the number of stacks made."""
+    decoding with the adapter's final weights (``groups``: the model family's, :mod:`dflash_ds.families`). Skips
+    tensor-parallel shards. Returns the number of stacks made."""
+    if groups is None:
+        groups = family_of(model).stack_groups
     made = 0
     for parent in model.modules():
         for names in groups:
@@ -308,29 +309,6 @@ def _kaiming_uniform_full(rows: int, cols: int, generator: torch.Generator) -> t
     # PEFT's default: nn.init.kaiming_uniform_(A, a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     bound = 1.0 / math.sqrt(cols)
     return (torch.rand(rows, cols, generator=generator, dtype=torch.float32) * 2 - 1) * bound
-
-
-def _parallel_kind(short_name: str, tp: TPGroup) -> str | None:
-    if tp.size <= 1:
-        return None
-    if short_name in COLUMN_PARALLEL:
-        return "column"
-    if short_name in ROW_PARALLEL:
-        return "row"
-    return None
-
-
-def check_tp_compatible(config, tp_size: int) -> None:
-    """Fail fast (naming the setting) when the model cannot be split ``tp_size`` ways."""
-    if tp_size <= 1:
-        return
-    for attr in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        value = getattr(config, attr)
-        if value % tp_size:
-            raise ValueError(
-                f"autotp_size={tp_size} must divide the model's {attr}={value} "
-                f"(the base weights are split along it)"
-            )
 
 
 def _shard_linear(linear: nn.Linear, kind: str | None, tp: TPGroup) -> nn.Linear:
@@ -363,6 +341,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, tp: TPGroup | None = None, 
     starts from the same adapter. Returns the model's :class:`AdapterControl` (also at ``model.dflash_adapter``).
     """
     tp = tp or TPGroup()
+    family = family_of(model)  # which projections exist and how tensor parallelism splits them
     check_tp_compatible(model.config, tp.size)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -374,7 +353,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig, tp: TPGroup | None = None, 
         parent_name, _, short = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear: nn.Linear = getattr(parent, short)
-        kind = _parallel_kind(short, tp)
+        # Megatron-style split: the first projection of attention and MLP by output rows, the second by input
+        # columns, so one all-reduce per block suffices (families.py)
+        kind = family.parallel_kind(short) if tp.size > 1 else None
         targeted = short in config.target_modules
         if not targeted and kind is None:
             continue
@@ -507,6 +488,8 @@ class DraftMeta:
     mask_token_id: int
     scope: str
     base_model: str = ""
+    mask_token: str | None = None  # the MASK's token text (None: an embedding row no token uses)
+    mask_token_rule: str = ""  # which rule chose it (dflash_ds.mask_token.RULES); "" in adapters from before
 
 
 def save_adapter_dir(out_dir, state: dict[str, torch.Tensor], config: LoRAConfig, meta: DraftMeta) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .blocks import IGNORE_INDEX, BlockLayout, build_attention_mask, build_flex_block_mask
 from .loss import LossConfig, LossOutput, accepted_lengths, fused_ce_kl_loss
+from .families import decoder
 from .lora import adapter_control
 
 
@@ -72,7 +73,7 @@ class DFlashDrafter(nn.Module):
         # during backward and must see the same gate. Every forward that uses the model sets it again.
         # Scope block: the adapter runs on the block rows (after the S clean ones) only.
         adapter_control(self.model).set(True, rows_from=S if self.scope == "block" else 0)
-        out = self.model.model(input_ids=full_ids, attention_mask=mask, position_ids=layout.position_ids)
+        out = decoder(self.model)(input_ids=full_ids, attention_mask=mask, position_ids=layout.position_ids)
         return out.last_hidden_state
 
     def teacher_hidden(
@@ -84,7 +85,7 @@ class DFlashDrafter(nn.Module):
             return hidden[:, :S].detach()  # the gate kept the adapter off there: this *is* the base model
         control = adapter_control(self.model)
         with torch.no_grad(), control.disabled():
-            return self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout) -> DrafterOutput:
         b, S = input_ids.shape

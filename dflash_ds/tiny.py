@@ -43,7 +43,7 @@ import sysconfig
 import textwrap
 import time
 import tokenize
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,17 +297,22 @@ def write_prompts_jsonl(path: str | os.PathLike[str], samples: Iterable[Function
 # --------------------------------------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Any:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, special_tokens: Sequence[str] | None = None) -> Any:
     """Train a byte-level BPE tokenizer and wrap it as a ``transformers`` fast tokenizer.
 
     Byte-level BPE without a normalizer maps any string to bytes and back, so code (tabs, runs of spaces,
     newlines, non-ASCII) round-trips exactly. Ids 0..3 are the special tokens ``<|endoftext|>`` (pad),
     ``<|im_start|>``, ``<|im_end|>`` (eos, ends every turn) and ``<|mask|>`` (the drafter's MASK token).
+    ``special_tokens`` replaces that list (it must start with those three; tests use it to build a tokenizer
+    without ``<|mask|>``, like SmolLM2's); ``<|mask|>`` is the mask token only if listed.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    n_base = 256 + len(SPECIAL_TOKENS)
+    specials = list(SPECIAL_TOKENS if special_tokens is None else special_tokens)
+    if specials[:3] != list(SPECIAL_TOKENS[:3]):
+        raise ValueError(f"special_tokens must start with {list(SPECIAL_TOKENS[:3])}, got {specials[:3]}")
+    n_base = 256 + len(specials)
     if vocab_size < n_base:
         raise ValueError(f"vocab_size must be at least {n_base} (bytes + special tokens), got {vocab_size}")
     tok = Tokenizer(models.BPE())
@@ -325,7 +330,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Any:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
         show_progress=False,
     )
@@ -334,7 +339,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Any:
         tokenizer_object=tok,
         pad_token=PAD_TOKEN,
         eos_token=IM_END,
-        mask_token=MASK_TOKEN,
+        mask_token=MASK_TOKEN if MASK_TOKEN in specials else None,
         additional_special_tokens=[IM_START],
         clean_up_tokenization_spaces=False,  # the clean-up would eat spaces before punctuation in code
         model_max_length=1_000_000,  # no truncation warnings; the trained context is in tiny_target.json
@@ -631,7 +636,7 @@ def build_tiny_target(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-built is left behind, not even the .tmp
         raise
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     return meta
 
 
@@ -761,7 +766,7 @@ def _build_into(tmp: Path, cfg: TinyTargetConfig, progress: bool) -> dict[str, A
     return meta
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``; an old ``dst`` is moved aside first so ``dst`` is never half-written."""
     if dst.exists():
         old = dst.with_name(dst.name + ".old")
@@ -772,6 +777,21 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old)
     else:
         src.rename(dst)
+
+
+def empty_or_missing(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def copy_dir(src: Path, dst: Path) -> None:
+    """Copy a cached build to ``dst`` (missing or empty) through ``dst.tmp``, so ``dst`` is never half-written."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        dst.rmdir()  # empty (the caller checked)
+    tmp.rename(dst)
 
 
 def _spread(n: int, k: int) -> list[int]:
@@ -798,15 +818,16 @@ def _version(package: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    """``$DFLASH_DS_CACHE/tiny-target-v1`` if the variable is set, else ``~/.cache/dflash_ds/tiny-target-v1``."""
+def default_cache_dir(name: str = CACHE_NAME) -> Path:
+    """``$DFLASH_DS_CACHE/<name>`` if the variable is set, else ``~/.cache/dflash_ds/<name>`` (``name``: the tiny
+    target's ``tiny-target-v1`` by default; :mod:`dflash_ds.real_target` caches under its own name)."""
     root = os.environ.get(CACHE_ENV)
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "dflash_ds"
-    return base / CACHE_NAME
+    return base / name
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Exclusive lock so that several processes (e.g. ranks of one launch) build the cache only once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as f:
@@ -831,7 +852,7 @@ def ensure_tiny_target(
     path = Path(cache_dir).expanduser().resolve() if cache_dir is not None else default_cache_dir()
     if _is_complete(path):
         return path
-    with _file_lock(path.with_name(path.name + ".lock")):
+    with file_lock(path.with_name(path.name + ".lock")):
         if not _is_complete(path):  # another process may have finished it while we waited
             if progress:
                 print(f"building the tiny target in {path} (a few minutes, once)", file=sys.stderr)
@@ -893,36 +914,47 @@ def main_build(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def copy_cached_main(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    ensure: Callable[[str | None, bool], Path],
+    errors: tuple[type[BaseException], ...],
+    summary: Callable[[Path], str],
+) -> int:
+    """The ``--out DIR [--cache-dir D] [--quiet]`` command of a cached target: ``ensure(cache_dir, progress)`` builds
+    or finds the cache, which is copied to DIR (missing or empty); ``errors`` become one line and exit code 1."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--out", required=True, help="destination directory (must not exist or be empty)")
+    parser.add_argument("--cache-dir", default=None, help="cache directory to use instead of the default")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    args = parser.parse_args(argv)
+    dst = Path(args.out).expanduser().resolve()
+    if not empty_or_missing(dst):
+        print(f"{prog}: error: {dst} exists and is not an empty directory", file=sys.stderr)
+        return 1
+    try:
+        src = ensure(args.cache_dir, not args.quiet)
+    except errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    copy_dir(src, dst)
+    print(summary(dst))
+    return 0
+
+
 def main_tiny_target(argv: Sequence[str] | None = None) -> int:
     """``dflash-ds tiny-target --out DIR``: copy the cached tiny target to DIR (building the cache if needed)."""
-    parser = argparse.ArgumentParser(
+    return copy_cached_main(
+        argv,
         prog="dflash-ds tiny-target",
         description=f"Copy the cached tiny target (default {default_cache_dir()}, "
         f"root overridable with ${CACHE_ENV}) to DIR, building it first if needed.",
+        ensure=lambda cache_dir, progress: ensure_tiny_target(cache_dir, progress=progress),
+        errors=(FileExistsError, FileNotFoundError, RuntimeError, ValueError),
+        summary=lambda dst: _summary(json.loads((dst / METADATA_FILE).read_text(encoding="utf-8")), dst),
     )
-    parser.add_argument("--out", required=True, help="destination directory (must not exist or be empty)")
-    parser.add_argument("--cache-dir", default=None, help="cache directory to use instead of the default")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    dst = Path(args.out).expanduser().resolve()
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        print(f"dflash-ds tiny-target: error: {dst} exists and is not an empty directory", file=sys.stderr)
-        return 1
-    try:
-        src = ensure_tiny_target(args.cache_dir, progress=not args.quiet)
-    except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:
-        print(f"dflash-ds tiny-target: error: {e}", file=sys.stderr)
-        return 1
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        dst.rmdir()  # empty, checked above
-    tmp.rename(dst)
-    meta = json.loads((dst / METADATA_FILE).read_text(encoding="utf-8"))
-    print(_summary(meta, dst))
-    return 0
 
 
 if __name__ == "__main__":  # python -m dflash_ds.tiny {build-tiny-target,tiny-target} ...

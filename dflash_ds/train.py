@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .blocks import BlockConfig, build_block_layout, resolve_mask_token_id
+from .blocks import BlockConfig, build_block_layout
 from .config import TrainConfig, autotp_size, load_ds_config, parse_train_args, resolve_ds_config
+from .families import check_max_length, check_tp_compatible, family_of
 from .lora import DraftMeta, apply_lora, lora_parameters
+from .mask_token import resolve_mask_token
 from .model import DFlashDrafter
 from .parallel import (
     ModelParallelUnit,
@@ -176,11 +178,9 @@ def train(cfg: TrainConfig) -> Path:
     ds_raw = load_ds_config(cfg.deepspeed_config)
     tp_size = autotp_size(ds_raw)
     model_config = AutoConfig.from_pretrained(cfg.model_path)
-    if tp_size > model_config.num_key_value_heads:
-        raise ValueError(
-            f"tensor_parallel.autotp_size={tp_size} exceeds the model's key-value head count "
-            f"({model_config.num_key_value_heads})"
-        )
+    family_of(model_config)  # an unsupported architecture fails here, naming the supported ones
+    check_tp_compatible(model_config, tp_size)
+    check_max_length(model_config, cfg.max_length)
     init_distributed(cfg.dist_timeout)
     check_parallel_sizes(dist.get_world_size(), tp_size)
     layout = build_parallel_layout(tp_size)
@@ -193,12 +193,15 @@ def train(cfg: TrainConfig) -> Path:
 
     # 2. data: rank 0 tokenises into the cache first, the others then read it
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-    mask_id = resolve_mask_token_id(tokenizer, model_config.vocab_size, cfg.mask_token_id)
-    block_cfg: BlockConfig = cfg.block_config(mask_id)
+    mask = resolve_mask_token(tokenizer, model_config.vocab_size, cfg.mask_token_id)
+    if is_main:
+        print(f"MASK token: id {mask.token_id} ({mask.token!r}, rule: {mask.rule})", flush=True)
+    block_cfg: BlockConfig = cfg.block_config(mask.token_id)
     data_cfg = DataConfig(
         paths=list(cfg.train_data),
         max_length=cfg.max_length,
         bad_lines=cfg.bad_lines,
+        truncated=cfg.truncated,
         num_proc=cfg.num_proc,
         cache_dir=str(Path(cfg.output_dir) / "data_cache"),
     )
@@ -226,7 +229,8 @@ def train(cfg: TrainConfig) -> Path:
         mpu=ModelParallelUnit(layout) if tp_size > 1 else None,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_ratio, cfg.lr_schedule)),
     )
-    meta = DraftMeta(block_size=cfg.block_size, mask_token_id=mask_id, scope=cfg.lora_scope, base_model=cfg.model_path)
+    meta = DraftMeta(block_size=cfg.block_size, mask_token_id=mask.token_id, scope=cfg.lora_scope,
+                     base_model=cfg.model_path, mask_token=mask.token, mask_token_rule=mask.rule)
     layout_key = {"world_size": layout.world_size, "tp": tp_size, "zero_stage": ds.get("zero_optimization", {}).get("stage", 0)}
 
     # 4. resume: adapter, optimizer, schedule, data position, RNG

@@ -8,7 +8,6 @@ from dflash_ds.blocks import (
     build_attention_mask,
     build_block_layout,
     decay_weights,
-    resolve_mask_token_id,
 )
 
 MASK = 95
@@ -125,6 +124,28 @@ def test_same_seed_same_layout_regardless_of_batch_position():
     assert torch.equal(full.labels[1], single.labels[0])
 
 
+def test_sample_gets_its_own_blocks_when_batched_with_a_longer_one():
+    """A 100-token sample padded to 1,000 next to a long one draws 100 // B blocks, the same blocks it draws alone
+    (the old code took the count from the padded length: 62 blocks instead of 6 at B = 16)."""
+    B, short, long_ = 16, 100, 1000
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 90, (2, long_), generator=gen)
+    lm = torch.zeros(2, long_, dtype=torch.long)
+    attn = torch.zeros(2, long_, dtype=torch.long)
+    attn[0, :short], lm[0, 10:short] = 1, 1
+    attn[1], lm[1, 10:] = 1, 1
+    cfg = BlockConfig(block_size=B, mask_token_id=MASK)
+    batched = build_block_layout(ids, lm, attn, cfg, [5, 6])
+    alone = build_block_layout(ids[:1, :short], lm[:1, :short], attn[:1, :short], cfg, [5])
+    assert int(batched.block_valid[0].sum()) == short // B == int(alone.block_valid[0].sum())
+    assert int(batched.block_valid[1].sum()) == long_ // B
+    n = alone.num_blocks
+    assert torch.equal(batched.anchors[0, :n], alone.anchors[0])
+    assert torch.equal(batched.labels[0, : n * B], alone.labels[0])
+    assert torch.equal(batched.weights[0, : n * B], alone.weights[0])
+    assert not batched.block_valid[0, n:].any() and (batched.labels[0, n * B :] == IGNORE_INDEX).all()
+
+
 def _reference_visibility(lay, attn):
     b, S = attn.shape
     N, B = lay.num_blocks, lay.block_size
@@ -163,27 +184,3 @@ def test_config_errors_name_the_flag():
         BlockConfig(anchor_strategy="grid")
     with pytest.raises(ValueError, match="--context-ratio"):
         BlockConfig(context_ratio=(0.5, 0.2))
-
-
-class _Tok:
-    def __init__(self, vocab, mask=None):
-        self.vocab = vocab
-        self.mask_token = mask
-        self.unk_token_id = None
-
-    def __len__(self):
-        return len(self.vocab)
-
-    def convert_tokens_to_ids(self, t):
-        return self.vocab.get(t)
-
-
-def test_mask_token_resolution_order():
-    tok = _Tok({"a": 0, "b": 1, "<|mask|>": 2})
-    assert resolve_mask_token_id(tok, 10, explicit=7) == 7
-    assert resolve_mask_token_id(tok, 10) == 2
-    assert resolve_mask_token_id(_Tok({"a": 0, "b": 1}), 10) == 2  # first unused embedding row
-    with pytest.raises(ValueError, match="--mask-token-id"):
-        resolve_mask_token_id(_Tok({"a": 0, "b": 1}), 2)
-    with pytest.raises(ValueError, match="--mask-token-id 12"):
-        resolve_mask_token_id(tok, 10, explicit=12)

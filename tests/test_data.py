@@ -486,3 +486,139 @@ def test_build_dataset_cache_reuse_and_invalidation(tok, tmp_path, monkeypatch):
     calls.clear()
     build_dataset(_make_tokenizer(QWEN3), DataConfig(paths=paths, cache_dir=str(cache)))
     assert len(calls) > 0 and len(os.listdir(cache)) == 4
+
+
+# ------------------------------------------------------------------------------------------------ self-distillation
+
+
+_CPU = type("CpuModel", (), {"device": torch.device("cpu")})()  # all regenerate reads of the model besides greedy_batch
+
+
+class _ScriptedLM:
+    """Stands in for greedy decoding in regenerate (``regenerate.greedy_batch``): records the prompts it is given
+    and answers the k-th prompt, in call order, with ``answers[k]`` cut at ``max_new_tokens``."""
+
+    def __init__(self, answers: list[list[int]]) -> None:
+        self.answers, self.prompts = list(answers), []
+
+    def __call__(self, model, input_ids, attention_mask, max_new_tokens, eos_id):
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            self.prompts.append([t for t, m in zip(ids, mask) if m])
+            rows.append(self.answers.pop(0)[:max_new_tokens])
+        return rows
+
+
+def test_regenerate_renders_prompts_like_training_and_eval(qwen_tok, monkeypatch):
+    """Qwen3: without enable_thinking=False the generation prompt lacks the empty think block, so the target
+    wrote thinking traces that evaluation never asks for (the old regenerate did exactly that)."""
+    from dflash_ds import regenerate
+    from dflash_ds.evaluate import render_prompt
+
+    convs = [[{"role": "user", "content": "what is two plus two?"}, {"role": "assistant", "content": "four"}]]
+    answer = qwen_tok("it is four.", add_special_tokens=False)["input_ids"] + [qwen_tok.eos_token_id]
+    lm = _ScriptedLM([answer])
+    monkeypatch.setattr(regenerate, "greedy_batch", lm)
+    records, _ = regenerate.regenerate_conversations(_CPU, qwen_tok, convs, max_new_tokens=32, progress=False)
+    assert lm.prompts == [render_prompt(qwen_tok, convs[0][:1])]
+    assert "<think>\n\n</think>" in qwen_tok.decode(lm.prompts[0])
+    # the training tokenisation of the regenerated conversation starts with exactly that prompt
+    example = tokenize_conversation(qwen_tok, records[0][1]["conversations"], max_length=512)
+    assert example["input_ids"][: len(lm.prompts[0])] == lm.prompts[0]
+
+
+def test_truncated_answers_are_recorded_then_kept_without_end_of_turn_or_dropped(tok, tmp_path, monkeypatch):
+    """An answer cut off at max_new_tokens: regenerate marks it; training keeps it by default without a loss on its
+    end-of-turn token (written by the template, never by the target), or drops it under 'drop'."""
+    from dflash_ds import regenerate
+
+    eos = tok.eos_token_id
+    words = tok("the quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": "x"}] for q in ("hello", "what is")]
+    # longest prompt first: "what is" gets the finished answer, "hello" the one that runs past the limit
+    monkeypatch.setattr(regenerate, "greedy_batch", _ScriptedLM([words[:3] + [eos], words * 3]))
+    records, stats = regenerate.regenerate_conversations(_CPU, tok, convs, max_new_tokens=len(words) + 2,
+                                                         progress=False)
+    assert [r["truncated"] for _, r in records] == [True, False] and stats.truncated == 1
+    assert stats.new_tokens == (len(words) + 2) + 4  # the cut answer's tokens + the finished one's with its eos
+    path = _write_jsonl(tmp_path / "regen.jsonl", [r for _, r in records])
+
+    dropped = build_dataset(tok, DataConfig(paths=[str(path)], truncated="drop"))
+    assert len(dropped) == 1
+    kept = build_dataset(tok, DataConfig(paths=[str(path)]))
+    assert len(kept) == 2
+    cut, done = kept[0], kept[1]
+    assert _masked_runs(tok, done)[-1].endswith("<|im_end|>")
+    assert not _masked_runs(tok, cut)[-1].endswith("<|im_end|>")
+    assert cut["loss_mask"].count(1) > 5  # the cut answer itself is still supervised
+    with pytest.raises(ValueError, match="--truncated"):
+        DataConfig(paths=[str(path)], truncated="maybe")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_greedy_batch_equals_generate_while_finished_rows_leave(family):
+    from conftest import tiny_model
+
+    from dflash_ds.regenerate import greedy_batch
+
+    model = tiny_model(family, seed=3, initializer_range=0.2)
+    gen = torch.Generator().manual_seed(0)
+    lengths = [9, 4, 7, 1]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):  # left padding, as regenerate batches prompts
+        ids[i, -n:] = torch.randint(4, 96, (n,), generator=gen)
+        mask[i, -n:] = 1
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+    # an eos that some rows write early and others never: rows must leave the batch mid-way
+    eos = next(t for t in free[:, 2].tolist() if any(t not in row[:9] for row in free.tolist()))
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         eos_token_id=eos)[:, ids.shape[1]:].tolist()
+    ref = [row[: row.index(eos) + 1] if eos in row else row for row in ref]
+    got = greedy_batch(model, ids, mask, 12, eos)
+    assert got == ref
+    assert any(len(r) < 12 for r in got) and any(len(r) == 12 for r in got)
+
+
+def test_regenerate_resumes_an_interrupted_run(tmp_path, monkeypatch):
+    """Killed after some batches (and mid-line): the rerun answers only the rest and writes what one run writes."""
+    from conftest import write_conversations, write_tiny_target
+
+    from dflash_ds import regenerate
+
+    model_dir = write_tiny_target(tmp_path / "model")
+    data = write_conversations(tmp_path / "data.jsonl", n=10)
+    clean = tmp_path / "clean.jsonl"
+    regenerate.regenerate_file(str(model_dir), str(data), str(clean), max_new_tokens=5, batch_size=4)
+    lines = clean.read_text().splitlines()
+    assert len(lines) == 10 and not regenerate.shard_path(clean, 0).exists()
+
+    out = tmp_path / "out.jsonl"
+    run = regenerate.regenerate_file
+    real_batch, asked = regenerate.greedy_batch, []
+
+    def dies_after_one_batch(model, input_ids, *args):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(input_ids.shape[0])
+        return real_batch(model, input_ids, *args)
+
+    monkeypatch.setattr(regenerate, "greedy_batch", dies_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(str(model_dir), str(data), str(out), max_new_tokens=5, batch_size=4)
+    shard = regenerate.shard_path(out, 0)
+    shard.write_text(shard.read_text() + '{"source_index": 9, "conv')  # torn last line
+    assert not out.exists()
+
+    def counts(model, input_ids, *args):
+        asked.append(input_ids.shape[0])
+        return real_batch(model, input_ids, *args)
+
+    asked.clear()
+    monkeypatch.setattr(regenerate, "greedy_batch", counts)
+    stats = run(str(model_dir), str(data), str(out), max_new_tokens=5, batch_size=4)
+    assert sum(asked) == 6 == stats.answers + stats.empty  # 4 were done before the interruption
+    assert out.read_text() == clean.read_text() and not shard.exists()
+    with pytest.raises(ValueError, match="other settings"):
+        shard.write_text(json.dumps({"settings": {"max_new_tokens": 99}}) + "\n")
+        run(str(model_dir), str(data), str(out), max_new_tokens=5, batch_size=4)

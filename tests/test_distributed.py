@@ -73,18 +73,52 @@ def assert_same_run(ref_out, out, rel=1e-4, atol=2e-5):
         torch.testing.assert_close(a[k], ref_a[k], rtol=1e-3, atol=atol, msg=k)
 
 
+@pytest.fixture(scope="module")
+def llama_assets(tmp_path_factory):
+    """SmolLM2-shaped: Llama architecture, tied lm_head, every embedding row used (MASK from a code special)."""
+    d = tmp_path_factory.mktemp("dist_llama")
+    write_tiny_target(d / "model", family="llama")
+    write_conversations(d / "data.jsonl", n=24)
+    return d
+
+
+def _reference_run(assets, out):
+    """One process, global batch 2 via gradient accumulation."""
+    run_train(assets, out, nproc=1, extra=["--grad-accum", "2"])
+    m = metrics(out)
+    assert m[-1]["loss"] < m[0]["loss"], "training did not lower the loss: parity would prove nothing"
+    b = [v for k, v in adapter(out).items() if "lora_B" in k]
+    assert any(t.abs().max() > 1e-3 for t in b), "adapter did not move"
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_reference(llama_assets, tmp_path_factory):
+    return _reference_run(llama_assets, tmp_path_factory.mktemp("ref_llama"))
+
+
+def family_run(request, family):
+    """(assets, single-process reference run) of a family's tiny target."""
+    prefix = "" if family == "qwen3" else f"{family}_"
+    return request.getfixturevalue(f"{prefix}assets"), request.getfixturevalue(f"{prefix}reference")
+
+
 @pytest.mark.parametrize(
-    "config,extra",
+    "family,config,extra",
     [
-        ("zero2.json", []),
-        ("zero3.json", []),
-        ("zero3_offload.json", []),
-        ("zero3.json", ["--gradient-checkpointing"]),  # non-reentrant recompute under ZeRO-3 hooks
-        ("autotp2_zero1.json", ["--grad-accum", "2"]),
-        ("autotp2_zero3.json", ["--grad-accum", "2"]),
+        ("qwen3", "zero2.json", []),
+        ("qwen3", "zero3.json", []),
+        ("qwen3", "zero3_offload.json", []),
+        ("qwen3", "zero3.json", ["--gradient-checkpointing"]),  # non-reentrant recompute under ZeRO-3 hooks
+        ("qwen3", "autotp2_zero1.json", ["--grad-accum", "2"]),
+        ("qwen3", "autotp2_zero3.json", ["--grad-accum", "2"]),
+        # Llama: a representative subset (ZeRO-3 partitions the tied embedding/lm_head; TP splits its projections)
+        ("llama", "zero3.json", []),
+        ("llama", "autotp2_zero1.json", ["--grad-accum", "2"]),
     ],
 )
-def test_parallel_layouts_match_single_process(assets, reference, tmp_path, config, extra):
+def test_parallel_layouts_match_single_process(request, tmp_path, family, config, extra):
+    assets, reference = family_run(request, family)
     run_train(assets, tmp_path, nproc=2, config=config, extra=extra)
     assert_same_run(reference, tmp_path)
 
@@ -130,11 +164,14 @@ def test_export_cli_matches_final_adapter(assets, reference, tmp_path):
     assert meta["block_size"] == 4 and meta["scope"] == "block"
 
 
-def test_peft_loads_exported_adapter_with_same_logits(assets, reference):
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_peft_loads_exported_adapter_with_same_logits(request, family):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from dflash_ds.lora import adapter_control, load_adapter_dir
+
+    assets, reference = family_run(request, family)
 
     ours = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32)
     load_adapter_dir(ours, Path(reference) / "adapter")
@@ -148,6 +185,11 @@ def test_peft_loads_exported_adapter_with_same_logits(assets, reference):
             plain = ours(input_ids=ids).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(a, plain, atol=1e-4), "adapter has no effect: the comparison proves nothing"
+    # which MASK and why, recorded for the decoder: <|mask|> in the Qwen3 target; the Llama one uses every
+    # embedding row, so the first code special (<repo_name>, id 3) that chat text never contains
+    meta = json.loads((Path(reference) / "adapter" / "dflash.json").read_text())
+    expected = {"qwen3": ("<|mask|>", "tokenizer mask token"), "llama": ("<repo_name>", "unused special token")}
+    assert (meta["mask_token"], meta["mask_token_rule"]) == expected[family] and meta["mask_token_id"] == 3
 
 
 @pytest.mark.parametrize(

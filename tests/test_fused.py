@@ -28,6 +28,7 @@ from test_speculative import (  # noqa: E402  (the shared tiny models and refere
     _training_style_block_logits,
     eager_model,
     hf_greedy,
+    llama_model,  # noqa: F401  (a fixture: SmolLM2-shaped, so the fused loop is checked on a second family)
     prompts,
     sdpa_model,
     tiny_model,
@@ -113,9 +114,9 @@ def test_group_logits_equal_the_training_forward(attn, sdpa_model, eager_model):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["all", "groups2", "groups1-draft", "reject-mismatch"])
 @pytest.mark.parametrize("block_size", [3, 4, 8])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_greedy_equals_generate(config, block_size, attn, sdpa_model, eager_model):
-    model = sdpa_model if attn == "sdpa" else eager_model
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "llama"])
+def test_greedy_equals_generate(config, block_size, attn, sdpa_model, eager_model, llama_model):
+    model = {"sdpa": sdpa_model, "eager": eager_model, "llama": llama_model}[attn]
     for prompt in prompts():
         max_new = 3 * block_size + 1
         ref = hf_greedy(model, prompt, max_new)

@@ -6,7 +6,9 @@ import copy
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaForCausalLM, Qwen3ForCausalLM
+
+from conftest import tiny_config
 
 from dflash_ds.lora import LoRAConfig, apply_lora, lora_modules
 from dflash_ds.speculative import (
@@ -23,14 +25,11 @@ VOCAB = 96
 
 
 def tiny_model(attn: str = "sdpa", vocab: int = VOCAB, hidden: int = 64, layers: int = 2, seed: int = 0,
-               b_std: float = 0.05, logit_scale: float = 1.0) -> Qwen3ForCausalLM:
+               b_std: float = 0.05, logit_scale: float = 1.0, family: str = "qwen3", **overrides) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
-    cfg = Qwen3Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-        tie_word_embeddings=False, attn_implementation=attn,
-    )
-    model = Qwen3ForCausalLM(cfg).float().eval()
+    cfg = tiny_config(family, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, max_position_embeddings=256, attn_implementation=attn, **overrides)
+    model = {"qwen3": Qwen3ForCausalLM, "llama": LlamaForCausalLM}[family](cfg).float().eval()
     if logit_scale != 1.0:
         with torch.no_grad():
             model.lm_head.weight.mul_(logit_scale)
@@ -68,6 +67,13 @@ def eager_model():
     return tiny_model("eager", seed=1)
 
 
+@pytest.fixture(scope="module")
+def llama_model():
+    """SmolLM2-shaped (tied lm_head, no q/k norms): the decoder must not depend on the family. A larger init than
+    the default: with tied embeddings and small layers, a random model's greedy output repeats its last token."""
+    return tiny_model("sdpa", seed=2, family="llama", initializer_range=0.2)
+
+
 class OracleDrafter:
     """Proposes the target's own greedy continuation (``reference``: prompt + greedy tokens); with ``corrupt``
     one proposed token per step (at a seeded random index) is replaced by a wrong one."""
@@ -100,9 +106,9 @@ class OracleDrafter:
 
 @pytest.mark.parametrize("scope", ["block", "all"])
 @pytest.mark.parametrize("block_size", [2, 4, 8])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_greedy_equals_generate(scope, block_size, attn, sdpa_model, eager_model):
-    model = sdpa_model if attn == "sdpa" else eager_model
+@pytest.mark.parametrize("model_name", ["sdpa", "eager", "llama"])
+def test_greedy_equals_generate(scope, block_size, model_name, sdpa_model, eager_model, llama_model):
+    model = {"sdpa": sdpa_model, "eager": eager_model, "llama": llama_model}[model_name]
     for prompt in prompts():
         max_new = 3 * block_size + 1  # ends mid-block
         ref = hf_greedy(model, prompt, max_new)
@@ -271,13 +277,13 @@ def _training_style_block_logits(model, tokens: list[int], block: int, scope: st
 
 
 @pytest.mark.parametrize("scope", ["block", "all"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_draft_logits_match_training_forward(scope, attn, sdpa_model, eager_model):
+@pytest.mark.parametrize("model_name", ["sdpa", "eager", "llama"])
+def test_draft_logits_match_training_forward(scope, model_name, sdpa_model, eager_model, llama_model):
     """The decoder's draft (incremental, against a KV cache; scope all with committed tokens still pending) gives
     the same distribution as the training forward for the same context and anchor."""
     from dflash_ds.speculative import Engine
 
-    model = sdpa_model if attn == "sdpa" else eager_model
+    model = {"sdpa": sdpa_model, "eager": eager_model, "llama": llama_model}[model_name]
     tokens = prompts(1, length=14, seed=7)[0]
     B = 6
     engine = Engine(model, 64, B)
