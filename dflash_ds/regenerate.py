@@ -5,8 +5,8 @@ the measured tau was 1.83; on the target's own greedy answers 4.9 (SPEC 11). DFl
 
 ``dflash-ds regenerate --model-path DIR --in train.jsonl --out regen.jsonl`` (or under ``torchrun`` /
 ``deepspeed``: each rank takes every world-size-th conversation, rank 0 merges the shards in input order). Each
-record says whether its answer was cut off at ``--max-new-tokens`` (``"truncated"``; training drops those by
-default). Ranks save their answers batch by batch, so running the same command again after an interruption
+record says whether its answer was cut off at ``--max-new-tokens`` (``"truncated"``; training keeps them by
+default without supervising the end-of-turn the target never wrote, or drops them with ``--truncated drop``). Ranks save their answers batch by batch, so running the same command again after an interruption
 resumes where it stopped.
 """
 
