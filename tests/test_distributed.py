@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import write_conversations, write_tiny_target
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
 
