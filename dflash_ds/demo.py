@@ -63,7 +63,7 @@ RECIPES = {
                    regen_batch=32, truncated="keep"),
     # 134.5M parameters, compute-bound on 2 cores (AR step ~55 ms): two ranks of one thread each, ZeRO-2
     "smollm2": Recipe(zero_stage=2, steps=300, num_train=512, distill_tokens=128, block_size=8, max_length=512,
-                      micro_batch_size=1, lr=1e-3, eval_prompts=16, max_new_tokens=128, repeats=1, regen_ranks=2,
+                      micro_batch_size=1, lr=3e-3, eval_prompts=16, max_new_tokens=128, repeats=1, regen_ranks=2,
                       regen_batch=8, truncated="keep"),
 }
 #: The "write this function" prompt of the SmolLM2 recipe (the tiny target was trained on bare signatures). "Reply
