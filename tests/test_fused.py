@@ -340,5 +340,7 @@ def test_static_and_compiled_paths_are_exact(compile):
     if compile:  # one graph per kind of forward (fused, AR, verify, draft): padding keeps the shapes fixed
         import torch._dynamo
 
+        # measured 5 with torch 2.13; a shape or stride that varies per engine compiled a new graph each time and
+        # ran into dynamo's limit of 8 (then silently ran eager)
         frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        assert frames <= 8, frames
+        assert frames <= 6, frames
