@@ -112,7 +112,7 @@ def worker_main(spec: dict) -> None:
     from dflash_ds.loss import LossConfig
 
     result: dict = {"status": "ok", "torch_threads": torch.get_num_threads()}
-    cfg = LossConfig(ce_weight=1.0, kl_weight=1.0, kl_type="forward", temperature=1.0, chunk_size=spec["chunk_size"])
+    cfg = LossConfig(ce_weight=1.0, kl_weight=1.0, kl_type="forward", kl_temperature=1.0, chunk_size=spec["chunk_size"])
     weight, student, teacher, labels, row_weights = _make_inputs(spec["rows"], spec["hidden"], spec["vocab"], spec["seed"])
 
     # Warm-up on a few rows: loads/initialises kernels and thread pools so their one-off memory is in the baseline.

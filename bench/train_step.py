@@ -4,7 +4,7 @@
 On one Qwen3-shaped model with random weights (flags; default hidden 256, 4 layers, heads 4 / kv 2, head_dim 64,
 intermediate 768, Qwen3's vocabulary 151,936, fp32 on the CPU), one forward + backward of:
 
-(a) ``dflash``     dflash-ds: :class:`dflash_ds.model.DFlashDrafter` with gated LoRA (scope ``block``) and the fused
+(a) ``dflash``     dflash-ds: :class:`dflash_ds.model.DFlashObjective` with gated LoRA (scope ``block``) and the fused
                    chunked CE + KL loss, over ``[clean S | N blocks of B]`` (N = S // B, random anchors, SPEC 2-5);
     ``dflash_gc``  the same with non-reentrant activation checkpointing
                    (``model.activation_checkpointing_enable({"use_reentrant": False})``, as the trainer does).
@@ -160,7 +160,7 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
     one model); "ar" wraps a model without one in PEFT. Checkpointing is switched on or off as asked.
 
     ``step`` runs one forward + backward and drops the gradients (``grad = None``) afterwards; ``module`` is what
-    a trainer would wrap (the drafter or the PEFT model); ``params`` the trainable LoRA factors.
+    a trainer would wrap (the objective or the PEFT model); ``params`` the trainable LoRA factors.
     """
     import torch
     import torch.nn.functional as F
@@ -168,7 +168,7 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
     from dflash_ds.blocks import IGNORE_INDEX
     from dflash_ds.lora import DEFAULT_TARGETS, LoRAConfig, adapter_control, apply_lora, lora_parameters
     from dflash_ds.loss import LossConfig
-    from dflash_ds.model import DFlashDrafter
+    from dflash_ds.model import DFlashObjective
 
     if objective == "ar":
         from peft import LoraConfig, get_peft_model
@@ -196,20 +196,20 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
         randomize_([p for n, p in model.named_parameters() if "lora_B" in n], seed + 1, 0.01)
     params = lora_parameters(model)
     set_checkpointing(model, checkpointing)
-    loss_cfg = LossConfig(ce_weight=1.0, kl_weight=1.0, kl_type="forward", temperature=1.0, chunk_size=chunk)
-    drafter = DFlashDrafter(model, loss_cfg, "block")
-    drafter.train()
+    loss_cfg = LossConfig(ce_weight=1.0, kl_weight=1.0, kl_type="forward", kl_temperature=1.0, chunk_size=chunk)
+    objective = DFlashObjective(model, loss_cfg, "block")
+    objective.train()
 
     if objective == "dflash":
 
         def dflash_step(batch: dict):
-            out = drafter(batch["input_ids"], batch["attention_mask"], batch["layout"])
+            out = objective(batch["input_ids"], batch["attention_mask"], batch["layout"])
             out.loss.backward()
             for p in params:
                 p.grad = None
             return out.loss.detach()
 
-        return dflash_step, drafter, params
+        return dflash_step, objective, params
 
     if objective != "naive":
         raise ValueError(f"unknown objective {objective!r}")
@@ -219,7 +219,7 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
     def naive_step(batch: dict):
         ids, am, layout = batch["input_ids"], batch["attention_mask"], batch["layout"]
         S = ids.shape[1]
-        hidden = drafter.hidden_states(ids, am, layout)  # same forward, mask and gate as (a)
+        hidden = objective.hidden_states(ids, am, layout)  # same forward, mask and gate as (a)
         logits = lm_head(hidden[:, S:]).float()  # [1, N*B, V]: every block position
         with torch.no_grad(), control.disabled():  # a second, adapter-off teacher forward
             teacher_logits = model(input_ids=ids, attention_mask=am).logits.float()  # [1, S, V]
@@ -235,7 +235,7 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
             p.grad = None
         return loss.detach()
 
-    return naive_step, drafter, params
+    return naive_step, objective, params
 
 
 # --------------------------------------------------------------------------------------------------- worker side
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch_threads": threads, "mem_budget_bytes": budget, "seed": args.seed,
         },
         "variants": {
-            "dflash": "(a) DFlashDrafter, gated LoRA, fused chunked CE+KL, one forward over [clean S | blocks N*B]",
+            "dflash": "(a) DFlashObjective, gated LoRA, fused chunked CE+KL, one forward over [clean S | blocks N*B]",
             "dflash_gc": "(a) with activation checkpointing (non-reentrant)",
             "ar": "(b) PEFT LoRA, F.cross_entropy on materialised logits, one causal sequence of S + N*B tokens",
             "ar_gc": "(b) with activation checkpointing (non-reentrant)",

@@ -13,25 +13,31 @@ from dataclasses import dataclass
 
 import torch
 
+from .settings import check_choices, setting
+
 IGNORE_INDEX = -100
 ANCHOR_STRATEGIES = ("random", "tile")
 
 
 @dataclass
 class BlockConfig:
-    block_size: int = 16
-    num_anchors: int | None = None  # None: S // block_size for each sample's own (unpadded) length S
-    anchor_strategy: str = "random"
-    context_ratio: tuple[float, float] = (0.0, 0.0)
-    noise_min: float | None = None  # None: one-step (all followers masked)
-    gamma: float | None = 7.0  # loss decay; None: uniform weights
-    mask_token_id: int = -1
+    """Blocks (the objective)."""
+
+    block_size: int = setting(16, "tokens per block: the anchor and B-1 followers the drafter fills in one forward")
+    num_anchors: int | None = setting(None, "blocks per sequence (default: S // block size, S the sample's own length)")
+    anchors: str = setting("random", "where blocks start: random valid anchors, or tiled back to back",
+                           choices=ANCHOR_STRATEGIES)
+    context_ratio: tuple[float, float] = setting((0.0, 0.0), "LO,HI: anchors start at floor(r*S), r ~ U[LO, HI]")
+    noise_min: float | None = setting(None, "noise schedule: each block masks a fraction rho ~ U[noise_min, 1] of its "
+                                      "followers (default none: one-step, all masked)")
+    gamma: float | None = setting(7.0, "loss decay exp(-(k-1)/gamma) over block positions; none = uniform")
+    mask_token_id: int | None = setting(None, "MASK id (default: <|mask|>, else an unused embedding row, else an "
+                                        "unused special token; dflash.json records which)")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.block_size < 2:
             raise ValueError(f"--block-size must be >= 2 (a block is an anchor plus followers), got {self.block_size}")
-        if self.anchor_strategy not in ANCHOR_STRATEGIES:
-            raise ValueError(f"--anchors must be one of {ANCHOR_STRATEGIES}, got {self.anchor_strategy!r}")
         lo, hi = self.context_ratio
         if not 0.0 <= lo <= hi < 1.0:
             raise ValueError(f"--context-ratio needs 0 <= lo <= hi < 1, got {self.context_ratio}")
@@ -41,6 +47,8 @@ class BlockConfig:
             raise ValueError(f"--gamma must be > 0 (or 'none'), got {self.gamma}")
         if self.num_anchors is not None and self.num_anchors < 1:
             raise ValueError(f"--num-anchors must be >= 1, got {self.num_anchors}")
+        if self.mask_token_id is not None and self.mask_token_id < 0:
+            raise ValueError(f"--mask-token-id must be >= 0, got {self.mask_token_id}")
 
     def anchors_for_length(self, seq_len: int) -> int:
         """Blocks drawn for one sample of ``seq_len`` real tokens (its own length, never the padded batch's)."""
@@ -75,10 +83,6 @@ class BlockLayout:
     def num_blocks(self) -> int:
         return self.anchors.shape[1]
 
-    @property
-    def clean_len(self) -> int:
-        return self.position_ids.shape[1] - self.anchors.shape[1] * self.block_size
-
     def to(self, device: torch.device | str) -> "BlockLayout":
         fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return BlockLayout(**fields)
@@ -109,7 +113,7 @@ def sample_anchors(
     valid = valid_anchor_positions(loss_mask, length, int(math.floor(r * length)))
     if valid.numel() == 0:
         return valid
-    if cfg.anchor_strategy == "random":
+    if cfg.anchors == "random":
         pick = torch.randperm(valid.numel(), generator=generator)[:num_anchors]
         return valid[pick].sort().values
     # tile: back-to-back blocks over the supervised region, jumping to the next valid anchor past each block
@@ -148,7 +152,7 @@ def build_block_layout(
     its own length (``attention_mask[i].sum()``), so a sample gets the same blocks whichever rank or micro-batch
     it lands in and whatever it is padded to; ``N`` is the largest count in the batch, the rest are padding blocks.
     """
-    if cfg.mask_token_id < 0:
+    if cfg.mask_token_id is None:
         raise ValueError("BlockConfig.mask_token_id is not set (resolve it with resolve_mask_token)")
     b, S = input_ids.shape
     B = cfg.block_size

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .faults import faults
 from .lora import (
     DraftMeta,
     LoRAConfig,
@@ -98,23 +99,6 @@ def _materialise_adam_state(optimizer, step: int) -> None:
         link()
 
 
-def fault_for_tests(point: str, step: int) -> None:
-    """Fault injection for the crash and resume tests, at ``point`` (AFTER_STEP, IN_STEP, IN_SAVE) of optimizer step
-    ``step``: ``DFLASH_DS_TEST_KILL_<point>=<step>`` kills the process for real (no clean-up). Optional:
-    ``DFLASH_DS_TEST_KILL_RANK=<global rank>`` (default every rank) and ``DFLASH_DS_TEST_KILL_SIGNAL=STOP`` (a hung
-    rank: the process stays, frozen)."""
-    if os.environ.get(f"DFLASH_DS_TEST_KILL_{point}") != str(step):
-        return
-    if os.environ.get("DFLASH_DS_TEST_KILL_RANK", str(_rank())) != str(_rank()):
-        return
-    import signal
-    import time
-
-    name = os.environ.get("DFLASH_DS_TEST_KILL_SIGNAL", "KILL")
-    print(f"test fault: SIG{name} to rank {_rank()} at {point.lower()} {step}, t={time.time():.3f}", flush=True)
-    os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
-
-
 def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     root = Path(root)
@@ -132,7 +116,7 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, kee
     state["adapter"] = _gathered_adapter(engine)
     state["optimizer"] = gather_optimizer_state(model)
     state["lr_scheduler"] = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
-    fault_for_tests("IN_SAVE", step)  # tests: die mid-save, before the rename
+    faults.at("IN_SAVE", step)  # tests: die mid-save, before the rename
     if _rank() == 0:
         torch.save(state, partial / STATE_FILE)
         (partial / COMPLETE).write_text(f"{step}\n")

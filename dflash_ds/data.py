@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
+from .settings import REQUIRED, check_choices, setting
+
 if TYPE_CHECKING:
     import datasets
 
@@ -38,9 +40,8 @@ TEXT_ROLE = "text"
 BAD_LINE_POLICIES = ("skip", "error")
 # What to do with an answer that regeneration cut off at --max-new-tokens (record field "truncated": true): "keep" it
 # without supervising the end-of-turn token after it (the target never wrote one there), or "drop" it. Keep is the
-# default because it measured better: the tiny demo (512 answers, 144 cut off at 64 tokens, same data and seed)
-# reached tau 3.20 with keep and 1.73 with drop; dropping removes exactly the long answers the target keeps writing
-# at evaluation time.
+# default because it measured better (docs/benchmarks.md): dropping removes exactly the long answers the target keeps
+# writing at evaluation time.
 TRUNCATED_POLICIES = ("drop", "keep")
 # Bump when the tokenisation or masking logic changes, so that old caches are not reused.
 _CACHE_FORMAT_VERSION = 2
@@ -54,37 +55,33 @@ Conversation = list[Message]
 
 @dataclass
 class DataConfig:
-    """Where the training data lives and how it is tokenised.
+    """Data (JSONL conversations, tokenised with the target's chat template).
 
-    paths: JSONL files, concatenated in this order.
-    max_length: examples are truncated to this many tokens.
-    bad_lines: "skip" (count and warn) or "error" (raise BadLineError) for malformed lines.
-    num_proc: worker processes for tokenisation (datasets.map).
-    cache_dir: if set, the tokenised dataset is saved here and reused while the files, the tokenizer, the
-        chat template, max_length, bad_lines and truncated stay the same.
-    truncated: records marked ``"truncated": true`` (an answer regeneration cut off at its token limit):
-        "keep" (default) with the end-of-turn after that answer unsupervised, or "drop".
+    ``cache_dir``: if set, the tokenised dataset is saved there and reused while the files, the tokenizer, the
+    chat template, max_length, bad_lines and truncated stay the same.
     """
 
-    paths: list[str]
-    max_length: int = 2048
-    bad_lines: str = "skip"
-    num_proc: int = 1
-    cache_dir: str | None = None
-    truncated: str = "keep"
+    paths: list[str] = setting(REQUIRED, "JSONL conversation file(s), concatenated in this order", flag="train-data",
+                               metavar="FILE")
+    max_length: int = setting(2048, "examples are truncated to this many tokens")
+    bad_lines: str = setting("skip", "a malformed line: skip it (counted, with file:line) or stop with an error",
+                             choices=BAD_LINE_POLICIES)
+    num_proc: int = setting(1, "processes for tokenisation")
+    cache_dir: str | None = setting(None, cli=False)
+    truncated: str = setting("keep", "regenerated answers cut off at their token limit: keep them without "
+                             "supervising the end-of-turn the target never wrote, or drop them",
+                             choices=TRUNCATED_POLICIES)
 
     def __post_init__(self) -> None:
         if isinstance(self.paths, (str, os.PathLike)):
             # A lone string would otherwise be iterated character by character.
             self.paths = [os.fspath(self.paths)]
         self.paths = [os.fspath(p) for p in self.paths]
-        _check_policy(self.bad_lines)
+        check_choices(self)
         if self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+            raise ValueError(f"--max-length must be >= 1, got {self.max_length}")
         if self.num_proc < 1:
-            raise ValueError(f"num_proc must be >= 1, got {self.num_proc}")
-        if self.truncated not in TRUNCATED_POLICIES:
-            raise ValueError(f"--truncated must be one of {'/'.join(TRUNCATED_POLICIES)}, got {self.truncated!r}")
+            raise ValueError(f"--num-proc must be >= 1, got {self.num_proc}")
 
 
 class BadLineError(ValueError):

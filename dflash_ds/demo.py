@@ -171,7 +171,7 @@ def evaluate(target: Path, adapter: Path, prompts: Path, args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluate import format_table, load_prompts, run_eval
+    from .evaluate import EvalConfig, format_table, load_prompts, run_eval
     from .lora import load_adapter_dir
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -179,8 +179,8 @@ def evaluate(target: Path, adapter: Path, prompts: Path, args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     meta = load_adapter_dir(model, adapter, stack=True)
     prompt_ids = load_prompts(prompts, tokenizer, limit=args.eval_prompts)
-    report = run_eval(model, tokenizer, meta, prompt_ids, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                      baselines="fast")
+    report = run_eval(model, tokenizer, meta, prompt_ids,
+                      EvalConfig(max_new_tokens=args.max_new_tokens, repeats=args.repeats, baselines="fast"))
     print(format_table(report), flush=True)
     return report
 

@@ -24,7 +24,6 @@ import codecs
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -37,8 +36,9 @@ import torch
 from torch import nn
 
 from .data import TEXT_ROLE, conversation_of, parse_json_object, render_chat
+from .settings import add_flags, check_choices, from_args, setting
+from .stats import bootstrap_ci, repetition_rate, t_interval
 from .speculative import (
-    FALLBACKS,
     FusedConfig,
     LoRABlockDrafter,
     NgramDrafter,
@@ -161,50 +161,6 @@ def render_prompt(tokenizer, prompt: list[dict] | str | Sequence[int]) -> list[i
 # Statistics
 # --------------------------------------------------------------------------------------------------------------
 
-# two-sided 95% Student t quantiles, df = 1..30
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t_interval(values: Sequence[float]) -> dict[str, Any]:
-    """Mean and 95% Student-t interval of a few repeated measurements (the interval is null for one value)."""
-    values = [float(v) for v in values]
-    n = len(values)
-    if n == 0:
-        return {"mean": None, "ci95": None, "min": None, "max": None, "n": 0}
-    mean = sum(values) / n
-    ci = None
-    if n > 1:
-        half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * statistics.stdev(values) / math.sqrt(n)
-        ci = [mean - half, mean + half]
-    return {"mean": mean, "ci95": ci, "min": min(values), "max": max(values), "n": n}
-
-
-def bootstrap_ci(values: Sequence[float], stat: str = "mean", num: int = 2000, seed: int = 0) -> list[float] | None:
-    """Percentile 95% bootstrap interval of the mean or median of ``values`` (None for fewer than 2 values)."""
-    if len(values) < 2:
-        return None
-    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(values), (num, len(values)), generator=gen)
-    samples = x[idx]
-    stats = samples.mean(dim=1) if stat == "mean" else samples.median(dim=1).values
-    lo, hi = torch.quantile(stats, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return [lo, hi]
-
-
-def repetition_counts(token_ids: Sequence[int], n: int = 4) -> tuple[int, int]:
-    """(n-grams that already occurred earlier in the same sequence, all n-grams)."""
-    seen: set[tuple[int, ...]] = set()
-    repeated = total = 0
-    for i in range(len(token_ids) - n + 1):
-        gram = tuple(token_ids[i : i + n])
-        total += 1
-        repeated += gram in seen
-        seen.add(gram)
-    return repeated, total
-
-
 def _tau_split(results: Sequence[SpecResult], split: int = SPLIT_AT) -> tuple[float | None, float | None]:
     sums = [[0, 0], [0, 0]]  # [tokens, steps] for steps starting before / at-or-after `split`
     for r in results:
@@ -268,7 +224,194 @@ def spec_stats(results: Sequence[SpecResult], block_size: int) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _Run:
+@dataclass
+class EvalConfig:
+    """Decoding (what every method generates, and how the drafter's loop runs)."""
+
+    max_new_tokens: int = setting(256, "tokens generated per prompt")
+    temperature: float = setting(0.0, "0 = greedy; above 0 every method samples (lossless rejection sampling)")
+    block_size: int | None = setting(None, "draft block size (default: the trained one)")
+    repeats: int = setting(3, "timing rounds for the speedup interval")
+    baselines: str = setting("fast", "none; fast: prompt lookup (transformers) and the untrained-adapter floor; all: "
+                             "also the same n-gram drafter through dflash-ds's loop and transformers' greedy generate",
+                             choices=BASELINE_CHOICES)
+    loop: str = setting("auto", "the drafter's decoding loop: fused (one forward per step), two_forward (draft, "
+                        "then verify), both side by side (the drafter row: two_forward on a CPU, fused on a GPU, as "
+                        "measured), or auto: both for scope block adapters, two_forward for scope all",
+                        choices=LOOP_CHOICES)
+    fused: FusedConfig = dataclasses.field(default_factory=FusedConfig)
+    compile: str = setting("none", "decode forwards on a static KV cache (static), and torch.compile-d (compile; CUDA "
+                           "graphs on a GPU): for dflash-ds's loops and the AR baseline alike, scope block only",
+                           choices=COMPILE_CHOICES)
+    seed: int = setting(0, "seed of the sampled generations")
+    prompt_lookup_tokens: int | None = setting(None, "K for prompt lookup (default B-1)")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+
+    def resolved(self, meta) -> "EvalConfig":
+        """This config with ``auto``/None filled for an adapter ``meta``: the loop, the block size (checked against
+        the trained one) and prompt lookup's K."""
+        loop = self.loop if self.loop != "auto" else ("both" if meta.scope == "block" else "two_forward")
+        trained = int(meta.block_size)
+        B = int(self.block_size or trained)
+        lowest = 2 if loop == "two_forward" else 3
+        if not lowest <= B <= trained:
+            raise ValueError(f"--block-size must be in [{lowest}, {trained}] (the adapter was trained with "
+                             f"{trained}{'; the fused loop drafts positions 2 .. B-1' if lowest == 3 else ''})")
+        if loop != "two_forward" and meta.scope != "block":
+            raise ValueError(f"--loop {loop}: the fused loop needs a scope 'block' adapter (this one is "
+                             f"{meta.scope!r}); use --loop two_forward")
+        if self.compile != "none" and meta.scope != "block":
+            raise ValueError("--compile static/compile needs a scope 'block' adapter (scope 'all' keeps a second cache)")
+        return dataclasses.replace(self, loop=loop, block_size=B, prompt_lookup_tokens=int(self.prompt_lookup_tokens or B - 1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The methods compared
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    """One method's output for one prompt: new ids, seconds, what the loop recorded (a :class:`SpecResult`, or a dict
+    for transformers' ``generate``) and the model forwards it took."""
+
+    ids: list[int]
+    seconds: float
+    result: Any
+    forwards: int
+
+
+@dataclass
+class DecodeSetup:
+    """What every method of one evaluation shares: the model, the resolved config, EOS/pad ids, the adapter's
+    metadata and the static cache (``--compile``)."""
+
+    model: nn.Module
+    config: EvalConfig
+    meta: Any
+    eos: list[int]
+    pad: int
+    static: StaticDecoding | None = None
+
+
+class Method:
+    """One decoder in the comparison: ``name`` (its key in the report), ``label`` (its row in the table) and
+    :meth:`generate`."""
+
+    name: str
+    label: str
+
+    def __init__(self, name: str, label: str, setup: DecodeSetup) -> None:
+        self.name, self.label, self.setup = name, label, setup
+
+    def generate(self, prompt: list[int], generator: torch.Generator | None, max_new_tokens: int) -> Generation:
+        raise NotImplementedError
+
+
+class Autoregressive(Method):
+    """The baseline every speedup is measured against: one adapter-off forward per token, on dflash-ds's engine."""
+
+    def generate(self, prompt, generator, max_new_tokens):
+        s = self.setup
+        r = autoregressive_generate(s.model, prompt, max_new_tokens=max_new_tokens, eos_token_ids=s.eos,
+                                    temperature=s.config.temperature, generator=generator, static=s.static)
+        return Generation(r.output_ids, r.wall_time, r, r.verify_forwards)
+
+
+class TwoForwardLoop(Method):
+    """dflash-ds's draft-then-verify loop with a drafter (the adapter, the untrained floor, n-gram lookup)."""
+
+    def __init__(self, name: str, label: str, setup: DecodeSetup, make_drafter: Callable[[], Any]) -> None:
+        super().__init__(name, label, setup)
+        self.make_drafter = make_drafter
+
+    def generate(self, prompt, generator, max_new_tokens):
+        s = self.setup
+        r = speculative_generate(s.model, prompt, self.make_drafter(), block_size=s.config.block_size,
+                                 max_new_tokens=max_new_tokens, eos_token_ids=s.eos, temperature=s.config.temperature,
+                                 generator=generator, static=s.static)
+        return Generation(r.output_ids, r.wall_time, r, r.verify_forwards + r.draft_forwards)
+
+
+class FusedLoop(Method):
+    """The adapter through the fused loop (one forward per step)."""
+
+    def generate(self, prompt, generator, max_new_tokens):
+        s = self.setup
+        r = fused_generate(s.model, prompt, s.meta.mask_token_id, block_size=s.config.block_size,
+                           max_new_tokens=max_new_tokens, eos_token_ids=s.eos, temperature=s.config.temperature,
+                           generator=generator, config=s.config.fused, static=s.static)
+        return Generation(r.output_ids, r.wall_time, r, r.verify_forwards + r.draft_forwards)
+
+
+class HFGenerate(Method):
+    """transformers' own greedy ``generate``, optionally with its prompt lookup (``prompt_lookup`` tokens)."""
+
+    def __init__(self, name: str, label: str, setup: DecodeSetup, prompt_lookup: int | None) -> None:
+        super().__init__(name, label, setup)
+        self.prompt_lookup = prompt_lookup
+
+    def generate(self, prompt, generator, max_new_tokens):
+        model, s = self.setup.model, self.setup
+        count = [0]
+        hook = model.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        ids = torch.tensor([prompt], dtype=torch.long, device=next(model.parameters()).device)
+        kwargs: dict[str, Any] = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=False, eos_token_id=s.eos or None, pad_token_id=s.pad)
+        if self.prompt_lookup:
+            kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup
+        control = getattr(model, "dflash_adapter", None)
+        try:
+            with torch.no_grad(), (control.disabled() if control is not None else contextlib.nullcontext()):
+                t0 = time.perf_counter()
+                out = model.generate(ids, **kwargs)
+                seconds = time.perf_counter() - t0
+        finally:
+            hook.remove()
+        new = out[0, len(prompt) :].tolist()
+        for i, tok in enumerate(new):
+            if tok in s.eos:
+                new = new[: i + 1]
+                break
+        return Generation(new, seconds, {"forwards": count[0], "tokens": len(new)}, count[0])
+
+
+def build_methods(setup: DecodeSetup) -> list[Method]:
+    """The decoders of one evaluation, the autoregressive baseline first (speedups are measured against it)."""
+    cfg, meta = setup.config, setup.meta
+    greedy = cfg.temperature == 0
+
+    def drafter_loop(loop: str, name: str) -> Method:
+        label = f"drafter ({LOOP_LABELS[loop]})"
+        if loop == "fused":
+            return FusedLoop(name, label, setup)
+        return TwoForwardLoop(name, label, setup, lambda: LoRABlockDrafter(meta.mask_token_id, meta.scope))
+
+    first = cfg.loop if cfg.loop != "both" else default_loop(next(setup.model.parameters()).device)
+    methods = [Autoregressive(AR, "autoregressive (our engine)", setup), drafter_loop(first, DRAFTER)]
+    if cfg.loop == "both":
+        methods.append(drafter_loop("two_forward" if first == "fused" else "fused", DRAFTER_OTHER_LOOP))
+    if cfg.baselines in ("fast", "all"):
+        if greedy:
+            methods.append(HFGenerate(PROMPT_LOOKUP, "prompt lookup (transformers)", setup, cfg.prompt_lookup_tokens))
+        methods.append(TwoForwardLoop(FLOOR, "untrained adapter (floor)", setup,
+                                      lambda: untrained_floor_drafter(meta.mask_token_id)))
+    if cfg.baselines == "all":
+        methods.append(TwoForwardLoop(NGRAM, "n-gram lookup (our loop)", setup, NgramDrafter))
+        if greedy:
+            methods.append(HFGenerate(HF_GREEDY, "greedy (transformers)", setup, None))
+    return methods
+
+
+class _Runs:
     """One method's generations (first repeat) and its timing over all repeats."""
 
     def __init__(self, label: str) -> None:
@@ -277,19 +420,17 @@ class _Run:
         self.outputs: list[list[int]] = []
         self.tokens = [0]  # per repeat
         self.times = [0.0]
-        self.forwards = 0
 
     def new_repeat(self) -> None:
         self.tokens.append(0)
         self.times.append(0.0)
 
-    def add(self, repeat: int, output: list[int], seconds: float, result: Any = None, forwards: int = 0) -> None:
-        self.tokens[-1] += len(output)
-        self.times[-1] += seconds
+    def add(self, repeat: int, g: Generation) -> None:
+        self.tokens[-1] += len(g.ids)
+        self.times[-1] += g.seconds
         if repeat == 0:
-            self.outputs.append(output)
-            self.results.append(result)
-            self.forwards += forwards
+            self.outputs.append(g.ids)
+            self.results.append(g.result)
 
     @property
     def tokens_per_s(self) -> float:
@@ -300,99 +441,9 @@ class _Run:
         return [n / t if t > 0 else 0.0 for n, t in zip(self.tokens, self.times)]
 
 
-@dataclass
-class Method:
-    """One decoder in the comparison. ``run(prompt, generator, max_new_tokens)`` returns ``(new ids, seconds,
-    result, forwards)``: ``result`` a :class:`SpecResult` for dflash-ds's loops, a dict for transformers'
-    ``generate``."""
-
-    name: str
-    label: str
-    run: Callable[[list[int], torch.Generator | None, int], tuple[list[int], float, Any, int]]
-
-
-def _hf_generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, eos: list[int], pad: int,
-                 prompt_lookup: int | None) -> tuple[list[int], float, int]:
-    """transformers' own greedy ``generate`` (optionally with prompt lookup): (new ids, seconds, forwards)."""
-    count = [0]
-    hook = model.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
-    ids = torch.tensor([prompt], dtype=torch.long, device=next(model.parameters()).device)
-    kwargs: dict[str, Any] = dict(
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=eos or None,
-        pad_token_id=pad,
-    )
-    if prompt_lookup:
-        kwargs["prompt_lookup_num_tokens"] = prompt_lookup
-    control = getattr(model, "dflash_adapter", None)
-    try:
-        with torch.no_grad(), (control.disabled() if control is not None else contextlib.nullcontext()):
-            t0 = time.perf_counter()
-            out = model.generate(ids, **kwargs)
-            seconds = time.perf_counter() - t0
-    finally:
-        hook.remove()
-    new = out[0, len(prompt) :].tolist()
-    for i, tok in enumerate(new):
-        if tok in eos:
-            new = new[: i + 1]
-            break
-    return new, seconds, count[0]
-
-
-def build_methods(model: nn.Module, meta, *, block_size: int, loop: str, baselines: str, greedy: bool,
-                  temperature: float, eos: list[int], pad: int, prompt_lookup_tokens: int,
-                  fused: FusedConfig | None = None, static: StaticDecoding | None = None) -> list[Method]:
-    """The decoders of one evaluation, the autoregressive baseline first (speedups are measured against it). With
-    ``static``, dflash-ds's loops (AR included) share one static, possibly compiled, cache."""
-    B = block_size
-
-    def ours(drafter_factory) -> Callable:
-        def run(prompt, gen, n_new):
-            r = speculative_generate(model, prompt, drafter_factory(), block_size=B, max_new_tokens=n_new,
-                                     eos_token_ids=eos, temperature=temperature, generator=gen, static=static)
-            return r.output_ids, r.wall_time, r, r.verify_forwards + r.draft_forwards
-        return run
-
-    def fused_run(prompt, gen, n_new):
-        r = fused_generate(model, prompt, meta.mask_token_id, block_size=B, max_new_tokens=n_new, eos_token_ids=eos,
-                           temperature=temperature, generator=gen, config=fused, static=static)
-        return r.output_ids, r.wall_time, r, r.verify_forwards + r.draft_forwards
-
-    def hf(prompt_lookup: int | None) -> Callable:
-        def run(prompt, gen, n_new):
-            new, secs, fwd = _hf_generate(model, prompt, max_new_tokens=n_new, eos=eos, pad=pad,
-                                          prompt_lookup=prompt_lookup)
-            return new, secs, {"forwards": fwd, "tokens": len(new)}, fwd
-        return run
-
-    def ar(prompt, gen, n_new):
-        r = autoregressive_generate(model, prompt, max_new_tokens=n_new, eos_token_ids=eos, temperature=temperature,
-                                    generator=gen, static=static)
-        return r.output_ids, r.wall_time, r, r.verify_forwards
-
-    if loop != "two_forward" and meta.scope != "block":
-        raise ValueError(f"--loop {loop}: the fused loop needs a scope 'block' adapter (this one is "
-                         f"{meta.scope!r}); use --loop two_forward")
-    loops = {"fused": fused_run, "two_forward": ours(lambda: LoRABlockDrafter(meta.mask_token_id, meta.scope))}
-    first = loop if loop != "both" else default_loop(next(model.parameters()).device)
-    methods = [Method(AR, "autoregressive (our engine)", ar),
-               Method(DRAFTER, f"drafter ({LOOP_LABELS[first]})", loops[first])]
-    if loop == "both":
-        other = "two_forward" if first == "fused" else "fused"
-        methods.append(Method(DRAFTER_OTHER_LOOP, f"drafter ({LOOP_LABELS[other]})", loops[other]))
-    if baselines in ("fast", "all"):
-        if greedy:
-            methods.append(Method(PROMPT_LOOKUP, "prompt lookup (transformers)", hf(prompt_lookup_tokens)))
-        methods.append(Method(FLOOR, "untrained adapter (floor)",
-                              ours(lambda: untrained_floor_drafter(meta.mask_token_id))))
-    if baselines == "all":
-        methods.append(Method(NGRAM, "n-gram lookup (our loop)", ours(NgramDrafter)))
-        if greedy:
-            methods.append(Method(HF_GREEDY, "greedy (transformers)", hf(None)))
-    return methods
+# --------------------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------------------
 
 
 def run_eval(
@@ -400,77 +451,40 @@ def run_eval(
     tokenizer,
     meta,
     prompts: Sequence[list[dict] | str | Sequence[int]],
+    config: EvalConfig | None = None,
     *,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    block_size: int | None = None,
-    repeats: int = 3,
-    baselines: str = "fast",
-    loop: str = "auto",
-    fused: FusedConfig | None = None,
-    compile: str = "none",
-    seed: int = 0,
-    prompt_lookup_tokens: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
     progress: bool = True,
     warmup: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the adapter on ``model`` (fitted with :func:`dflash_ds.lora.apply_lora` / ``load_adapter_dir``).
 
-    ``meta`` is the adapter's :class:`dflash_ds.lora.DraftMeta` (block size, MASK id, scope). ``prompts`` are
-    conversations (last turn user), pre-formatted strings or token-id lists. ``loop``: the drafter's decoding loop
-    (``fused``: one forward per step; ``two_forward``: a draft and a verify forward; ``both``: side by side, the
-    drafter's row in the loop :func:`default_loop` picks for the device; ``auto``: ``both`` for scope ``block``
-    adapters, else ``two_forward``, the only loop scope ``all`` has). ``compile``: ``none`` (dynamic cache, eager), ``static`` (a
-    static cache, eager) or ``compile`` (a static cache and a ``torch.compile``-d decoder; on a GPU CUDA graphs too),
-    for dflash-ds's loops and the AR baseline alike. Every method runs on every prompt in each of ``repeats``
-    timing rounds, interleaved prompt by prompt so drift hits all methods alike; τ and outputs come from the first
-    round (the runs are seeded, so every round generates the same tokens). Returns the report dict (see the module
-    docstring and :func:`format_table`). The model's train/eval mode and adapter switch are restored.
+    ``meta`` is the adapter's :class:`dflash_ds.lora.DraftMeta` (block size, MASK id, scope); ``prompts`` are
+    conversations (last turn user), pre-formatted strings or token-id lists; ``config`` the decoding settings
+    (:class:`EvalConfig`). Every method runs on every prompt in each of ``config.repeats`` timing rounds,
+    interleaved prompt by prompt so drift hits all methods alike; τ and outputs come from the first round (the runs
+    are seeded, so every round generates the same tokens). Returns the report dict (:func:`build_report`). The
+    model's train/eval mode and adapter switch are restored.
     """
-    if baselines not in BASELINE_CHOICES:
-        raise ValueError(f"--baselines must be one of {'/'.join(BASELINE_CHOICES)}, got {baselines!r}")
-    if loop not in LOOP_CHOICES:
-        raise ValueError(f"--loop must be one of {'/'.join(LOOP_CHOICES)}, got {loop!r}")
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {temperature}")
-    if loop == "auto":
-        loop = "both" if meta.scope == "block" else "two_forward"
-    trained_block = int(meta.block_size)
-    B = int(block_size or trained_block)
-    lowest = 2 if loop == "two_forward" else 3
-    if not lowest <= B <= trained_block:
-        raise ValueError(f"--block-size must be in [{lowest}, {trained_block}] (the adapter was trained with "
-                         f"{trained_block}{'; the fused loop drafts positions 2 .. B-1' if lowest == 3 else ''})")
-    K = int(prompt_lookup_tokens or B - 1)
+    cfg = (config or EvalConfig()).resolved(meta)
     hf_model = unwrap_model(model)
     eos = sorted(set(eos_token_ids)) if eos_token_ids is not None else eos_ids_of(tokenizer, hf_model)
     pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if pad is not None else (eos[0] if eos else 0)
     prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
     if not prompt_ids:
         raise ValueError("no prompts to evaluate")
-    greedy = temperature == 0
-    if compile not in COMPILE_CHOICES:
-        raise ValueError(f"--compile must be one of {'/'.join(COMPILE_CHOICES)}, got {compile!r}")
     static = None
-    if compile != "none":
-        if meta.scope != "block":
-            raise ValueError("--compile static/compile needs a scope 'block' adapter (scope 'all' keeps a second cache)")
-        static = StaticDecoding(hf_model, max(map(len, prompt_ids)) + max_new_tokens + 2 * B * (B + 2),
-                                compile=compile == "compile", mode=compile_mode(hf_model))
-    methods = build_methods(hf_model, meta, block_size=B, loop=loop, baselines=baselines, greedy=greedy,
-                            temperature=temperature, eos=eos, pad=pad, prompt_lookup_tokens=K, fused=fused,
-                            static=static)
-    runs = {m.name: _Run(m.label) for m in methods}
+    if cfg.compile != "none":
+        B = cfg.block_size
+        static = StaticDecoding(hf_model, max(map(len, prompt_ids)) + cfg.max_new_tokens + 2 * B * (B + 2),
+                                compile=cfg.compile == "compile", mode=compile_mode(hf_model))
+    setup = DecodeSetup(hf_model, cfg, meta, eos, pad if pad is not None else (eos[0] if eos else 0), static)
+    methods = build_methods(setup)
+    runs = {m.name: _Runs(m.label) for m in methods}
     device = next(hf_model.parameters()).device
 
     def gen_for(i: int) -> torch.Generator | None:
-        return None if greedy else torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
+        return None if cfg.temperature == 0 else torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + i)
 
     control = getattr(hf_model, "dflash_adapter", None)
     was_training = hf_model.training
@@ -478,24 +492,22 @@ def run_eval(
     try:
         with control.preserved() if control is not None else contextlib.nullcontext():
             if warmup:  # one-time costs (lazy init, mask functions, compiling every shape) stay out of the timings
+                n = cfg.max_new_tokens if cfg.compile == "compile" else min(8, cfg.max_new_tokens)
                 for m in methods:
-                    m.run(prompt_ids[0], gen_for(0), max_new_tokens if compile == "compile" else min(8, max_new_tokens))
-            bar = _progress(repeats * len(prompt_ids), progress)
-            for rep in range(repeats):
+                    m.generate(prompt_ids[0], gen_for(0), n)
+            bar = _progress(cfg.repeats * len(prompt_ids), progress)
+            for rep in range(cfg.repeats):
                 if rep:
                     for run in runs.values():
                         run.new_repeat()
                 for i, prompt in enumerate(prompt_ids):
                     for m in methods:
-                        runs[m.name].add(rep, *m.run(prompt, gen_for(i), max_new_tokens))
+                        runs[m.name].add(rep, m.generate(prompt, gen_for(i), cfg.max_new_tokens))
                     bar.update(1)
             bar.close()
     finally:
         hf_model.train(was_training)
-    config = {"loop": loop, "fused": dataclasses.asdict(fused or FusedConfig()) if loop != "two_forward" else None,
-              "compile": compile}
-    return _build_report(runs, prompt_ids, B, trained_block, K, meta, greedy, temperature, max_new_tokens,
-                         repeats, baselines, seed, eos, config)
+    return build_report(runs, prompt_ids, cfg, meta, eos)
 
 
 def _progress(total: int, enabled: bool):
@@ -504,84 +516,80 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="dflash-ds eval", unit="prompt", disable=not enabled, file=sys.stderr)
 
 
-def _build_report(runs, prompt_ids, B, trained_block, K, meta, greedy, temperature, max_new_tokens, repeats,
-                  baselines, seed, eos, loop_config) -> dict[str, Any]:
-    ar, spec = runs[AR], runs[DRAFTER]
+# --------------------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _speedups(run: _Runs, ar: _Runs) -> dict[str, Any]:
+    return t_interval([r / a if a > 0 else 0.0 for r, a in zip(run.rates(), ar.rates())])
+
+
+def _baseline_entry(name: str, run: _Runs, ar: _Runs, cfg: EvalConfig) -> dict[str, Any]:
+    greedy = cfg.temperature == 0
     ar_tps = ar.tokens_per_s
+    entry: dict[str, Any] = {"label": run.label, "tokens_per_s": run.tokens_per_s,
+                             "speedup": run.tokens_per_s / ar_tps if ar_tps > 0 else 0.0,
+                             "speedup_ci": _speedups(run, ar)}
+    if isinstance(run.results[0], SpecResult):
+        s = spec_stats(run.results, cfg.block_size)
+        entry.update({k: s[k] for k in ("tau", "tau_histogram", "acceptance_by_position", "forwards_per_token",
+                                        "tau_first_32", "tau_rest", "tau_per_prompt", *LOOP_STATS)})
+    else:
+        forwards = sum(r["forwards"] for r in run.results)
+        tokens = sum(r["tokens"] for r in run.results)
+        # transformers' first forward (the prefill) already yields a token, so every forward counts
+        entry["tau"] = tokens / forwards if forwards else 0.0
+        entry["forwards_per_token"] = forwards / tokens if tokens else None
+    if name == PROMPT_LOOKUP:
+        entry["prompt_lookup_num_tokens"] = cfg.prompt_lookup_tokens
+    matches = [a == b for a, b in zip(run.outputs, ar.outputs)]
+    entry["greedy_match"] = all(matches) if greedy else None
+    entry["mismatched_prompts"] = [i for i, ok in enumerate(matches) if not ok] if greedy else None
+    return entry
 
-    def speedups(run: _Run) -> dict[str, Any]:
-        return t_interval([r / a if a > 0 else 0.0 for r, a in zip(run.rates(), ar.rates())])
 
-    def matches(run: _Run) -> list[bool]:
-        return [a == b for a, b in zip(run.outputs, ar.outputs)]
-
-    stats = spec_stats(spec.results, B)
-    rep_total = [0, 0]
-    for out in ar.outputs:
-        r, t = repetition_counts(out)
-        rep_total[0] += r
-        rep_total[1] += t
-    drafter_match = matches(spec)
+def build_report(runs: dict[str, _Runs], prompt_ids: list[list[int]], cfg: EvalConfig, meta,
+                 eos: list[int]) -> dict[str, Any]:
+    """The report: the drafter's τ, acceptance and speedup at the top level (with its loop's accounting), one entry
+    per baseline, per-prompt outputs, the config, and the table rows :func:`format_table` prints."""
+    ar, spec = runs[AR], runs[DRAFTER]
+    greedy = cfg.temperature == 0
+    stats = spec_stats(spec.results, cfg.block_size)
+    drafter_match = [a == b for a, b in zip(spec.outputs, ar.outputs)]
+    headline = ("tau", "tau_histogram", "acceptance_by_position", "forwards_per_token")
     report: dict[str, Any] = {
         "label": spec.label,
-        **{k: stats[k] for k in ("tau", "tau_histogram", "acceptance_by_position", "forwards_per_token")},
-        "ar_tokens_per_s": ar_tps,
+        **{k: stats[k] for k in headline},
+        "ar_tokens_per_s": ar.tokens_per_s,
         "spec_tokens_per_s": spec.tokens_per_s,
-        "speedup": spec.tokens_per_s / ar_tps if ar_tps > 0 else 0.0,
-        "speedup_ci": speedups(spec),
+        "speedup": spec.tokens_per_s / ar.tokens_per_s if ar.tokens_per_s > 0 else 0.0,
+        "speedup_ci": _speedups(spec, ar),
         "greedy_match": all(drafter_match) if greedy else None,
-        "repetition_rate": rep_total[0] / rep_total[1] if rep_total[1] else 0.0,
-        **{k: stats[k] for k in stats if k not in ("tau", "tau_histogram", "acceptance_by_position",
-                                                   "forwards_per_token")},
+        "repetition_rate": repetition_rate(ar.outputs),
+        **{k: stats[k] for k in stats if k not in headline},
     }
-    baseline_report: dict[str, Any] = {}
-    for name, run in runs.items():
-        if name in (AR, DRAFTER):
-            continue
-        entry: dict[str, Any] = {"label": run.label, "tokens_per_s": run.tokens_per_s}
-        entry["speedup"] = run.tokens_per_s / ar_tps if ar_tps > 0 else 0.0
-        entry["speedup_ci"] = speedups(run)
-        if isinstance(run.results[0], SpecResult):
-            s = spec_stats(run.results, B)
-            entry.update({k: s[k] for k in ("tau", "tau_histogram", "acceptance_by_position", "forwards_per_token",
-                                            "tau_first_32", "tau_rest", "tau_per_prompt", *LOOP_STATS)})
-        else:
-            forwards = sum(r["forwards"] for r in run.results)
-            tokens = sum(r["tokens"] for r in run.results)
-            # transformers' first forward (the prefill) already yields a token, so every forward counts
-            entry["tau"] = tokens / forwards if forwards else 0.0
-            entry["forwards_per_token"] = forwards / tokens if tokens else None
-        if name == PROMPT_LOOKUP:
-            entry["prompt_lookup_num_tokens"] = K
-        m = matches(run)
-        entry["greedy_match"] = all(m) if greedy else None
-        entry["mismatched_prompts"] = [i for i, ok in enumerate(m) if not ok] if greedy else None
-        baseline_report[name] = entry
-    report["baselines"] = baseline_report
+    report["baselines"] = {name: _baseline_entry(name, run, ar, cfg) for name, run in runs.items()
+                           if name not in (AR, DRAFTER)}
     report["per_prompt"] = [
-        {
-            "index": i,
-            "prompt_tokens": len(p),
-            "ar_ids": ar.outputs[i],
-            "spec_ids": spec.outputs[i],
-            "match": drafter_match[i],
-            "tau": spec.results[i].tau,
-            "hit_eos": spec.results[i].hit_eos,
-        }
+        {"index": i, "prompt_tokens": len(p), "ar_ids": ar.outputs[i], "spec_ids": spec.outputs[i],
+         "match": drafter_match[i], "tau": spec.results[i].tau, "hit_eos": spec.results[i].hit_eos}
         for i, p in enumerate(prompt_ids)
     ]
     report["config"] = {
-        **loop_config,
-        "block_size": B,
-        "trained_block_size": trained_block,
+        "loop": cfg.loop,
+        "fused": dataclasses.asdict(cfg.fused) if cfg.loop != "two_forward" else None,
+        "compile": cfg.compile,
+        "block_size": cfg.block_size,
+        "trained_block_size": int(meta.block_size),
         "scope": meta.scope,
         "mask_token_id": meta.mask_token_id,
         "base_model": getattr(meta, "base_model", ""),
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "repeats": repeats,
-        "baselines": baselines,
-        "seed": seed,
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "repeats": cfg.repeats,
+        "baselines": cfg.baselines,
+        "seed": cfg.seed,
         "num_prompts": len(prompt_ids),
         "eos_token_ids": eos,
         "ar_tokens": ar.tokens[0],
@@ -653,49 +661,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="an adapter directory exported by dflash-ds (dflash.json)")
     p.add_argument("--prompts", required=True, help="JSONL conversations, last turn user")
     p.add_argument("--report", required=True, help="where to write the JSON report")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--block-size", type=int, default=None, help="draft block size (default: the trained one)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first K prompts")
-    p.add_argument("--repeats", type=int, default=3, help="timing rounds for the speedup interval (default 3)")
-    p.add_argument("--baselines", choices=BASELINE_CHOICES, default="fast")
-    p.add_argument("--loop", choices=LOOP_CHOICES, default="auto",
-                   help="the drafter's decoding loop: fused (one forward per step), two_forward (draft, then "
-                   "verify), both side by side (the drafter row: two_forward on a CPU, fused on a GPU, as measured), "
-                   "or auto (default): both for scope block adapters, two_forward for scope all")
-    p.add_argument("--fused-groups", type=_groups_arg, default=None, metavar="N|all",
-                   help="fused loop: draft groups per forward (default all: one per possible outcome)")
-    p.add_argument("--fused-fallback", choices=FALLBACKS, default=FusedConfig.fallback,
-                   help="fused loop, when no group matches the outcome: refill (the next forward drafts afresh) "
-                   "or draft (one draft-only forward)")
-    p.add_argument("--compile", choices=COMPILE_CHOICES, default="none",
-                   help="decode forwards on a static KV cache (static), and torch.compile-d (compile; CUDA graphs on a "
-                   "GPU): for dflash-ds's loops and the AR baseline alike, scope block only (default none)")
-    p.add_argument("--fused-reject-mismatch", action="store_true",
-                   help="fused loop: drop a group's drafts when its guess for the bonus slot was wrong")
-    p.add_argument("--prompt-lookup-tokens", type=int, default=None, help="K for prompt lookup (default B-1)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="auto: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
+    add_flags(p, EvalConfig, "decoding.", "Decoding")
     return p
-
-
-def _groups_arg(value: str) -> int | None:
-    if value == "all":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of groups or 'all', got {value!r}") from None
-
-
-def fused_config_from_args(args: argparse.Namespace) -> FusedConfig:
-    return FusedConfig(groups=args.fused_groups, fallback=args.fused_fallback,
-                       reject_mismatch=args.fused_reject_mismatch)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
@@ -720,6 +694,7 @@ def _main(args: argparse.Namespace) -> int:
 
     from .lora import load_adapter_dir
 
+    config = from_args(EvalConfig, args, "decoding.")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.threads:
@@ -736,28 +711,12 @@ def _main(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype,
                                                  attn_implementation=args.attn_implementation)
-    meta = load_adapter_dir(model, args.adapter, stack=args.compile != "compile")  # compiled graphs fuse on their own
+    meta = load_adapter_dir(model, args.adapter, stack=config.compile != "compile")  # compiled graphs fuse on their own
     if not 0 <= meta.mask_token_id < model.config.vocab_size:
         raise ValueError(f"{args.adapter}: MASK id {meta.mask_token_id} is outside this model's vocabulary "
                          f"({model.config.vocab_size}): an adapter trained on another base model?")
     model.to(device).eval()
-    report = run_eval(
-        model,
-        tokenizer,
-        meta,
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        block_size=args.block_size,
-        repeats=args.repeats,
-        baselines=args.baselines,
-        loop=args.loop,
-        fused=fused_config_from_args(args),
-        compile=args.compile,
-        seed=args.seed,
-        prompt_lookup_tokens=args.prompt_lookup_tokens,
-        progress=not args.no_progress,
-    )
+    report = run_eval(model, tokenizer, meta, prompts, config, progress=not args.no_progress)
     report["config"].update(
         model_path=str(args.model_path), adapter=str(args.adapter), prompts=str(args.prompts), device=str(device),
         dtype=str(dtype).replace("torch.", ""), attn_implementation=args.attn_implementation,

@@ -26,33 +26,34 @@ from torch import nn
 
 from .families import PROJECTIONS as DEFAULT_TARGETS
 from .families import check_tp_compatible, family_of
+from .settings import check_choices, setting
 
 SCOPES = ("block", "all")
 
 
 @dataclass
 class LoRAConfig:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    scope: str = "block"
+    """Adapter (LoRA on the target's projections)."""
+
+    r: int = setting(16, "LoRA rank", flag="lora-r")
+    alpha: float = setting(32.0, "LoRA alpha (the update is scaled by alpha / r)", flag="lora-alpha")
+    dropout: float = setting(0.0, "dropout on the adapter's input", flag="lora-dropout")
+    target_modules: tuple[str, ...] = setting(DEFAULT_TARGETS, "projections that get an adapter", flag="lora-targets",
+                                              metavar="NAME")
+    scope: str = setting("block", "block: the adapter runs on block tokens only, so the clean stream is the frozen "
+                         "target (one KV cache, no teacher forward); all: on every token", flag="lora-scope",
+                         choices=SCOPES)
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
+        check_choices(self)
         if self.r < 1:
             raise ValueError(f"--lora-r must be >= 1, got {self.r}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"--lora-scope must be one of {SCOPES}, got {self.scope!r}")
         unknown = set(self.target_modules) - set(DEFAULT_TARGETS)
         if unknown:
             raise ValueError(
                 f"--lora-targets: unknown module(s) {sorted(unknown)}; choose from {list(DEFAULT_TARGETS)}"
             )
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
 
 
 class AdapterControl:
@@ -376,8 +377,6 @@ def apply_lora(model: nn.Module, config: LoRAConfig, tp: TPGroup | None = None, 
             wrapped.lora_B.to(dtype=linear.weight.dtype)
         setattr(parent, short, wrapped)
     model.dflash_adapter = control  # type: ignore[assignment]
-    model.dflash_lora_config = config  # type: ignore[assignment]
-    model.dflash_tp = tp  # type: ignore[assignment]
     return control
 
 

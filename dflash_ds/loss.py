@@ -13,24 +13,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .settings import check_choices, setting
+
 KL_TYPES = ("forward", "reverse", "tvd")
 
 
 @dataclass
 class LossConfig:
-    ce_weight: float = 1.0
-    kl_weight: float = 0.0
-    kl_type: str = "forward"
-    temperature: float = 1.0
-    chunk_size: int = 512
+    """Loss (fused chunked CE + KL)."""
+
+    ce_weight: float = setting(1.0, "weight of the cross-entropy against the true next tokens")
+    kl_weight: float = setting(1.0, "weight of the divergence from the target's own next-token distribution")
+    kl_type: str = setting("forward", "KL(teacher || student), KL(student || teacher) or total variation",
+                           choices=KL_TYPES)
+    kl_temperature: float = setting(1.0, "temperature of both distributions in the divergence")
+    chunk_size: int = setting(512, "rows per lm_head chunk in the fused loss", flag="loss-chunk-size")
 
     def __post_init__(self) -> None:
-        if self.kl_type not in KL_TYPES:
-            raise ValueError(f"--kl-type must be one of {KL_TYPES}, got {self.kl_type!r}")
+        check_choices(self)
         if self.ce_weight < 0 or self.kl_weight < 0 or self.ce_weight + self.kl_weight == 0:
             raise ValueError(f"--ce-weight/--kl-weight must be >= 0 and not both 0, got {self.ce_weight}/{self.kl_weight}")
-        if self.temperature <= 0:
-            raise ValueError(f"--kl-temperature must be > 0, got {self.temperature}")
+        if self.kl_temperature <= 0:
+            raise ValueError(f"--kl-temperature must be > 0, got {self.kl_temperature}")
         if self.chunk_size < 1:
             raise ValueError(f"--loss-chunk-size must be >= 1, got {self.chunk_size}")
 
@@ -72,7 +76,7 @@ def _chunk_loss_and_grad(
     if cfg.ce_weight > 0:
         lse = torch.logsumexp(logits, dim=-1)
         ce_sum = (w * (lse - logits[rows, labels])).sum()
-    if cfg.kl_weight > 0 and cfg.kl_type == "forward" and cfg.temperature == 1.0:
+    if cfg.kl_weight > 0 and cfg.kl_type == "forward" and cfg.kl_temperature == 1.0:
         log_p = t_logits.sub_(torch.logsumexp(t_logits, dim=-1, keepdim=True))
         log_q = logits.sub_((lse if lse is not None else torch.logsumexp(logits, dim=-1))[:, None])
         diff = log_p - log_q
@@ -83,7 +87,7 @@ def _chunk_loss_and_grad(
     else:
         kl_grad = None
         if cfg.kl_weight > 0:
-            kl, kl_grad = _divergence(logits, t_logits, cfg.kl_type, cfg.temperature)
+            kl, kl_grad = _divergence(logits, t_logits, cfg.kl_type, cfg.kl_temperature)
             kl_sum = (w * kl).sum()
             kl_grad.mul_(kl_w[:, None])
         if lse is not None:
@@ -183,8 +187,8 @@ def reference_ce_kl_loss(
         ce = F.cross_entropy(logits, labels, reduction="none")
         loss = loss + cfg.ce_weight * (w * ce).sum() / total
     if cfg.kl_weight > 0:
-        t = (teacher_hidden.detach() @ lm_head_weight.t()).float() / cfg.temperature
-        s = logits / cfg.temperature
+        t = (teacher_hidden.detach() @ lm_head_weight.t()).float() / cfg.kl_temperature
+        s = logits / cfg.kl_temperature
         log_q, log_p = F.log_softmax(s, -1), F.log_softmax(t, -1)
         if cfg.kl_type == "forward":
             div = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)

@@ -1,6 +1,6 @@
-"""The drafter's training forward: one pass over ``[clean | blocks]`` and the fused loss (SPEC sections 3-5).
+"""The training objective: one forward over ``[clean | blocks]`` and the fused loss.
 
-:class:`DFlashDrafter` wraps a causal LM that :func:`dflash_ds.lora.apply_lora` has fitted with an adapter. It is
+:class:`DFlashObjective` wraps a causal LM that :func:`dflash_ds.lora.apply_lora` has fitted with an adapter. It is
 the module DeepSpeed wraps. The loss runs inside the :class:`LMHeadLoss` submodule so that, under ZeRO-3, the
 trainer can register ``lm_head.weight`` as that module's external parameter and DeepSpeed gathers it for exactly
 that call; this file stays plain PyTorch.
@@ -19,7 +19,7 @@ from .lora import adapter_control
 
 
 @dataclass
-class DrafterOutput:
+class ObjectiveOutput:
     """loss: differentiable scalar. Metric tensors are sums and counts so ranks can add them up:
     correct_by_pos/count_by_pos [B] (block position k; k = 0 is the anchor and always 0), accept_sum/accept_count
     (simulated acceptance over fully supervised blocks), ce/kl (weighted means of this micro-batch)."""
@@ -47,7 +47,11 @@ class LMHeadLoss(nn.Module):
         return out.loss, out.ce, out.kl, out.correct
 
 
-class DFlashDrafter(nn.Module):
+class DFlashObjective(nn.Module):
+    """The training objective as the module DeepSpeed wraps: the target with its adapter, one forward over
+    ``[clean | blocks]`` and the fused loss. ``forward(input_ids [b, S], attention_mask [b, S], layout)`` returns an
+    :class:`ObjectiveOutput`."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -87,7 +91,7 @@ class DFlashDrafter(nn.Module):
         with torch.no_grad(), control.disabled():
             return decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout) -> DrafterOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout) -> ObjectiveOutput:
         b, S = input_ids.shape
         B = layout.block_size
         hidden = self.hidden_states(input_ids, attention_mask, layout)
@@ -103,7 +107,7 @@ class DFlashDrafter(nn.Module):
         return self._metrics(out, supervised, layout, B)
 
     @staticmethod
-    def _metrics(out, supervised: torch.Tensor, layout: BlockLayout, B: int) -> DrafterOutput:
+    def _metrics(out, supervised: torch.Tensor, layout: BlockLayout, B: int) -> ObjectiveOutput:
         b = supervised.shape[0]
         N = layout.num_blocks
         correct = torch.zeros_like(supervised)
@@ -113,7 +117,7 @@ class DFlashDrafter(nn.Module):
         count_by_pos = supervised_3d.sum(dim=(0, 1)).float()
         full = supervised_3d[:, :, 1:].all(dim=-1).reshape(-1)
         accept_sum = accepted_lengths(correct[:, :, 1:].reshape(b * N, B - 1)[full]).sum()
-        return DrafterOutput(
+        return ObjectiveOutput(
             loss=out.loss,
             ce=out.ce,
             kl=out.kl,

@@ -30,6 +30,7 @@ Public API::
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import inspect
 import time
@@ -39,6 +40,8 @@ from typing import Callable, Iterable, Protocol, Sequence
 import torch
 from torch import nn
 from transformers import DynamicCache
+
+from .settings import check_choices, setting
 
 __all__ = [
     "Draft",
@@ -652,33 +655,38 @@ def speculative_generate(
 # The fused loop: one forward verifies the last draft and drafts the next one (scope block)
 # --------------------------------------------------------------------------------------------------------------
 
-LOOPS = ("fused", "two_forward")
 FALLBACKS = ("refill", "draft")
+
+
+def _groups(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of groups or 'all', got {text!r}") from None
 
 
 @dataclass
 class FusedConfig:
-    """Knobs of :func:`fused_generate`.
+    """Fused loop (one forward per step: the verify rows and draft groups)."""
 
-    groups           draft groups per forward, at most (None: one per possible outcome ``n = 0 .. k``). With fewer,
-                     the anchors are the likeliest outcomes by the drafter's own confidence (:func:`_choose_anchors`).
-    fallback         what happens when no group is anchored at the accepted outcome ``n`` (or its drafts were
-                     dropped): ``refill``: the next forward verifies no draft (the bonus alone, one committed token)
-                     and drafts afresh in a group anchored at the bonus; ``draft``: one draft-only forward
-                     ``[bonus, MASK x (B-1)]`` now, as the two-forward loop does.
-    reject_mismatch  drop a group's drafts when its guess for the bonus slot is not the bonus (its later guesses
-                     were made without knowing that token).
-    """
-
-    groups: int | None = None
-    fallback: str = "refill"
-    reject_mismatch: bool = False
+    groups: int | None = setting(
+        None, "draft groups per forward (default all: one per possible outcome n = 0 .. k); with fewer, the anchors "
+        "are the likeliest outcomes by the drafter's own confidence", flag="fused-groups", parse=_groups,
+        metavar="N|all")
+    fallback: str = setting(
+        "refill", "when no group is anchored at the accepted outcome (or its drafts were dropped): refill (the next "
+        "forward verifies the bonus alone and drafts afresh) or draft (one draft-only forward now, as the two-forward "
+        "loop does)", flag="fused-fallback", choices=FALLBACKS)
+    reject_mismatch: bool = setting(
+        False, "drop a group's drafts when its guess for the bonus slot is not the bonus (its later guesses were "
+        "made without knowing that token)", flag="fused-reject-mismatch")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.groups is not None and self.groups < 1:
             raise ValueError(f"--fused-groups must be >= 1 (or all), got {self.groups}")
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"--fused-fallback must be one of {FALLBACKS}, got {self.fallback!r}")
 
 
 def fused_step_layout(num_drafts: int, anchors: Sequence[int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

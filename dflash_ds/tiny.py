@@ -21,7 +21,6 @@ Public API::
     TinyTargetConfig;  build_tiny_target(out_dir, config=None, progress=True) -> dict
     ensure_tiny_target(cache_dir=None) -> Path
     greedy_sample(model, tokenizer, prompt, max_new_tokens) -> GreedySample
-    repetition_rate(token_ids, n=4) -> float
     main_build(argv) / main_tiny_target(argv)   # `dflash-ds build-tiny-target` / `dflash-ds tiny-target`
 """
 
@@ -49,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .stats import repetition_rate
 
 # --------------------------------------------------------------------------------------------------------------
 # Constants
@@ -573,25 +574,6 @@ def greedy_sample(
     return GreedySample(prompt=prompt, text=tokenizer.decode(new), token_ids=new, hit_eos=hit_eos)
 
 
-def repetition_rate(token_ids: Sequence[int], n: int = 4) -> float:
-    """Share of the ``n``-grams of ``token_ids`` that already occurred earlier in the same sequence.
-
-    0.0 means no ``n``-gram repeats; a model stuck in a loop approaches 1.0. Sequences shorter than ``n``
-    have no ``n``-grams and give 0.0.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    seen: set[tuple[int, ...]] = set()
-    repeated = total = 0
-    for i in range(len(token_ids) - n + 1):
-        gram = tuple(token_ids[i : i + n])
-        total += 1
-        if gram in seen:
-            repeated += 1
-        seen.add(gram)
-    return repeated / total if total else 0.0
-
-
 # --------------------------------------------------------------------------------------------------------------
 # 6. Build
 # --------------------------------------------------------------------------------------------------------------
@@ -738,14 +720,14 @@ def _build_into(tmp: Path, cfg: TinyTargetConfig, progress: bool) -> dict[str, A
                     "prompt": s.prompt,
                     "continuation": g.text,
                     "hit_eos": g.hit_eos,
-                    "repetition_rate_4": repetition_rate(g.token_ids, 4),
+                    "repetition_rate_4": repetition_rate([g.token_ids], 4),
                 }
                 for s, g in zip(picks, generated, strict=True)
             ],
-            "repetition_rate_4": _mean([repetition_rate(g.token_ids, 4) for g in generated]),
+            "repetition_rate_4": _mean([repetition_rate([g.token_ids], 4) for g in generated]),
             "greedy_hit_eos": sum(g.hit_eos for g in generated) / max(1, len(generated)),
             # The same measure on the true bodies: real code repeats some 4-grams too (indentation, `self.`).
-            "reference_repetition_rate_4": _mean([repetition_rate(r, 4) for r in references]),
+            "reference_repetition_rate_4": _mean([repetition_rate([r], 4) for r in references]),
             "timing_s": {
                 "data": t_data,
                 "train": train_seconds,

@@ -1,8 +1,14 @@
 """The training recipe: ``deepspeed [--hostfile H] -m dflash_ds.train --deepspeed_config ds_configs/X.json ...``.
 
-Reads top to bottom like SPEC section 2-6: load data, load the frozen target (partitioned under ZeRO-3, sharded
-under tensor parallelism), fit the gated LoRA, then for every optimizer step: draw blocks for each sequence, one
-forward over ``[clean | blocks]``, the fused CE/KL loss, DeepSpeed backward/step; log, evaluate, checkpoint.
+In named steps, as :func:`train` reads::
+
+    run = setup(cfg)                       # flags + ds_config checked, data, frozen target + adapter, DeepSpeed, resume
+    for step in range(run.start_step, run.total_steps):
+        metrics = train_step(run, step)    # per micro-batch: blocks, one forward over [clean | blocks], fused loss
+        maybe_eval(run, step, metrics)     # real speculative decoding on held-out prompts
+        log(run, metrics)                  # metrics.jsonl, TensorBoard, progress bar
+        maybe_save(run, step)              # crash-safe checkpoint
+    finish(run)                            # final checkpoint, exported PEFT adapter
 """
 
 from __future__ import annotations
@@ -13,17 +19,21 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .blocks import BlockConfig, build_block_layout
+from .blocks import BlockConfig, BlockLayout, build_block_layout
 from .config import TrainConfig, autotp_size, load_ds_config, parse_train_args, resolve_ds_config
+from .data import build_dataset, collate_batch
+from .faults import faults
 from .families import check_max_length, check_tp_compatible, family_of
 from .lora import DraftMeta, apply_lora, lora_parameters
 from .mask_token import resolve_mask_token
-from .model import DFlashDrafter
+from .model import DFlashObjective, ObjectiveOutput
 from .parallel import (
     ModelParallelUnit,
     ParallelLayout,
@@ -34,7 +44,6 @@ from .parallel import (
     setup_timeout,
 )
 
-log = logging.getLogger("dflash_ds.train")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,7 +52,7 @@ log = logging.getLogger("dflash_ds.train")
 
 def init_distributed(dist_timeout: float) -> None:
     """Join the launcher's process group (deepspeed, torchrun) or make a group of one. Set-up collectives wait
-    ``max(dist_timeout, SETUP_TIMEOUT_S)``; :func:`train` tightens every group to ``dist_timeout`` before step 1."""
+    ``max(dist_timeout, SETUP_TIMEOUT_S)``; :func:`setup` tightens every group to ``dist_timeout`` before step 1."""
     import deepspeed
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
@@ -105,18 +114,18 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return fn
 
 
-def load_target(cfg: TrainConfig, ds: dict, layout: ParallelLayout, dtype: torch.dtype):
+def load_target(cfg: TrainConfig, ds: dict, parallel: ParallelLayout, dtype: torch.dtype):
     """The frozen target, partitioned at load time under ZeRO-3 (without TP), fitted with the adapter."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     zero3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
     keep_alive = None
-    if zero3 and layout.tp.size == 1:
+    if zero3 and parallel.tp.size == 1:
         keep_alive = HfDeepSpeedConfig(ds)  # must stay referenced until from_pretrained returns
     model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype, attn_implementation=cfg.attn_implementation)
     del keep_alive
-    apply_lora(model, cfg.lora_config(), tp=layout.tp, seed=cfg.seed)
+    apply_lora(model, cfg.lora, tp=parallel.tp, seed=cfg.optim.seed)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     model.config.use_cache = False
@@ -163,48 +172,136 @@ class MetricsLog:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# step metrics: summed over micro-batches and data-parallel ranks, then turned into means, in one place
+
+
+class StepMetrics:
+    """What one optimizer step logs. Sums and counts while the micro-batches run (so ranks can add them up), then
+    :meth:`reduce` gives the record: loss, ce, kl (means over micro-batches), acc (top-1 over supervised block
+    positions), sim_tau (simulated acceptance over fully supervised blocks), tokens_per_s, skipped_samples (samples
+    with no valid anchor), and the accuracy by block position for TensorBoard."""
+
+    def __init__(self, step: int, block_size: int) -> None:
+        self.step, self.t0 = step, time.perf_counter()
+        z = torch.zeros
+        self.sums = {
+            "loss": z(()), "ce": z(()), "kl": z(()), "correct": z(block_size), "count": z(block_size),
+            "accept_sum": z(()), "accept_count": z(()), "tokens": z(()), "skipped_samples": z(()),
+        }
+        self.record: dict[str, Any] = {}
+        self.per_position: list[float] = []
+
+    def add(self, out: ObjectiveOutput, loss: torch.Tensor, batch: dict, blocks: BlockLayout) -> None:
+        s = self.sums
+        s["loss"] += loss.detach().float().cpu()
+        s["ce"] += out.ce.float().cpu()
+        s["kl"] += out.kl.float().cpu()
+        s["correct"] += out.correct_by_pos.cpu()
+        s["count"] += out.count_by_pos.cpu()
+        s["accept_sum"] += out.accept_sum.cpu()
+        s["accept_count"] += out.accept_count.cpu()
+        s["tokens"] += float(batch["attention_mask"].sum() + blocks.block_valid.sum() * blocks.block_size)
+        s["skipped_samples"] += blocks.num_skipped
+
+    def reduce(self, parallel: ParallelLayout, accum: int, **extra) -> dict[str, Any]:
+        """Sum over data-parallel ranks (TP ranks hold the same numbers) and turn sums into means (collective)."""
+        flat = torch.cat([v.reshape(-1) for v in self.sums.values()])
+        if parallel.dp_size > 1:
+            dist.all_reduce(flat, group=parallel.dp_group)
+        parts, offset = {}, 0
+        for k, v in self.sums.items():
+            parts[k] = flat[offset : offset + v.numel()].reshape(v.shape)
+            offset += v.numel()
+        micro_steps = accum * parallel.dp_size
+        self.per_position = (parts["correct"] / parts["count"].clamp(min=1)).tolist()
+        accepted = parts["accept_count"] > 0
+        self.record = {
+            "step": self.step,
+            "loss": float(parts["loss"]) / micro_steps,
+            "ce": float(parts["ce"]) / micro_steps,
+            "kl": float(parts["kl"]) / micro_steps,
+            "acc": float(parts["correct"].sum() / parts["count"].sum().clamp(min=1)),
+            "sim_tau": float(parts["accept_sum"] / parts["accept_count"]) if accepted else float("nan"),
+            "skipped_samples": int(parts["skipped_samples"]),
+            **extra,
+            "tokens_per_s": float(parts["tokens"]) / max(time.perf_counter() - self.t0, 1e-9),
+        }
+        return self.record
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the recipe
 
 
-def train(cfg: TrainConfig) -> Path:
+@dataclass
+class Run:
+    """Everything :func:`setup` builds and the loop uses. ``engine`` is DeepSpeed's; ``model`` the Hugging Face
+    model with the adapter inside it; ``blocks`` the block config with its MASK id resolved."""
+
+    cfg: TrainConfig
+    parallel: ParallelLayout
+    engine: Any
+    model: Any
+    tokenizer: Any
+    dataset: Any
+    batches: StepBatches
+    blocks: BlockConfig
+    meta: DraftMeta
+    pad_id: int
+    total_steps: int
+    start_step: int = 0
+    nonfinite: int = 0
+    layout_key: dict = field(default_factory=dict)
+    metrics_log: MetricsLog | None = None
+    bar: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.parallel.rank == 0
+
+    def client_state(self, step: int) -> dict:
+        """The rank-independent state a checkpoint carries besides DeepSpeed's own files."""
+        return {
+            "step": step,
+            "samples": step * self.batches.global_batch,
+            "nonfinite": self.nonfinite,
+            "rng": torch.get_rng_state(),
+            "layout": self.layout_key,
+            "lora_config": self.cfg.lora.__dict__,
+            "draft_meta": self.meta.__dict__,
+        }
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check everything that can be wrong before any model loads, then build the run: process groups, data, the
+    frozen target with its adapter, DeepSpeed, and the state of a resumed run."""
     import deepspeed
     from transformers import AutoConfig, AutoTokenizer
 
-    from .checkpoint import fault_for_tests, find_checkpoint, load_checkpoint, save_checkpoint
-    from .data import DataConfig, build_dataset, collate_batch
+    from .checkpoint import find_checkpoint, load_checkpoint
 
-    # 1. everything that can be wrong with the flags and the ds_config fails here, before any model loads
     cfg.validate()
     ds_raw = load_ds_config(cfg.deepspeed_config)
     tp_size = autotp_size(ds_raw)
     model_config = AutoConfig.from_pretrained(cfg.model_path)
     family_of(model_config)  # an unsupported architecture fails here, naming the supported ones
     check_tp_compatible(model_config, tp_size)
-    check_max_length(model_config, cfg.max_length)
+    check_max_length(model_config, cfg.data.max_length)
     init_distributed(cfg.dist_timeout)
     check_parallel_sizes(dist.get_world_size(), tp_size)
-    layout = build_parallel_layout(tp_size)
-    use_bf16 = torch.cuda.is_available()
-    ds = resolve_ds_config(ds_raw, cfg, layout.dp_size, use_bf16)
+    parallel = build_parallel_layout(tp_size)
+    ds = resolve_ds_config(ds_raw, cfg, parallel.dp_size, use_bf16=torch.cuda.is_available())
     dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
-    is_main = layout.rank == 0
-    torch.manual_seed(cfg.seed)
+    is_main = parallel.rank == 0
+    torch.manual_seed(cfg.optim.seed)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
-    # 2. data: rank 0 tokenises into the cache first, the others then read it
+    # data: rank 0 tokenises into the cache first, the others then read it
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-    mask = resolve_mask_token(tokenizer, model_config.vocab_size, cfg.mask_token_id)
+    mask = resolve_mask_token(tokenizer, model_config.vocab_size, cfg.blocks.mask_token_id)
     if is_main:
         print(f"MASK token: id {mask.token_id} ({mask.token!r}, rule: {mask.rule})", flush=True)
-    block_cfg: BlockConfig = cfg.block_config(mask.token_id)
-    data_cfg = DataConfig(
-        paths=list(cfg.train_data),
-        max_length=cfg.max_length,
-        bad_lines=cfg.bad_lines,
-        truncated=cfg.truncated,
-        num_proc=cfg.num_proc,
-        cache_dir=str(Path(cfg.output_dir) / "data_cache"),
-    )
+    data_cfg = replace(cfg.data, cache_dir=str(Path(cfg.output_dir) / "data_cache"))
     if is_main:
         dataset = build_dataset(tokenizer, data_cfg)
     dist.barrier()
@@ -212,165 +309,153 @@ def train(cfg: TrainConfig) -> Path:
         dataset = build_dataset(tokenizer, data_cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    batches = StepBatches(len(dataset), micro, accum, layout.dp_size, layout.dp_rank, cfg.seed)
-    total_steps = cfg.max_steps or batches.steps_per_epoch * cfg.epochs
+    batches = StepBatches(len(dataset), micro, accum, parallel.dp_size, parallel.dp_rank, cfg.optim.seed)
+    total_steps = cfg.optim.max_steps or batches.steps_per_epoch * cfg.optim.epochs
 
-    # 3. model: frozen target + adapter, wrapped in the drafter objective, handed to DeepSpeed
-    model = load_target(cfg, ds, layout, dtype)
-    drafter = DFlashDrafter(model, cfg.loss_config(), cfg.lora_scope)
+    # model: frozen target + adapter, wrapped in the objective, handed to DeepSpeed
+    model = load_target(cfg, ds, parallel, dtype)
+    objective = DFlashObjective(model, cfg.loss, cfg.lora.scope)
     lm_head_weight = model.get_output_embeddings().weight
     if hasattr(lm_head_weight, "ds_id"):  # ZeRO-3: gather lm_head for the loss module's forward only
-        deepspeed.zero.register_external_parameter(drafter.loss_head, lm_head_weight)
-    optimizer_params = [{"params": lora_parameters(model)}]
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=drafter,
-        model_parameters=optimizer_params,
+        deepspeed.zero.register_external_parameter(objective.loss_head, lm_head_weight)
+    schedule = lr_lambda(total_steps, cfg.optim.warmup_ratio, cfg.optim.lr_schedule)
+    engine, _, _, _ = deepspeed.initialize(
+        model=objective,
+        model_parameters=[{"params": lora_parameters(model)}],
         config=ds,
-        mpu=ModelParallelUnit(layout) if tp_size > 1 else None,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_ratio, cfg.lr_schedule)),
+        mpu=ModelParallelUnit(parallel) if tp_size > 1 else None,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
-    meta = DraftMeta(block_size=cfg.block_size, mask_token_id=mask.token_id, scope=cfg.lora_scope,
-                     base_model=cfg.model_path, mask_token=mask.token, mask_token_rule=mask.rule)
-    layout_key = {"world_size": layout.world_size, "tp": tp_size, "zero_stage": ds.get("zero_optimization", {}).get("stage", 0)}
+    run = Run(
+        cfg=cfg, parallel=parallel, engine=engine, model=model, tokenizer=tokenizer, dataset=dataset, batches=batches,
+        blocks=replace(cfg.blocks, mask_token_id=mask.token_id), pad_id=pad_id, total_steps=total_steps,
+        meta=DraftMeta(block_size=cfg.blocks.block_size, mask_token_id=mask.token_id, scope=cfg.lora.scope,
+                       base_model=cfg.model_path, mask_token=mask.token, mask_token_rule=mask.rule),
+        layout_key={"world_size": parallel.world_size, "tp": tp_size,
+                    "zero_stage": ds.get("zero_optimization", {}).get("stage", 0)},
+    )
 
-    # 4. resume: adapter, optimizer, schedule, data position, RNG
-    start_step, nonfinite = 0, 0
+    # resume: adapter, optimizer, schedule, data position, RNG
     ckpt = find_checkpoint(cfg.resume, cfg.output_dir) if cfg.resume else None
     if ckpt is not None:
-        client = load_checkpoint(engine, ckpt, layout_key)
-        start_step, nonfinite = client["step"], client.get("nonfinite", 0)
+        client = load_checkpoint(engine, ckpt, run.layout_key)
+        run.start_step, run.nonfinite = client["step"], client.get("nonfinite", 0)
         torch.set_rng_state(client["rng"])
         if is_main:
-            print(f"resumed from {ckpt} at step {start_step}", flush=True)
-    metrics = MetricsLog(cfg.output_dir, engine, start_step, is_main)
+            print(f"resumed from {ckpt} at step {run.start_step}", flush=True)
+    run.metrics_log = MetricsLog(cfg.output_dir, engine, run.start_step, is_main)
     groups = set_dist_timeout(cfg.dist_timeout)  # set-up is over: from here on a wait this long means a failure
     if is_main and groups:
         print(f"collective timeout {cfg.dist_timeout:g} s (--dist-timeout) on {groups} process groups", flush=True)
-
-    def client_state(step: int) -> dict:
-        return {
-            "step": step,
-            "samples": step * batches.global_batch,
-            "nonfinite": nonfinite,
-            "rng": torch.get_rng_state(),
-            "layout": layout_key,
-            "lora_config": cfg.lora_config().__dict__,
-            "draft_meta": meta.__dict__,
-        }
-
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="train", dynamic_ncols=True)
+    run.bar = tqdm(total=total_steps, initial=run.start_step, disable=not is_main, desc="train", dynamic_ncols=True)
     engine.train()
-    device = engine.device
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        lr_used = scheduler.get_last_lr()[0] if scheduler is not None else None
-        sums = _zero_sums(cfg.block_size)
-        poisoned = 0  # micro-batches of this optimizer step whose loss was non-finite (on any rank)
-        for epoch, indices in batches.micro_batches(step):
-            # 5. one micro-step: blocks for each sequence, one forward over [clean | blocks], fused loss
-            batch = collate_batch([dataset[i] for i in indices], pad_id)
-            seeds = [sample_seed(cfg.seed, epoch, i) for i in indices]
-            blocks = build_block_layout(batch["input_ids"], batch["loss_mask"], batch["attention_mask"], block_cfg, seeds)
-            fault_for_tests("IN_STEP", step + 1)  # mid-step: the other ranks wait in the forward's collectives
-            out = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device), blocks.to(device))
-            loss = _inject_nan_for_tests(step + 1, out.loss)
-            if not _all_finite(loss):
-                nonfinite += 1
-                if is_main:
-                    print(f"step {step + 1}: non-finite loss skipped ({nonfinite}/{cfg.max_nonfinite})", flush=True)
-                if nonfinite >= cfg.max_nonfinite:
-                    raise RuntimeError(f"aborting: {nonfinite} non-finite losses (--max-nonfinite {cfg.max_nonfinite})")
-                # a zero loss with zero gradients keeps DeepSpeed's accumulation count; this micro-batch adds nothing
-                loss = sum(p.sum() for p in lora_parameters(model)) * 0.0
-                poisoned += 1
-            engine.backward(loss)
-            if poisoned == accum:
-                # every micro-batch was skipped: AdamW would still move the weights along its momentum (and decay
-                # them), so this optimizer step runs at lr 0; the scheduler sets the next step's lr as usual
-                for group in engine.optimizer.param_groups:
-                    group["lr"] = 0.0
-            engine.step()
-            _accumulate(sums, out, loss, batch, blocks)
-        # 6. log the optimizer step
-        record, per_position = _reduce_metrics(sums, layout, accum)
-        record.update(
-            step=step + 1,
-            lr=lr_used,
-            grad_norm=_float(engine.get_global_grad_norm()),
-            tokens_per_s=record.pop("tokens") / max(time.perf_counter() - t0, 1e-9),
-        )
-        # 7. evaluate (real speculative decoding), log, checkpoint
-        if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0:
-            record.update(_periodic_eval(cfg, engine, tokenizer, meta))
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == total_steps or "eval_tau" in record:
-            metrics.write(record, per_position)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", tau=f"{record['sim_tau']:.2f}")
-        if cfg.save_interval and (step + 1) % cfg.save_interval == 0 and step + 1 < total_steps:
-            save_checkpoint(engine, Path(cfg.output_dir) / "checkpoints", step + 1, client_state(step + 1), cfg.keep_last)
-        fault_for_tests("AFTER_STEP", step + 1)
-    bar.close()
+    return run
 
-    # 8. final checkpoint and the exported adapter
-    final = save_checkpoint(engine, Path(cfg.output_dir) / "checkpoints", total_steps, client_state(total_steps), cfg.keep_last)
-    adapter_dir = Path(cfg.output_dir) / "adapter"
-    if is_main:
-        from .checkpoint import export_checkpoint
 
+def train_step(run: Run, step: int) -> StepMetrics:
+    """Optimizer step ``step`` (0-based): for each micro-batch, blocks for every sequence, one forward over
+    ``[clean | blocks]`` with the fused loss, DeepSpeed's backward and step. A micro-batch whose loss is non-finite
+    on any rank adds a zero gradient and is counted; the run aborts past ``--max-nonfinite``."""
+    engine, cfg, device = run.engine, run.cfg, run.engine.device
+    lr_used = engine.lr_scheduler.get_last_lr()[0] if engine.lr_scheduler is not None else None
+    metrics = StepMetrics(step + 1, run.blocks.block_size)
+    micro_batches = run.batches.micro_batches(step)
+    poisoned = 0  # micro-batches of this optimizer step whose loss was non-finite (on any rank)
+    faults.at("IN_STEP", step + 1)  # tests: the other ranks then wait in this step's collectives
+    for epoch, indices in micro_batches:
+        batch = collate_batch([run.dataset[i] for i in indices], run.pad_id)
+        seeds = [sample_seed(cfg.optim.seed, epoch, i) for i in indices]
+        blocks = build_block_layout(batch["input_ids"], batch["loss_mask"], batch["attention_mask"], run.blocks, seeds)
+        out = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device), blocks.to(device))
+        loss = faults.loss(step + 1, out.loss)
+        if not _all_finite(loss):
+            run.nonfinite += 1
+            if run.is_main:
+                print(f"step {step + 1}: non-finite loss skipped ({run.nonfinite}/{cfg.optim.max_nonfinite})", flush=True)
+            if run.nonfinite >= cfg.optim.max_nonfinite:
+                raise RuntimeError(f"aborting: {run.nonfinite} non-finite losses (--max-nonfinite {cfg.optim.max_nonfinite})")
+            # a zero loss with zero gradients keeps DeepSpeed's accumulation count; this micro-batch adds nothing
+            loss = sum(p.sum() for p in lora_parameters(run.model)) * 0.0
+            poisoned += 1
+        engine.backward(loss)
+        if poisoned == len(micro_batches):
+            # every micro-batch was skipped: AdamW would still move the weights along its momentum (and decay
+            # them), so this optimizer step runs at lr 0; the scheduler sets the next step's lr as usual
+            for group in engine.optimizer.param_groups:
+                group["lr"] = 0.0
+        engine.step()
+        metrics.add(out, loss, batch, blocks)
+    metrics.reduce(run.parallel, len(micro_batches), lr=lr_used, grad_norm=_float(engine.get_global_grad_norm()))
+    return metrics
+
+
+def maybe_eval(run: Run, step: int, metrics: StepMetrics) -> None:
+    """Every ``--eval-interval`` steps: speculative decoding on held-out prompts with the in-memory model, its tau
+    and speedup added to the step's record. Every rank runs it in lockstep (ZeRO-3 and TP forwards are collective);
+    greedy decoding keeps the ranks' control flow identical."""
+    cfg = run.cfg
+    if not cfg.eval_interval or (step + 1) % cfg.eval_interval:
+        return
+    from .evaluate import EvalConfig, load_prompts, run_eval
+
+    model = run.model
+    was_training = model.training
+    model.eval()
+    prompts = load_prompts(cfg.eval_prompts, run.tokenizer, limit=cfg.eval_limit)
+    settings = EvalConfig(max_new_tokens=cfg.eval_max_new_tokens, baselines="none", repeats=1,
+                          loop="fused" if run.meta.scope == "block" else "two_forward")
+    report = run_eval(model, run.tokenizer, run.meta, prompts, settings, progress=False)
+    model.train(was_training)
+    metrics.record.update(eval_tau=report["tau"], eval_speedup=report["speedup"])
+
+
+def log(run: Run, metrics: StepMetrics) -> None:
+    """metrics.jsonl and TensorBoard every ``--log-interval`` steps (and at the last step and every eval); the
+    progress bar every step."""
+    record, step = metrics.record, metrics.step
+    if step % run.cfg.log_interval == 0 or step == run.total_steps or "eval_tau" in record:
+        run.metrics_log.write(record, metrics.per_position)
+    run.bar.update(1)
+    run.bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", tau=f"{record['sim_tau']:.2f}")
+
+
+def maybe_save(run: Run, step: int) -> None:
+    """A crash-safe checkpoint every ``--save-interval`` steps (the last step's is written by :func:`finish`)."""
+    from .checkpoint import save_checkpoint
+
+    done = step + 1
+    if run.cfg.save_interval and done % run.cfg.save_interval == 0 and done < run.total_steps:
+        save_checkpoint(run.engine, Path(run.cfg.output_dir) / "checkpoints", done, run.client_state(done),
+                        run.cfg.keep_last)
+    faults.at("AFTER_STEP", done)
+
+
+def finish(run: Run) -> Path:
+    """The final checkpoint and the exported PEFT adapter (``OUTPUT/adapter``)."""
+    from .checkpoint import export_checkpoint, save_checkpoint
+
+    run.bar.close()
+    final = save_checkpoint(run.engine, Path(run.cfg.output_dir) / "checkpoints", run.total_steps,
+                            run.client_state(run.total_steps), run.cfg.keep_last)
+    adapter_dir = Path(run.cfg.output_dir) / "adapter"
+    if run.is_main:
         export_checkpoint(final, adapter_dir)
         print(f"adapter exported to {adapter_dir}", flush=True)
     dist.barrier()
     return adapter_dir
 
 
-def _inject_nan_for_tests(step: int, loss: torch.Tensor) -> torch.Tensor:
-    """Tests of the non-finite guard poison the loss of one optimizer step."""
-    if os.environ.get("DFLASH_DS_TEST_NAN_AT_STEP") == str(step):
-        return loss * float("nan")
-    return loss
-
-
-def _zero_sums(block_size: int) -> dict[str, torch.Tensor]:
-    z = torch.zeros
-    return {
-        "loss": z(()), "ce": z(()), "kl": z(()), "correct": z(block_size), "count": z(block_size),
-        "accept_sum": z(()), "accept_count": z(()), "tokens": z(()),
-    }
-
-
-def _accumulate(sums, out, loss, batch, blocks) -> None:
-    sums["loss"] += loss.detach().float().cpu()
-    sums["ce"] += out.ce.float().cpu()
-    sums["kl"] += out.kl.float().cpu()
-    sums["correct"] += out.correct_by_pos.cpu()
-    sums["count"] += out.count_by_pos.cpu()
-    sums["accept_sum"] += out.accept_sum.cpu()
-    sums["accept_count"] += out.accept_count.cpu()
-    sums["tokens"] += float(batch["attention_mask"].sum() + blocks.block_valid.sum() * blocks.block_size)
-
-
-def _reduce_metrics(sums, layout: ParallelLayout, accum: int) -> tuple[dict, list[float]]:
-    """Sum over data-parallel ranks (TP ranks hold the same numbers) and turn sums into means."""
-    flat = torch.cat([v.reshape(-1) for v in sums.values()])
-    if layout.dp_size > 1:
-        dist.all_reduce(flat, group=layout.dp_group)
-    parts, offset = {}, 0
-    for k, v in sums.items():
-        parts[k] = flat[offset : offset + v.numel()].reshape(v.shape)
-        offset += v.numel()
-    micro_steps = accum * layout.dp_size
-    per_position = (parts["correct"] / parts["count"].clamp(min=1)).tolist()
-    record = {
-        "loss": float(parts["loss"]) / micro_steps,
-        "ce": float(parts["ce"]) / micro_steps,
-        "kl": float(parts["kl"]) / micro_steps,
-        "acc": float(parts["correct"].sum() / parts["count"].sum().clamp(min=1)),
-        "sim_tau": float(parts["accept_sum"] / parts["accept_count"]) if parts["accept_count"] > 0 else float("nan"),
-        "tokens": float(parts["tokens"]),
-    }
-    return record, per_position
+def train(cfg: TrainConfig) -> Path:
+    """The whole recipe; returns the exported adapter directory."""
+    run = setup(cfg)
+    for step in range(run.start_step, run.total_steps):
+        metrics = train_step(run, step)
+        maybe_eval(run, step, metrics)
+        log(run, metrics)
+        maybe_save(run, step)
+    return finish(run)
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
@@ -386,26 +471,10 @@ def _float(x) -> float | None:
     return float(x.item() if torch.is_tensor(x) else x)
 
 
-def _periodic_eval(cfg: TrainConfig, engine, tokenizer, meta: DraftMeta) -> dict:
-    """Speculative decoding on held-out prompts with the in-memory model. Every rank runs it in lockstep (ZeRO-3
-    and TP forwards are collective); greedy decoding keeps the ranks' control flow identical."""
-    from .evaluate import load_prompts, run_eval
-
-    model = engine.module.model
-    was_training = model.training
-    model.eval()
-    prompts = load_prompts(cfg.eval_prompts, tokenizer, limit=cfg.eval_limit)
-    loop = "fused" if meta.scope == "block" else "two_forward"
-    report = run_eval(model, tokenizer, meta, prompts, max_new_tokens=cfg.eval_max_new_tokens, baselines="none",
-                      loop=loop, repeats=1, progress=False)
-    model.train(was_training)
-    return {"eval_tau": report["tau"], "eval_speedup": report["speedup"]}
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = parse_train_args(argv)
     try:
+        cfg = parse_train_args(argv)
         with exit_on_dist_failure("dflash-ds train"):  # another rank died or hangs: say so, exit 3
             train(cfg)
     except ValueError as exc:  # configuration errors: one clear line, no traceback

@@ -148,9 +148,10 @@ def test_data_empty_after_truncation_or_under_one_batch(target):
 
 
 def test_ds_config_value_contradicting_a_flag_is_named(tmp_path):
-    from dflash_ds.config import TrainConfig, resolve_ds_config
+    from dflash_ds.config import OptimConfig, TrainConfig, resolve_ds_config
+    from dflash_ds.data import DataConfig
 
-    cfg = TrainConfig(model_path="m", train_data=["d"], output_dir=str(tmp_path), lr=5e-3)
+    cfg = TrainConfig(model_path="m", data=DataConfig(paths=["d"]), output_dir=str(tmp_path), optim=OptimConfig(lr=5e-3))
     ds = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
     with pytest.raises(ValueError, match=r"--lr=0.005 contradicts optimizer.params.lr=0.001 in the ds_config"):
         resolve_ds_config(ds, cfg, dp_size=1, use_bf16=False)

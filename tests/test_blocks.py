@@ -30,7 +30,7 @@ def _batch(seed=0, b=3, S=40):
 @pytest.mark.parametrize("ctx", [(0.0, 0.0), (0.2, 0.6)])
 def test_anchors_always_valid(strategy, ctx):
     ids, lm, attn = _batch()
-    cfg = BlockConfig(block_size=4, anchor_strategy=strategy, context_ratio=ctx, mask_token_id=MASK)
+    cfg = BlockConfig(block_size=4, anchors=strategy, context_ratio=ctx, mask_token_id=MASK)
     for seed in range(20):
         lay = build_block_layout(ids, lm, attn, cfg, [seed, seed + 100, seed + 200])
         for i in range(ids.shape[0]):
@@ -181,6 +181,6 @@ def test_config_errors_name_the_flag():
     with pytest.raises(ValueError, match="--block-size"):
         BlockConfig(block_size=1)
     with pytest.raises(ValueError, match="--anchors"):
-        BlockConfig(anchor_strategy="grid")
+        BlockConfig(anchors="grid")
     with pytest.raises(ValueError, match="--context-ratio"):
         BlockConfig(context_ratio=(0.5, 0.2))

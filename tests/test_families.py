@@ -8,7 +8,7 @@ from dflash_ds.blocks import BlockConfig, build_block_layout
 from dflash_ds.families import check_max_length, check_tp_compatible, decoder, family_of, sliding_window
 from dflash_ds.lora import LoRAConfig, apply_lora
 from dflash_ds.loss import LossConfig
-from dflash_ds.model import DFlashDrafter
+from dflash_ds.model import DFlashObjective
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2", "mistral"])
@@ -19,14 +19,14 @@ def test_every_family_trains_and_its_clean_stream_is_the_base_model(family):
     assert family_of(model).name == family and decoder(model) is model.model
     apply_lora(model, LoRAConfig(r=4, alpha=8))
     randomize_lora_b(model)
-    drafter = DFlashDrafter(model, LossConfig(kl_weight=0.5, chunk_size=7), "block")
+    objective = DFlashObjective(model, LossConfig(kl_weight=0.5, chunk_size=7), "block")
     ids = torch.randint(0, 90, (2, 20), generator=torch.Generator().manual_seed(0))
     mask, lm = torch.ones(2, 20, dtype=torch.long), torch.ones(2, 20, dtype=torch.long)
     layout = build_block_layout(ids, lm, mask, BlockConfig(block_size=4, mask_token_id=95), [1, 2])
     with torch.no_grad():
-        clean = model.lm_head(drafter.hidden_states(ids, mask, layout)[:, :20])
+        clean = model.lm_head(objective.hidden_states(ids, mask, layout)[:, :20])
         torch.testing.assert_close(clean, base(input_ids=ids).logits, rtol=0, atol=2e-5)
-    out = drafter(ids, mask, layout)
+    out = objective(ids, mask, layout)
     out.loss.backward()
     trained = [n for n, p in model.named_parameters() if p.grad is not None]
     assert trained and all("lora_" in n for n in trained)

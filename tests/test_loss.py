@@ -17,11 +17,11 @@ def _rows(n=37, H=24, V=101, seed=0):
 CASES = [
     LossConfig(ce_weight=1.0, kl_weight=0.0),
     LossConfig(ce_weight=0.0, kl_weight=1.0),
-    LossConfig(ce_weight=0.7, kl_weight=0.3, temperature=2.0),
+    LossConfig(ce_weight=0.7, kl_weight=0.3, kl_temperature=2.0),
     LossConfig(ce_weight=0.6, kl_weight=1.3),  # the default objective's shared-softmax path
     LossConfig(ce_weight=0.0, kl_weight=1.0, kl_type="reverse"),
     LossConfig(ce_weight=0.5, kl_weight=1.0, kl_type="reverse"),
-    LossConfig(ce_weight=0.5, kl_weight=1.0, kl_type="tvd", temperature=0.7),
+    LossConfig(ce_weight=0.5, kl_weight=1.0, kl_type="tvd", kl_temperature=0.7),
 ]
 
 

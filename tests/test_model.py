@@ -5,7 +5,7 @@ from conftest import randomize_lora_b, tiny_qwen3
 from dflash_ds.blocks import BlockConfig, build_block_layout
 from dflash_ds.lora import LoRAConfig, adapter_control, apply_lora
 from dflash_ds.loss import LossConfig
-from dflash_ds.model import DFlashDrafter
+from dflash_ds.model import DFlashObjective
 
 MASK = 95
 S, B = 24, 4
@@ -16,7 +16,7 @@ def _setup(scope="block", attn="sdpa", kl=0.0):
     base = tiny_qwen3(attn_implementation=attn)
     apply_lora(model, LoRAConfig(r=4, alpha=8, scope=scope))
     randomize_lora_b(model)
-    drafter = DFlashDrafter(model, LossConfig(ce_weight=1.0, kl_weight=kl, chunk_size=7), scope)
+    objective = DFlashObjective(model, LossConfig(ce_weight=1.0, kl_weight=kl, chunk_size=7), scope)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 90, (2, S), generator=g)
     lm = torch.ones(2, S, dtype=torch.long)
@@ -24,20 +24,20 @@ def _setup(scope="block", attn="sdpa", kl=0.0):
     attn_mask = torch.ones(2, S, dtype=torch.long)
     cfg = BlockConfig(block_size=B, num_anchors=3, mask_token_id=MASK)
     layout = build_block_layout(ids, lm, attn_mask, cfg, [5, 6])
-    return model, base, drafter, ids, attn_mask, layout
+    return model, base, objective, ids, attn_mask, layout
 
 
-def _block_logits(drafter, ids, attn_mask, layout):
+def _block_logits(objective, ids, attn_mask, layout):
     with torch.no_grad():
-        h = drafter.hidden_states(ids, attn_mask, layout)
-        return drafter.model.lm_head(h[:, ids.shape[1]:])
+        h = objective.hidden_states(ids, attn_mask, layout)
+        return objective.model.lm_head(h[:, ids.shape[1]:])
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("scope", ["block", "all"])
 def test_blocks_cannot_see_what_they_must_not(attn, scope):
-    model, _, drafter, ids, attn_mask, layout = _setup(scope, attn)
-    ref = _block_logits(drafter, ids, attn_mask, layout)
+    model, _, objective, ids, attn_mask, layout = _setup(scope, attn)
+    ref = _block_logits(objective, ids, attn_mask, layout)
     N = layout.num_blocks
     for i in range(2):
         for j in range(N):
@@ -47,27 +47,27 @@ def test_blocks_cannot_see_what_they_must_not(attn, scope):
             ids2 = ids.clone()
             ids2[i, a + 1 if a + 1 < S else a] = (ids2[i, a] + 1) % 90
             ids2[i, a] = (ids[i, a] + 7) % 90  # changes the clean copy, not the block's own anchor token
-            out = _block_logits(drafter, ids2, attn_mask, layout)
+            out = _block_logits(objective, ids2, attn_mask, layout)
             assert torch.equal(out[i, rows], ref[i, rows]), f"block {j} saw clean tokens at/after its anchor"
             # another block's tokens: invisible
             other = (j + 1) % N
             lay2 = build_block_layout(ids, ids.new_ones(2, S), attn_mask, BlockConfig(block_size=B, num_anchors=3, mask_token_id=MASK), [5, 6])
             lay2.__dict__.update({k: v.clone() for k, v in layout.__dict__.items() if isinstance(v, torch.Tensor)})
             lay2.block_input_ids[i, other * B : (other + 1) * B] = 3
-            out = _block_logits(drafter, ids, attn_mask, lay2)
+            out = _block_logits(objective, ids, attn_mask, lay2)
             assert torch.equal(out[i, rows], ref[i, rows]), f"block {j} saw block {other}"
             # a clean token before the anchor: visible, so the logits must move
             if a > 0:
                 ids3 = ids.clone()
                 ids3[i, a - 1] = (ids[i, a - 1] + 11) % 90
-                assert not torch.allclose(_block_logits(drafter, ids3, attn_mask, layout)[i, rows], ref[i, rows])
+                assert not torch.allclose(_block_logits(objective, ids3, attn_mask, layout)[i, rows], ref[i, rows])
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_block_scope_clean_stream_is_the_base_model(attn):
-    model, base, drafter, ids, attn_mask, layout = _setup("block", attn)
+    model, base, objective, ids, attn_mask, layout = _setup("block", attn)
     with torch.no_grad():
-        h = drafter.hidden_states(ids, attn_mask, layout)
+        h = objective.hidden_states(ids, attn_mask, layout)
         clean_logits = model.lm_head(h[:, :S])
         base_logits = base(input_ids=ids).logits
         control = adapter_control(model)
@@ -81,17 +81,17 @@ def test_block_scope_clean_stream_is_the_base_model(attn):
 
 @pytest.mark.parametrize("scope", ["block", "all"])
 def test_kl_teacher_is_the_adapter_off_model(scope):
-    model, base, drafter, ids, attn_mask, layout = _setup(scope, kl=1.0)
+    model, base, objective, ids, attn_mask, layout = _setup(scope, kl=1.0)
     with torch.no_grad():
-        h = drafter.hidden_states(ids, attn_mask, layout)
-        teacher = drafter.teacher_hidden(ids, attn_mask, h)
+        h = objective.hidden_states(ids, attn_mask, layout)
+        teacher = objective.teacher_hidden(ids, attn_mask, h)
         expected = base.model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(teacher, expected, rtol=0, atol=2e-5)
 
 
 def test_forward_backward_trains_only_lora_and_reports_metrics():
-    model, _, drafter, ids, attn_mask, layout = _setup("block", kl=0.5)
-    out = drafter(ids, attn_mask, layout)
+    model, _, objective, ids, attn_mask, layout = _setup("block", kl=0.5)
+    out = objective(ids, attn_mask, layout)
     out.loss.backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -105,11 +105,11 @@ def test_forward_backward_trains_only_lora_and_reports_metrics():
 def test_gradient_checkpointing_gives_same_gradients():
     grads = []
     for ckpt in (False, True):
-        model, _, drafter, ids, attn_mask, layout = _setup("block", kl=0.5)
+        model, _, objective, ids, attn_mask, layout = _setup("block", kl=0.5)
         if ckpt:
             model.activation_checkpointing_enable({"use_reentrant": False})
         model.train()
-        drafter(ids, attn_mask, layout).loss.backward()
+        objective(ids, attn_mask, layout).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
@@ -117,14 +117,14 @@ def test_gradient_checkpointing_gives_same_gradients():
 def test_flex_attention_block_mask_matches_sdpa():
     """FlexAttention (compiled; on CPU too) must give the SDPA mask's numbers."""
     pytest.importorskip("torch.nn.attention.flex_attention")
-    _, _, drafter, ids, attn_mask, layout = _setup("block", "sdpa")
+    _, _, objective, ids, attn_mask, layout = _setup("block", "sdpa")
     attn_mask[1, 20:] = 0  # padding too
     flex_model = tiny_qwen3(attn_implementation="flex_attention")
     apply_lora(flex_model, LoRAConfig(r=4, alpha=8, scope="block"))
-    flex_model.load_state_dict(drafter.model.state_dict())
-    flex = DFlashDrafter(flex_model, drafter.loss_config, "block")
+    flex_model.load_state_dict(objective.model.state_dict())
+    flex = DFlashObjective(flex_model, objective.loss_config, "block")
     with torch.no_grad():
-        a = drafter.hidden_states(ids, attn_mask, layout)
+        a = objective.hidden_states(ids, attn_mask, layout)
         b = flex.hidden_states(ids, attn_mask, layout)
     rows = torch.cat([attn_mask.bool(), layout.block_valid.repeat_interleave(B, dim=1)], dim=1)
     torch.testing.assert_close(b[rows], a[rows], rtol=1e-5, atol=1e-5)

@@ -17,7 +17,6 @@ from dflash_ds.tiny import (
     TinyTargetConfig,
     build_tiny_target,
     extract_stdlib_functions,
-    repetition_rate,
     split_by_module,
     to_conversation,
     to_prompt_conversation,
@@ -197,17 +196,6 @@ def test_generation_prompt_is_a_token_prefix_of_the_conversation(tokenizer, samp
 
 
 # -- metrics ----------------------------------------------------------------------------------------------------
-
-
-def test_repetition_rate():
-    assert repetition_rate([1, 2, 3, 4, 5, 6]) == 0.0
-    # 4-grams of 1 2 3 4 1 2 3 4: (1234)(2341)(3412)(4123)(1234) -> one of five repeats.
-    assert repetition_rate([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 / 5)
-    assert repetition_rate([7] * 10) == pytest.approx(6 / 7)
-    assert repetition_rate([1, 2, 3]) == 0.0
-    assert repetition_rate([1, 2, 1, 2], n=2) == pytest.approx(1 / 3)
-    with pytest.raises(ValueError):
-        repetition_rate([1, 2], n=0)
 
 
 # -- build ------------------------------------------------------------------------------------------------------

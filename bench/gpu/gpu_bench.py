@@ -6,7 +6,7 @@ and writes it to ``--out`` (default ``$OUT/gpu_bench.json`` when ``$OUT`` is set
 (an error or out-of-memory is recorded and the next part runs) and skipped once ``--time-budget-s`` is spent:
 
 1. ``train_8b``: a Qwen3-8B-shaped model (random weights from a config, bf16, SDPA) with gated LoRA (r 16, alpha 32,
-   scope ``block``, q/k/v/o/gate/up/down) through :class:`dflash_ds.model.DFlashDrafter` and the fused CE + KL loss
+   scope ``block``, q/k/v/o/gate/up/down) through :class:`dflash_ds.model.DFlashObjective` and the fused CE + KL loss
    over ``[clean S | N*B block tokens]`` (default S = 2048, B = 16, N = 128, so 4096 tokens in one forward; SPEC 3's
    additive 4D mask through SDPA):
      * ``dflash_gc``: forward + backward with activation checkpointing (non-reentrant), as the trainer runs it;
@@ -176,13 +176,13 @@ class Bench:
         return m, time.perf_counter() - t
 
     def deepspeed_step(self, module, params, batch) -> tuple[Callable[[], Any], Any]:
-        """The trainer's step: DeepSpeed engine over the drafter, ds_configs/zero2.json resolved as train.py does."""
-        import types
+        """The trainer's step: DeepSpeed engine over the objective, ds_configs/zero2.json resolved as train.py does."""
 
         import deepspeed
         import torch.distributed as dist
 
-        from dflash_ds.config import load_ds_config, resolve_ds_config
+        from dflash_ds.config import OptimConfig, TrainConfig, load_ds_config, resolve_ds_config
+        from dflash_ds.data import DataConfig
 
         if not dist.is_initialized():
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -191,8 +191,8 @@ class Bench:
             os.environ.setdefault("LOCAL_RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
             deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", auto_mpi_discovery=False)
-        flags = types.SimpleNamespace(micro_batch_size=1, grad_accum=1, grad_clip=1.0, lr=2e-4, weight_decay=0.0,
-                                      output_dir="/tmp/gpu_bench_ds")
+        flags = TrainConfig(model_path="", output_dir="/tmp/gpu_bench_ds", data=DataConfig(paths=[]),
+                            optim=OptimConfig(micro_batch_size=1, grad_accum=1, grad_clip=1.0, lr=2e-4, weight_decay=0.0))
         ds = resolve_ds_config(load_ds_config(str(M.REPO_ROOT / "ds_configs" / "zero2.json")), flags, 1, self.cuda)
         ds.pop("tensorboard", None)
         engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[{"params": params}], config=ds)
@@ -246,7 +246,7 @@ class Bench:
         self.guarded("naive", run("naive", False), cases)
 
         def with_flex(fn):
-            # the same model through FlexAttention: DFlashDrafter builds a sparse BlockMask when the model's
+            # the same model through FlexAttention: DFlashObjective builds a sparse BlockMask when the model's
             # attention implementation is flex_attention (dflash_ds.blocks.build_flex_block_mask)
             def wrapped():
                 state["model"].config._attn_implementation = "flex_attention"
