@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from dflash_ds.lora import LoRAConfig, LoRALinear, apply_lora, load_adapter_dir, lora_modules, stack_projections
-    from dflash_ds.speculative import Engine
+    from dflash_ds.speculative import DecodeSession
     from dflash_ds.tiny import _is_complete, default_cache_dir
 
     torch.set_num_threads(args.threads)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for _, m in lora_modules(model):
         m._legacy_dropout = nn.Identity()
     stack_projections(model)
-    engine = Engine(model, args.context + max(args.rows) + 8, 8)
+    session = DecodeSession(model, args.context + max(args.rows) + 8, 8)
     L, vocab = args.context, model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     current = LoRALinear.forward
@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         LoRALinear.forward = legacy_forward if legacy else current
         try:
             q = ids.shape[1]
-            engine.set_adapter(on)
-            out = engine.forward(ids, L, engine.cache, mask=engine.mask(L, engine.causal(q)), kind="verify")
-            engine.cache.crop(-q)
+            session.set_adapter(on)
+            out = session.forward(ids, L, session.cache, mask=session.mask(L, session.causal(q)), kind="verify")
+            session.cache.crop(-q)
             return out
         finally:
             LoRALinear.forward = current
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    "num_hidden_layers", "intermediate_size", "vocab_size")}},
                               "rows": {}}
     with torch.no_grad():
-        engine.set_adapter(False)
-        engine.forward(torch.randint(0, vocab, (1, L), generator=gen), 0, engine.cache, kind="prefill")
+        session.set_adapter(False)
+        session.forward(torch.randint(0, vocab, (1, L), generator=gen), 0, session.cache, kind="prefill")
         for q in args.rows:
             ids = torch.randint(0, vocab, (1, q), generator=gen)
             same = torch.allclose(run(ids, True, False), run(ids, True, True), atol=1e-5, rtol=1e-5)

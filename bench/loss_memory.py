@@ -4,7 +4,7 @@
 Compares ``dflash_ds.loss.fused_ce_kl_loss`` (walks the supervised rows in chunks, never holds ``[rows, vocab]``
 logits) with ``dflash_ds.loss.reference_ce_kl_loss`` (materialises student and teacher logits for every row, then
 ``F.cross_entropy`` + ``F.kl_div``), forward + backward, at Qwen3-8B's vocabulary (151,936) and a small hidden size
-that fits a CPU machine. Loss mix: ``ce_weight 1, kl_weight 1, forward KL, T = 1`` (SPEC section 5), fp32.
+that fits a CPU machine. Loss mix: ``ce_weight 1, kl_weight 1, forward KL, T = 1``, fp32.
 
 Usage (from the repository root)::
 
@@ -43,8 +43,6 @@ import datetime as _dt
 import gc
 import json
 import os
-import platform
-import re
 import resource
 import shlex
 import statistics
@@ -87,7 +85,7 @@ def _make_inputs(rows: int, hidden: int, vocab: int, seed: int):
     student = torch.randn(rows, hidden, generator=g)
     teacher = student + 0.5 * torch.randn(rows, hidden, generator=g)  # a teacher close to, not equal to, the student
     labels = torch.randint(0, vocab, (rows,), generator=g)
-    # SPEC decay weights w_k = exp(-(k-1)/7) for block positions k = 1..15, tiled over the rows
+    # the default decay weights w_k = exp(-(k-1)/7) for block positions k = 1..15, tiled over the rows
     k = torch.arange(rows) % 15
     row_weights = torch.exp(-k.float() / 7.0)
     return weight, student, teacher, labels, row_weights

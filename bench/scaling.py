@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Training-step scaling: tokens/s of the real trainer at 1, 2 and 4 ranks (ZeRO-2, ZeRO-3, TP x2), and the bytes
-each layout moves per optimizer step, computed from the adapter and the partitioning (issue 14).
+each layout moves per optimizer step, computed from the adapter and the partitioning.
 
 Every case is a real ``python -m torch.distributed.run --nproc_per_node N -m dflash_ds.train`` run (gloo on the
 CPU, ``OMP_NUM_THREADS=1`` per rank) on the tiny target (``dflash-ds tiny-target``, cached) and its training data,
@@ -169,7 +169,7 @@ def with_kv_heads(model_path: Path, kv_heads: int, out: Path) -> Path:
 
 
 def tokens_per_micro_step(model_path: Path, data: Path, args) -> float:
-    """Mean clean + block tokens of one sequence (SPEC 2: S + N*B with N = S // B anchors), times the micro batch."""
+    """Mean clean + block tokens of one sequence (S + N*B with N = S // B anchors), times the micro batch."""
     from transformers import AutoTokenizer
 
     from dflash_ds.data import DataConfig, build_dataset
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     q8b = Qwen3Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False)
     q8b_params = count_params(q8b)
-    tokens_8b = 2048 + 2048  # SPEC 2: S clean + S // B blocks of B
+    tokens_8b = 2048 + 2048  # S clean + S // B blocks of B
     qwen3_8b = {
         stage: bytes_per_step(q8b, r=16, targets=DEFAULT_TARGETS, base_params=q8b_params, dp=8, tp=1,
                               zero_stage=stage, micro_steps=1, tokens_per_micro=tokens_8b, dtype_bytes=2)

@@ -3,7 +3,7 @@
 
 For a target model and a dflash-ds adapter, per draft block size B (default 4, 8, 16):
 
-* ``t_AR``: one autoregressive step of the engine (:class:`dflash_ds.speculative.Engine`): an adapter-off forward
+* ``t_AR``: one autoregressive step of the decoding session (:class:`dflash_ds.speculative.DecodeSession`): an adapter-off forward
   of ONE token against the KV cache, plus its argmax;
 * ``t_draft``: one draft of ``LoRABlockDrafter.propose`` (ONE adapter-on forward of ``[t, MASK x (B-1)]`` against
   the verifier's cache, the crop of the drafted keys, the argmax);
@@ -11,7 +11,7 @@ For a target model and a dflash-ds adapter, per draft block size B (default 4, 8
 
 all at the same context length (the mean context of the generation runs below), each the median of
 ``--fwd-repeats`` timed calls (the three called round-robin) after warm-up, the cache cropped back outside the
-timed region. Then the cost-model bound ``tau * t_AR / (t_draft + t_verify)`` (SPEC 7: two forwards per step) for
+timed region. Then the cost-model bound ``tau * t_AR / (t_draft + t_verify)`` (two forwards per step) for
 the tau measured by ``speculative_generate`` on ``--num-prompts`` prompts, against the measured speedup of
 ``speculative_generate`` over ``autoregressive_generate`` (same engine, same prompts, greedy, interleaved per
 prompt; the outputs must be identical). The measured speedup is reported as is (wall time including the prompt
@@ -83,7 +83,8 @@ def forward_costs(model, mask_token_id: int, scope: str, context_len: int, block
     ``torch.cuda.synchronize`` (the argmax's ``tolist`` also waits for the device)."""
     import torch
 
-    from dflash_ds.speculative import Engine, LoRABlockDrafter, _cache_len, _choose_anchors, _crop, _FusedStep
+    from dflash_ds.lora import adapter_preserved
+    from dflash_ds.speculative import DecodeSession, FusedStep, LoRABlockDrafter, cache_len, choose_anchors, crop_cache
 
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
@@ -92,52 +93,47 @@ def forward_costs(model, mask_token_id: int, scope: str, context_len: int, block
     out: dict[str, Any] = {"context_len": context_len, "scope": scope, "per_block": {}}
     with torch.no_grad():
         for B in block_sizes:
-            engine = Engine(model, context_len + B + 2, B, static=static)
-            control = engine.control
-            saved = (control.enabled, control.rows_from) if control is not None else None
-            try:
-                engine.set_adapter(False)
-                engine.forward(engine.ids(tokens[:-1]), 0, engine.cache, kind="prefill")
+            session = DecodeSession(model, context_len + B + 2, B, static=static)
+            with adapter_preserved(model):
+                session.set_adapter(False)
+                session.forward(session.ids(tokens[:-1]), 0, session.cache, kind="prefill")
                 drafter = LoRABlockDrafter(mask_token_id, scope=scope)
-                drafter.start(engine, tokens)
-                cache = engine.cache
-                one = engine.ids(tokens[-1:])
-                block = engine.ids([tokens[-1]] + torch.randint(0, vocab_high or vocab, (B - 1,), generator=g).tolist())
+                drafter.start(session, tokens)
+                cache = session.cache
+                one = session.ids(tokens[-1:])
+                block = session.ids([tokens[-1]] + torch.randint(0, vocab_high or vocab, (B - 1,), generator=g).tolist())
 
                 def ar():
-                    engine.set_adapter(False)
-                    return engine.forward(one, L, cache, kind="verify").argmax(-1).tolist()
+                    session.set_adapter(False)
+                    return session.forward(one, L, cache, kind="verify").argmax(-1).tolist()
 
                 def verify():
-                    engine.set_adapter(False)
-                    return engine.forward(block, L, cache, kind="verify").argmax(-1).tolist()
+                    session.set_adapter(False)
+                    return session.forward(block, L, cache, kind="verify").argmax(-1).tolist()
 
                 def draft():
-                    return drafter.propose(engine, tokens, B - 1, 0.0, None).tokens
+                    return drafter.propose(session, tokens, B - 1, 0.0, None).tokens
 
                 k = B - 2  # the fused loop verifies the B-2 drafts of a group
-                anchors = _choose_anchors(k, fused_groups, [0] * (k + 1))
-                step = _FusedStep(engine, mask_token_id)
+                anchors = choose_anchors(k, fused_groups, [0] * (k + 1))
+                step = FusedStep(session, mask_token_id)
                 pad_to = B + min(fused_groups or B, B) * B if static is not None else None  # as fused_generate pads
 
                 def fused():  # one fused forward: verify rows + groups, logits of the verify rows and one group
                     ids, positions, mask, first = step.inputs(L, tokens[-1], block[0, 1 : k + 1].tolist(), anchors)
-                    hidden = engine.forward_hidden(ids, positions, mask, rows_from=first, kind="verify", pad_to=pad_to)
-                    engine.lm_head(hidden[: k + 1]).argmax(-1).tolist()
-                    return engine.lm_head(hidden[first + 1 : first + B]).argmax(-1).tolist()
+                    hidden = session.forward_hidden(ids, positions, mask, rows_from=first, kind="verify", pad_to=pad_to)
+                    session.lm_head(hidden[: k + 1]).argmax(-1).tolist()
+                    return session.lm_head(hidden[first + 1 : first + B]).argmax(-1).tolist()
 
                 def crop_back():
-                    _crop(cache, _cache_len(cache) - L)
+                    crop_cache(cache, cache_len(cache) - L)
 
                 ops = {"ar": ar, "draft": draft, "verify": verify}
                 if scope == "block" and B >= 3:
                     ops["fused"] = fused
                 t = _interleaved_times(ops, crop_back, repeats, warmup, sync)
                 t_ar, t_draft, t_verify = t["ar"], t["draft"], t["verify"]
-                assert _cache_len(cache) == L
-            finally:
-                if control is not None:
-                    control.set(*saved)
+                assert cache_len(cache) == L
             out["per_block"][B] = {
                 "t_ar_s": t_ar["median_s"], "t_draft_s": t_draft["median_s"], "t_verify_s": t_verify["median_s"],
                 "draft_over_ar": t_draft["median_s"] / t_ar["median_s"],
@@ -328,19 +324,19 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     # prompt prefill, identical in both loops
-    from dflash_ds.speculative import Engine
+    from dflash_ds.speculative import DecodeSession
 
     prefill_s = []
     with torch.no_grad():
         for pr in prompts:
             times = []
             for _ in range(6):
-                eng = Engine(model, len(pr) + 1, 1)
-                eng.set_adapter(False)
+                session = DecodeSession(model, len(pr) + 1, 1)
+                session.set_adapter(False)
                 if sync is not None:
                     sync()
                 t0 = time.perf_counter()
-                eng.forward(eng.ids(pr[:-1]), 0, eng.cache, kind="prefill")
+                session.forward(session.ids(pr[:-1]), 0, session.cache, kind="prefill")
                 if sync is not None:
                     sync()
                 times.append(time.perf_counter() - t0)

@@ -5,7 +5,7 @@ On one Qwen3-shaped model with random weights (flags; default hidden 256, 4 laye
 intermediate 768, Qwen3's vocabulary 151,936, fp32 on the CPU), one forward + backward of:
 
 (a) ``dflash``     dflash-ds: :class:`dflash_ds.model.DFlashObjective` with gated LoRA (scope ``block``) and the fused
-                   chunked CE + KL loss, over ``[clean S | N blocks of B]`` (N = S // B, random anchors, SPEC 2-5);
+                   chunked CE + KL loss, over ``[clean S | N blocks of B]`` (N = S // B, random anchors);
     ``dflash_gc``  the same with non-reentrant activation checkpointing
                    (``model.activation_checkpointing_enable({"use_reentrant": False})``, as the trainer does).
 (b) ``ar``         a plain autoregressive LoRA fine-tuning step: PEFT ``get_peft_model`` with the same r / alpha /
@@ -64,7 +64,7 @@ CASES = {  # name -> (objective, gradient checkpointing)
     "ar_gc": ("ar", True),
     "naive": ("naive", False),
 }
-QWEN3_MASK_ID = 151669  # Qwen3's unused embedding row (SPEC 1)
+QWEN3_MASK_ID = 151669  # Qwen3's first unused embedding row
 QWEN3_REGULAR_TOKENS = 151643  # ids below this are ordinary BPE tokens in Qwen3
 GOAL_AB_TIME = 1.15
 GOAL_CA_TIME = 1.5

@@ -1,4 +1,4 @@
-"""Block layout for the one-step block-diffusion objective (SPEC sections 2 and 3), as pure functions.
+"""Block layout for the one-step block-diffusion objective, as pure functions.
 
 One training sequence of ``S`` clean tokens is followed by ``N`` blocks of ``B`` tokens. Block ``j`` starts at
 anchor ``a_j`` (a committed token) and its ``B - 1`` followers are MASK (or, with a noise schedule, partly
@@ -243,7 +243,7 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[b, T, T]`` bool -> ``[b, 1, T, T]`` additive float mask (0 or ``finfo.min``).
 
     Additive rather than boolean because eager attention adds the mask to the scores (a boolean mask is silently
-    wrong there, SPEC 11), and ``finfo.min`` rather than ``-inf`` so fully masked rows give no NaN.
+    wrong there), and ``finfo.min`` rather than ``-inf`` so fully masked rows give no NaN.
     """
     mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
     mask.masked_fill_(~visible, torch.finfo(dtype).min)

@@ -30,8 +30,8 @@ from .lora import (
     DraftMeta,
     LoRAConfig,
     gather_full_lora_state,
-    lora_modules,
-    peft_key,
+    lora_factors,
+    lora_parameters,
     save_adapter_dir,
     tp_gather_factor,
     tp_slice_factor,
@@ -56,15 +56,10 @@ def gather_optimizer_state(model) -> dict[str, dict[str, torch.Tensor]]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, module in lora_modules(model):
-        for factor in ("lora_A", "lora_B"):
-            p = getattr(module, factor).weight
-            entry = {"fp32": safe_get_full_fp32_param(p)}
-            for key in ADAM_KEYS:
-                entry[key] = safe_get_full_optimizer_state(p, key)
-            out[peft_key(name, factor)] = {
-                k: tp_gather_factor(module, factor, v.detach().float().cpu()) for k, v in entry.items() if v is not None
-            }
+    for name, module, factor, p in lora_factors(model):
+        entry = {"fp32": safe_get_full_fp32_param(p), **{k: safe_get_full_optimizer_state(p, k) for k in ADAM_KEYS}}
+        out[name] = {k: tp_gather_factor(module, factor, v.detach().float().cpu()) for k, v in entry.items()
+                     if v is not None}
     return out
 
 
@@ -73,14 +68,12 @@ def restore_optimizer_state(model, optimizer, state: dict[str, dict[str, torch.T
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     _materialise_adam_state(optimizer, step)
-    for name, module in lora_modules(model):
-        for factor in ("lora_A", "lora_B"):
-            p = getattr(module, factor).weight
-            entry = state[peft_key(name, factor)]
-            safe_set_full_fp32_param(p, tp_slice_factor(module, factor, entry["fp32"]).to(p.device))
-            for key in ADAM_KEYS:
-                if key in entry:
-                    safe_set_full_optimizer_state(p, tp_slice_factor(module, factor, entry[key]).to(p.device), key)
+    for name, module, factor, p in lora_factors(model):
+        entry = state[name]
+        safe_set_full_fp32_param(p, tp_slice_factor(module, factor, entry["fp32"]).to(p.device))
+        for key in ADAM_KEYS:
+            if key in entry:
+                safe_set_full_optimizer_state(p, tp_slice_factor(module, factor, entry[key]).to(p.device), key)
 
 
 def _materialise_adam_state(optimizer, step: int) -> None:
@@ -136,7 +129,7 @@ def _gathered_adapter(engine) -> dict[str, torch.Tensor]:
     import deepspeed
 
     model = engine.module.model
-    params = [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+    params = lora_parameters(model)
     zero3 = any(hasattr(p, "ds_id") for p in params)
     ctx = deepspeed.zero.GatheredParameters(params) if zero3 else contextlib.nullcontext()
     with ctx:
@@ -194,15 +187,11 @@ def _sync_module_from_fp32(engine) -> None:
     import deepspeed
 
     model = engine.module.model
-    for _, module in lora_modules(model):
-        for factor in ("lora_A", "lora_B"):
-            p = getattr(module, factor).weight
-            full = safe_get_full_fp32_param(p)
-            if hasattr(p, "ds_id"):
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                    p.data.copy_(full.to(p.dtype))
-            else:
-                p.data.copy_(full.to(p.dtype))
+    for p in lora_parameters(model):
+        full = safe_get_full_fp32_param(p)
+        zero3 = hasattr(p, "ds_id")
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None) if zero3 else contextlib.nullcontext():
+            p.data.copy_(full.to(p.dtype))
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:

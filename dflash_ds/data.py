@@ -1,4 +1,4 @@
-"""Training data: JSONL conversations -> token ids + loss mask (SPEC section 8).
+"""Training data: JSONL conversations -> token ids + loss mask.
 
 Pipeline::
 
@@ -9,7 +9,7 @@ Pipeline::
 
 The loss mask is 1 on assistant content tokens and on the assistant turn's end-of-turn token (e.g.
 ``<|im_end|>``), 0 on system/user turns, role headers and template-injected text such as Qwen3's empty
-``<think>\\n\\n</think>\\n\\n`` block. The drafter's anchors (SPEC section 2) are drawn from this mask, so a wrong
+``<think>\\n\\n</think>\\n\\n`` block. The drafter's anchors are drawn from this mask, so a wrong
 mask silently trains the drafter on prompts instead of responses: it is tested against decoded text.
 """
 

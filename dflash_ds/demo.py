@@ -3,9 +3,9 @@
 1. the target: the tiny Qwen3 trained on the standard library's source (``--target tiny``, default; built once and
    cached), or SmolLM2-135M-Instruct (``--target smollm2``: ``dflash-ds real-target``'s cached conversion), or a
    directory;
-2. self-distillation data: the target's own greedy answers to training prompts (SPEC 11: this decides tau);
+2. self-distillation data: the target's own greedy answers to training prompts (what decides tau: training on human-written answers instead gives a fraction of it);
 3. a drafter adapter trained with DeepSpeed on 2 CPU ranks (ZeRO-3 for the tiny target; ZeRO-2 for SmolLM2, whose
-   540 MB base ZeRO-3 would gather on every forward: 21-34 s a step against 4-5 s per sequence, SPEC 11), through
+   540 MB base ZeRO-3 would gather on every forward: docs/benchmarks.md), through
    the ``deepspeed`` launcher exactly as on a cluster;
 4. lossless speculative decoding on held-out prompts (tiny: held-out stdlib modules; smollm2: another code base,
    the source of tqdm and datasets.utils): tau, acceptance by position, AR vs speculative tokens/s, next to prompt
@@ -68,7 +68,7 @@ RECIPES = {
 }
 #: The "write this function" prompt of the SmolLM2 recipe (the tiny target was trained on bare signatures). "Reply
 #: with the code only": SmolLM2 otherwise explains the code after it, and more answers run into the token limit
-#: (measured on 16 stdlib prompts at 128 tokens: 5 cut off with this prompt, 8 with the bare signature).
+#: (docs/benchmarks.md).
 WRITE_FUNCTION = "Complete this Python function. Reply with the code only.\n\n```python\n{prompt}\n```"
 #: Held-out code for the SmolLM2 recipe: other code bases than the stdlib it is trained on (installed dependencies).
 EVAL_CODE_BASES = ("tqdm", "datasets.utils")

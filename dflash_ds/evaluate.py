@@ -1,4 +1,4 @@
-"""``dflash-ds eval``: speculative decoding against the baselines a user would pick instead (issues 4 and 7).
+"""``dflash-ds eval``: speculative decoding against the baselines a user would pick instead.
 
 On the same model, prompts and engine, in the same run, this measures
 
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import contextlib
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -36,6 +34,8 @@ import torch
 from torch import nn
 
 from .data import TEXT_ROLE, conversation_of, parse_json_object, render_chat
+from .files import write_json_atomic
+from .lora import adapter_disabled, adapter_preserved
 from .settings import add_flags, check_choices, from_args, setting
 from .stats import bootstrap_ci, repetition_rate, t_interval
 from .speculative import (
@@ -368,9 +368,8 @@ class HFGenerate(Method):
                                       do_sample=False, eos_token_id=s.eos or None, pad_token_id=s.pad)
         if self.prompt_lookup:
             kwargs["prompt_lookup_num_tokens"] = self.prompt_lookup
-        control = getattr(model, "dflash_adapter", None)
         try:
-            with torch.no_grad(), (control.disabled() if control is not None else contextlib.nullcontext()):
+            with torch.no_grad(), adapter_disabled(model):
                 t0 = time.perf_counter()
                 out = model.generate(ids, **kwargs)
                 seconds = time.perf_counter() - t0
@@ -486,11 +485,10 @@ def run_eval(
     def gen_for(i: int) -> torch.Generator | None:
         return None if cfg.temperature == 0 else torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + i)
 
-    control = getattr(hf_model, "dflash_adapter", None)
     was_training = hf_model.training
     hf_model.eval()
     try:
-        with control.preserved() if control is not None else contextlib.nullcontext():
+        with adapter_preserved(hf_model):
             if warmup:  # one-time costs (lazy init, mask functions, compiling every shape) stay out of the timings
                 n = cfg.max_new_tokens if cfg.compile == "compile" else min(8, cfg.max_new_tokens)
                 for m in methods:
@@ -670,14 +668,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     add_flags(p, EvalConfig, "decoding.", "Decoding")
     return p
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

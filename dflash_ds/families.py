@@ -1,4 +1,4 @@
-"""What dflash-ds needs to know about each target model family, in one place (issue 12).
+"""What dflash-ds needs to know about each target model family, in one place.
 
 Every supported family is a decoder-only causal LM with the Llama layer layout: ``CausalLM.model`` is the decoder
 stack (it returns ``last_hidden_state``; ``lm_head`` is applied by the fused loss), attention has separate
@@ -15,7 +15,7 @@ What differs between them, and where it matters:
 * Mistral: ``sliding_window`` (v0.1: 4096, later versions: none).
 
 The sliding window matters because the training forward passes its own 4D mask (clean tokens causal, blocks
-bidirectional, SPEC 3): the window is not applied there, so a sequence longer than the window would train the
+bidirectional inside a block): the window is not applied there, so a sequence longer than the window would train the
 drafter against a different model than the one that decodes. :func:`check_max_length` refuses that.
 
 Fused-projection families (Phi-3's ``qkv_proj``/``gate_up_proj``), MoE MLPs and Gemma's scaled embeddings are not
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-#: The LoRA targets of SPEC 9 and the order adapter files list them in.
+#: The default LoRA targets (every attention and MLP projection) and the order adapter files list them in.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -95,7 +95,7 @@ def decoder(model: nn.Module) -> nn.Module:
 
 def cache_kwarg(model: nn.Module) -> str:
     """The forward argument that takes a KV cache: ``cache`` in transformers 5.24 (``past_key_values`` is the
-    deprecated name, SPEC 11), ``past_key_values`` in older releases."""
+    deprecated name), ``past_key_values`` in older releases."""
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -1,10 +1,10 @@
-"""Gated, tensor-parallel-aware LoRA for the drafter (SPEC sections 4 and 6).
+"""Gated, tensor-parallel-aware LoRA for the drafter.
 
 Why not PEFT's wrappers at training time:
   * DeepSpeed 0.19.8 AutoTP either crashes on PEFT LoRA or silently replaces its wrappers with plain TP layers
-    (SPEC 6), so the adapter has to know about tensor parallelism itself.
-  * PEFT's ``disable_adapter()`` walks every module on each enter/exit (~4 ms on CPU, SPEC 11); the
-    verify step of speculative decoding toggles the adapter twice per step, so the toggle must be a flag.
+    (and trains no adapter), so the adapter has to know about tensor parallelism itself.
+  * PEFT's ``disable_adapter()`` walks every module on each enter/exit (as long as a small forward on a CPU,
+    docs/benchmarks.md); decoding toggles the adapter twice per step, so the toggle must be a flag.
   * Scope ``block`` needs a per-token gate on the adapter output.
 
 The math, parameter names and initialisation are PEFT's (``lora_A`` kaiming-uniform, ``lora_B`` zero,
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 
 from .families import PROJECTIONS as DEFAULT_TARGETS
 from .families import check_tp_compatible, family_of
+from .parallel import TPGroup
 from .settings import check_choices, setting
 
 SCOPES = ("block", "all")
@@ -96,15 +97,6 @@ class AdapterControl:
             yield
 
 
-@dataclass
-class TPGroup:
-    """The tensor-parallel group this rank belongs to (``group=None`` with size 1 means no TP)."""
-
-    rank: int = 0
-    size: int = 1
-    group: object | None = field(default=None, repr=False)
-
-
 class _CopyToTP(torch.autograd.Function):
     """Identity forward, all-reduce backward: a replicated input feeding rank-local shards."""
 
@@ -139,7 +131,7 @@ class LoRALinear(nn.Module):
 
     ``parallel`` is ``None``, ``"column"`` (weight holds output rows ``[out/tp, in]``; input replicated, output
     sharded) or ``"row"`` (weight holds input columns ``[out, in/tp]``; input sharded, output all-reduced).
-    LoRA factors follow SPEC 6: column -> ``A`` replicated, ``B`` split by output rows; row -> ``A`` split by input
+    LoRA factors: column -> ``A`` replicated, ``B`` split by output rows; row -> ``A`` split by input
     columns, ``B`` replicated. The conjugate copy/reduce placement below makes every replicated factor receive the
     full (identical) gradient on each TP rank, so no extra gradient all-reduce is needed.
     """
@@ -382,11 +374,29 @@ def apply_lora(model: nn.Module, config: LoRAConfig, tp: TPGroup | None = None, 
 
 def adapter_control(model: nn.Module) -> AdapterControl:
     """The :class:`AdapterControl` that :func:`apply_lora` attached (unwraps DeepSpeed/DDP ``.module``)."""
+    control = _control_of(model)
+    if control is None:
+        raise ValueError("this model has no dflash-ds LoRA adapter (call apply_lora first)")
+    return control
+
+
+def _control_of(model: nn.Module) -> AdapterControl | None:
     while not hasattr(model, "dflash_adapter") and hasattr(model, "module"):
         model = model.module
-    if not hasattr(model, "dflash_adapter"):
-        raise ValueError("this model has no dflash-ds LoRA adapter (call apply_lora first)")
-    return model.dflash_adapter  # type: ignore[return-value]
+    return getattr(model, "dflash_adapter", None)
+
+
+def adapter_preserved(model: nn.Module):
+    """A context that restores ``model``'s adapter switch on exit (decoders switch it per forward); a no-op for a
+    model without an adapter."""
+    control = _control_of(model)
+    return control.preserved() if control is not None else nullcontext()
+
+
+def adapter_disabled(model: nn.Module):
+    """A context with ``model``'s adapter off (the exact base model); a no-op for a model without an adapter."""
+    control = _control_of(model)
+    return control.disabled() if control is not None else nullcontext()
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -395,13 +405,23 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+FACTORS = ("lora_A", "lora_B")
 
 
 def peft_key(module_name: str, factor: str) -> str:
     """PEFT's saved key for one factor: ``base_model.model.<module>.lora_A.weight``."""
     return f"base_model.model.{module_name}.{factor}.weight"
+
+
+def lora_factors(model: nn.Module) -> Iterator[tuple[str, "LoRALinear", str, nn.Parameter]]:
+    """Every adapter factor of ``model``: ``(PEFT key, its LoRALinear, "lora_A" or "lora_B", the weight)``."""
+    for name, module in lora_modules(model):
+        for factor in FACTORS:
+            yield peft_key(name, factor), module, factor, getattr(module, factor).weight
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [weight for *_, weight in lora_factors(model)]
 
 
 def _sharded_dim(module: LoRALinear, factor: str) -> int | None:
@@ -439,17 +459,13 @@ def gather_full_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Under ZeRO-3 call it inside ``deepspeed.zero.GatheredParameters(lora_parameters(model))``.
     """
-    state: dict[str, torch.Tensor] = {}
-    for name, module in lora_modules(model):
-        for factor in ("lora_A", "lora_B"):
-            t = getattr(module, factor).weight.detach().float()
-            state[peft_key(name, factor)] = tp_gather_factor(module, factor, t).cpu().contiguous()
-    return state
+    return {key: tp_gather_factor(module, factor, weight.detach().float()).cpu().contiguous()
+            for key, module, factor, weight in lora_factors(model)}
 
 
 def load_full_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load PEFT-keyed full adapter weights into (possibly TP-sharded) LoRA modules."""
-    expected = {peft_key(n, f) for n, _ in lora_modules(model) for f in ("lora_A", "lora_B")}
+    expected = {key for key, *_ in lora_factors(model)}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ValueError(
@@ -457,21 +473,17 @@ def load_full_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             f"unexpected {sorted(unexpected)[:3]} (check --lora-targets and the base model)"
         )
     parts = {}
-    for name, module in lora_modules(model):  # check every shape before changing any weight
-        for factor in ("lora_A", "lora_B"):
-            key, weight = peft_key(name, factor), getattr(module, factor).weight
-            try:
-                parts[key] = tp_slice_factor(module, factor, state[key])
-            except RuntimeError:  # narrower than the TP split
-                parts[key] = state[key]
-            if parts[key].shape != weight.shape:
-                raise ValueError(f"adapter weights do not match the model: {key} is {tuple(state[key].shape)}, this "
-                                 f"model takes {tuple(weight.shape)} (an adapter trained on another base model?)")
+    for key, module, factor, weight in lora_factors(model):  # check every shape before changing any weight
+        try:
+            parts[key] = tp_slice_factor(module, factor, state[key])
+        except RuntimeError:  # narrower than the TP split
+            parts[key] = state[key]
+        if parts[key].shape != weight.shape:
+            raise ValueError(f"adapter weights do not match the model: {key} is {tuple(state[key].shape)}, this "
+                             f"model takes {tuple(weight.shape)} (an adapter trained on another base model?)")
     with torch.no_grad():
-        for name, module in lora_modules(model):
-            for factor in ("lora_A", "lora_B"):
-                weight = getattr(module, factor).weight
-                weight.copy_(parts[peft_key(name, factor)].to(weight.dtype))
+        for key, _, _, weight in lora_factors(model):
+            weight.copy_(parts[key].to(weight.dtype))
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -494,11 +506,12 @@ class DraftMeta:
 def save_adapter_dir(out_dir, state: dict[str, torch.Tensor], config: LoRAConfig, meta: DraftMeta) -> None:
     """Write a PEFT adapter directory plus ``dflash.json``; files appear atomically (tmp dir, then rename)."""
     import json
-    import os
     import shutil
     from pathlib import Path
 
     from peft import LoraConfig as PeftLoraConfig
+
+    from .files import replace_dir
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -515,14 +528,7 @@ def save_adapter_dir(out_dir, state: dict[str, torch.Tensor], config: LoRAConfig
     ).save_pretrained(str(tmp))
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS))
     (tmp / DRAFT_META).write_text(json.dumps(meta.__dict__, indent=2) + "\n")
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
 
 
 def read_adapter_dir(path) -> tuple[LoRAConfig, DraftMeta, dict[str, torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""Fused, chunked CE + KL over the frozen ``lm_head`` (SPEC section 5).
+"""Fused, chunked CE + KL over the frozen ``lm_head``.
 
 The loss never holds ``[rows, vocab]`` logits for all rows at once: it walks the supervised rows in chunks,
 computes each chunk's logits, its CE/KL and the gradient with respect to the student hidden rows, then frees the

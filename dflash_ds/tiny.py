@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from .files import replace_dir
 from .stats import repetition_rate
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,18 +359,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, special_tokens
 class TinyTargetConfig:
     """Everything that determines a tiny-target build.
 
-    The defaults were picked by measurement on 2 CPU cores (a whole build takes about 5 minutes when the cores
-    are not shared: 291 s measured, training at about 8,000 tokens/s). What the measurements said:
-
-    * At this compute budget a narrow model that sees the data several times beats a wide one that sees it
-      once: at equal FLOPs, hidden 128 (1.8M parameters) reached a held-out loss of 4.26 where hidden 256
-      (5.2M) reached 4.75; six layers instead of four (fewer steps for the same time) was worse again.
-    * Batches of 4 x 512 tokens run faster per token than 8 x 512 on two cores (cache-friendly) and give
-      more optimizer steps for the same tokens: held-out loss 3.57 vs 3.72 at about the same time.
-    * Capping functions per module (``max_per_module``) removes tkinter's flood of ``self.tk.call`` wrappers,
-      the first loop attractor of a model this size.
-    * 1100 steps rather than 850 (which would fit 4 minutes): held-out loss 3.57 vs 3.63, and greedy
-      continuations that loop drop from 10 of 16 (4-gram repetition 0.51) to 6 of 16 (0.28).
+    The defaults were picked by measurement on 2 CPU cores (docs/benchmarks.md, "The tiny target's defaults"): a
+    narrow model that sees the data several times, batches of 4 x 512 tokens, functions capped per module (tkinter's
+    ``self.tk.call`` wrappers are the first loop attractor of a model this size) and 1100 steps.
 
     The target is still weak (held-out loss around 3.6 nats/token; some greedy continuations loop on argument
     lists); ``tiny_target.json`` records the achieved figures and greedy samples of each build.
@@ -746,19 +738,6 @@ def _build_into(tmp: Path, cfg: TinyTargetConfig, progress: bool) -> dict[str, A
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     return meta
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an old ``dst`` is moved aside first so ``dst`` is never half-written."""
-    if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old)
-    else:
-        src.rename(dst)
 
 
 def empty_or_missing(path: Path) -> bool:

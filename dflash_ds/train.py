@@ -30,6 +30,7 @@ from .blocks import BlockConfig, BlockLayout, build_block_layout
 from .config import TrainConfig, autotp_size, load_ds_config, parse_train_args, resolve_ds_config
 from .data import build_dataset, collate_batch
 from .faults import faults
+from .files import write_text_atomic
 from .families import check_max_length, check_tp_compatible, family_of
 from .lora import DraftMeta, apply_lora, lora_parameters
 from .mask_token import resolve_mask_token
@@ -154,9 +155,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         keep = [l for l in self.path.read_text().splitlines() if _step_of(l) is not None and _step_of(l) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(l + "\n" for l in keep))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(l + "\n" for l in keep))
 
     def write(self, record: dict, per_position: list[float] | None = None) -> None:
         if not self.is_main:

@@ -7,7 +7,7 @@ and writes it to ``--out`` (default ``$OUT/gpu_bench.json`` when ``$OUT`` is set
 
 1. ``train_8b``: a Qwen3-8B-shaped model (random weights from a config, bf16, SDPA) with gated LoRA (r 16, alpha 32,
    scope ``block``, q/k/v/o/gate/up/down) through :class:`dflash_ds.model.DFlashObjective` and the fused CE + KL loss
-   over ``[clean S | N*B block tokens]`` (default S = 2048, B = 16, N = 128, so 4096 tokens in one forward; SPEC 3's
+   over ``[clean S | N*B block tokens]`` (default S = 2048, B = 16, N = 128, so 4096 tokens in one forward; the
    additive 4D mask through SDPA):
      * ``dflash_gc``: forward + backward with activation checkpointing (non-reentrant), as the trainer runs it;
      * ``dflash_gc_deepspeed``: the trainer's full step: ``deepspeed.initialize`` with ``ds_configs/zero2.json``

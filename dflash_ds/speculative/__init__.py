@@ -1,0 +1,53 @@
+"""Lossless draft-then-verify decoding with a KV cache.
+
+One step of the two-forward loop, with the verifier's KV cache holding the committed tokens except the last one
+``t`` (cache length ``L``):
+
+1. **draft**: the drafter proposes up to ``B - 1`` tokens ``d_1 .. d_k``. The LoRA block drafter does this in ONE
+   forward of ``[t, MASK x (B-1)]`` at positions ``L .. L+B-1`` with the adapter on, every block query seeing all
+   cached keys and every key of its block (exactly the training mask); block index ``k`` gives ``d_k``
+   (same-position labelling). The drafted keys are cropped off again, so nothing drafted leaks into the cache.
+2. **verify**: ONE causal forward of ``[t, d_1 .. d_k]`` at ``L .. L+k`` with the adapter off. Greedy: accept
+   ``d_i`` while it equals the target's argmax after ``d_{i-1}``; temperature > 0: lossless rejection sampling
+   (accept with ``min(1, p/q)``, on rejection resample from ``norm(max(0, p - q))``, bonus sample when all are
+   accepted). Commit ``t, d_1 .. d_n`` (crop the cache to ``L + n + 1``); the bonus token is the next ``t``.
+
+Scope ``block`` reads the verifier's own cache (clean tokens run through the exact base model). Scope ``all``
+keeps a second cache computed with the adapter on; the tokens committed since the last draft are appended to it in
+the same forward as the next block (one 4D mask: those tokens causal, the block bidirectional over them). The fused
+loop (:mod:`.fused`, scope ``block``) does a step in one forward.
+
+Modules: :mod:`.engine` (the session: model, cache, counted forwards), :mod:`.drafters`, :mod:`.accept`,
+:mod:`.loop` (two-forward loop, autoregressive baseline, :class:`SpecResult`), :mod:`.fused`.
+"""
+
+from .accept import accept_greedy, accept_sampling
+from .drafters import Draft, Drafter, LoRABlockDrafter, NgramDrafter, untrained_floor_drafter
+from .engine import DecodeSession, StaticDecoding, cache_len, crop_cache, eos_ids_of, unwrap_model
+from .fused import FALLBACKS, FusedConfig, choose_anchors, FusedStep, fused_generate, fused_step_layout
+from .loop import SpecResult, autoregressive_generate, speculative_generate
+
+__all__ = [
+    "DecodeSession",
+    "Draft",
+    "Drafter",
+    "FALLBACKS",
+    "FusedConfig",
+    "FusedStep",
+    "LoRABlockDrafter",
+    "NgramDrafter",
+    "SpecResult",
+    "StaticDecoding",
+    "accept_greedy",
+    "accept_sampling",
+    "autoregressive_generate",
+    "cache_len",
+    "choose_anchors",
+    "crop_cache",
+    "eos_ids_of",
+    "fused_generate",
+    "fused_step_layout",
+    "speculative_generate",
+    "unwrap_model",
+    "untrained_floor_drafter",
+]

@@ -1,0 +1,44 @@
+"""Acceptance: which drafted tokens the target keeps, and the bonus token after them. Greedy decoding keeps the
+drafts that equal the target's argmax; sampling is lossless rejection sampling, so the output is distributed
+exactly as the target's whatever the drafter proposed."""
+
+from __future__ import annotations
+
+import torch
+
+
+def accept_greedy(drafted: list[int], logits: torch.Tensor) -> tuple[int, int]:
+    target = logits.argmax(dim=-1).tolist()  # [k+1]
+    n = 0
+    for d, g in zip(drafted, target):
+        if d != g:
+            break
+        n += 1
+    return n, target[n]
+
+
+def accept_sampling(
+    drafted: list[int], probs_q: torch.Tensor | None, logits: torch.Tensor, temperature: float, generator
+) -> tuple[int, int]:
+    """Lossless rejection sampling (Leviathan et al. / Chen et al.) with ``q`` the drafter's distribution."""
+    k = len(drafted)
+    p = torch.softmax(logits.float() / temperature, dim=-1)  # [k+1, V]
+    n = k
+    if k:
+        d = torch.tensor(drafted, device=p.device)
+        rows = torch.arange(k, device=p.device)
+        p_d = p[rows, d]
+        q_d = probs_q[rows, d] if probs_q is not None else torch.ones_like(p_d)
+        u = torch.rand(k, generator=generator, device=p.device if generator is None else generator.device)
+        rejected = (u.to(p.device) * q_d >= p_d).nonzero()
+        if rejected.numel():
+            n = int(rejected[0, 0])
+            if probs_q is not None:
+                residual = (p[n] - probs_q[n]).clamp_min(0.0)
+            else:  # q one-hot on d_n: max(0, p - q) is p without d_n
+                residual = p[n].clone()
+                residual[drafted[n]] = 0.0
+            if float(residual.sum()) <= 0.0:  # p == q exactly: cannot reject in exact arithmetic
+                residual = p[n]
+            return n, int(torch.multinomial(residual, 1, generator=generator))
+    return n, int(torch.multinomial(p[n], 1, generator=generator))
