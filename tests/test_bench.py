@@ -43,7 +43,10 @@ def test_train_step_variants_run_and_naive_computes_the_same_loss(tmp_path):
     for variant in ("dflash", "dflash_gc", "ar", "ar_gc", "naive"):
         assert case[variant]["status"] == "ok", (variant, case[variant])
     assert case["naive_minus_dflash_loss_abs"] < 1e-4
-    assert case["ratios"]
+    ratios = case["ratios"]
+    for name, num, den in (("a_over_b", "dflash", "ar"), ("a_gc_over_b_gc", "dflash_gc", "ar_gc"),
+                           ("c_over_a", "naive", "dflash")):
+        assert ratios[f"{name}_time"] == pytest.approx(case[num]["median_s"] / case[den]["median_s"]), name
 
 
 def test_spec_decode_is_lossless_and_reports_a_bound(tmp_path):

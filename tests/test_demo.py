@@ -27,7 +27,7 @@ def test_reduced_demo_trains_and_decodes_losslessly(tmp_path, capsys):
     summary = json.loads((tmp_path / "work" / "demo_report.json").read_text())
     assert summary["last_loss"] < summary["first_loss"], "training did not lower the loss"
     assert summary["greedy_match"] is True
-    assert summary["tau"] >= 1.0 and summary["floor_tau"] is not None
+    assert summary["tau"] > summary["floor_tau"], summary  # the trained adapter drafts better than an untrained one
     assert "prompt lookup" in out and "untrained" in out.lower()  # the table shows the baselines
     assert (tmp_path / "work" / "run" / "adapter" / "adapter_model.safetensors").exists()
     assert any((tmp_path / "work" / "run" / "tensorboard").rglob("events.out.tfevents.*"))

@@ -233,12 +233,27 @@ def test_periodic_eval_and_tensorboard_scalars(assets, tmp_path):
     prompts.write_text("".join(json.dumps({"conversations": r["conversations"][:1]}) + "\n" for r in rows))
     out = tmp_path / "run"
     run_train(assets, out, nproc=1, extra=["--eval-interval", "2", "--eval-prompts", str(prompts),
-                                           "--eval-max-new-tokens", "6", "--eval-limit", "2"])
+                                           "--eval-max-new-tokens", "6", "--eval-limit", "2",
+                                           "--save-interval", "2", "--keep-last", "5"])
     m = metrics(out)
     assert [r["step"] for r in m] == list(range(1, STEPS + 1))  # one object per optimizer step
     evals = [r for r in m if "eval_tau" in r]
-    assert [r["step"] for r in evals] == [2, 4]
-    assert all(r["eval_tau"] >= 1.0 and r["eval_speedup"] > 0 for r in evals)
+    assert [r["step"] for r in evals] == [2, 4] and all(r["eval_speedup"] > 0 for r in evals)
+
+    # the in-training eval is the offline eval of the same weights: export step 2's checkpoint and decode again
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dflash_ds.checkpoint import export_checkpoint
+    from dflash_ds.evaluate import EvalConfig, load_prompts, run_eval
+    from dflash_ds.lora import load_adapter_dir
+
+    export_checkpoint(out / "checkpoints" / "step_00000002", tmp_path / "step2")
+    model = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(assets / "model")
+    meta = load_adapter_dir(model, tmp_path / "step2")
+    offline = run_eval(model, tok, meta, load_prompts(prompts, tok, limit=2),
+                       EvalConfig(max_new_tokens=6, baselines="none", repeats=1, loop="fused"), progress=False)
+    assert evals[0]["eval_tau"] == pytest.approx(offline["tau"])
     for key in ("loss", "ce", "kl", "acc", "sim_tau", "lr", "grad_norm", "tokens_per_s"):
         assert key in m[0]
 

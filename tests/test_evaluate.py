@@ -1,4 +1,4 @@
-"""``dflash-ds eval`` (issues 4 and 7): report contents, baselines, prompt files, the command end to end."""
+"""``dflash-ds eval``: report contents, baselines, prompt files, the command end to end."""
 
 from __future__ import annotations
 

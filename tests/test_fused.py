@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import DynamicCache, PretrainedConfig
+from transformers import PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from dflash_ds.lora import AdapterControl
 from dflash_ds.speculative import (
-    Engine,
+    DecodeSession,
     FusedConfig,
     autoregressive_generate,
     fused_generate,
@@ -85,7 +85,7 @@ def test_group_logits_equal_the_training_forward(attn, sdpa_model, eager_model):
     L, k, B = 7, 4, 5
     anchors = (0, 2, 4)
     t, drafts = tokens[L], tokens[L + 1 : L + 1 + k]
-    engine = Engine(model, 64, B)
+    session = DecodeSession(model, 64, B)
     visible, offsets = fused_step_layout(k, anchors, B)
     ids = [t, *drafts]
     for i in anchors:
@@ -93,9 +93,9 @@ def test_group_logits_equal_the_training_forward(attn, sdpa_model, eager_model):
     mask = torch.zeros(1, 1, len(ids), L + len(ids))
     mask[0, 0, :, L:].masked_fill_(~visible, torch.finfo(torch.float32).min)
     with torch.no_grad(), model.dflash_adapter.preserved():
-        engine.set_adapter(False)
-        engine.forward(engine.ids(tokens[:L]), 0, engine.cache, kind="prefill")
-        hidden = engine.forward_hidden(engine.ids(ids), (offsets + L)[None], mask, rows_from=k + 1, kind="verify")
+        session.set_adapter(False)
+        session.forward(session.ids(tokens[:L]), 0, session.cache, kind="prefill")
+        hidden = session.forward_hidden(session.ids(ids), (offsets + L)[None], mask, rows_from=k + 1, kind="verify")
         verify = model.lm_head(hidden[: k + 1])
         for j, i in enumerate(anchors):
             first = k + 1 + j * B
@@ -135,9 +135,9 @@ def test_cache_holds_exactly_committed_tokens(sdpa_model):
     prompt = prompts()[0]
     seen = []
 
-    def check(engine, tokens, drafts):
+    def check(session, tokens, drafts):
         committed = tokens[:-1]
-        _assert_same_cache(engine.cache, _prefill_kv(sdpa_model, committed, adapter=False), len(committed))
+        _assert_same_cache(session.cache, _prefill_kv(sdpa_model, committed, adapter=False), len(committed))
         seen.append(len(tokens))
 
     for config in CONFIGS:
@@ -215,8 +215,8 @@ def test_perfect_drafter_commits_a_block_per_forward():
     model = SequenceLM(seq, 50)
     prompt = seq[:10]
 
-    def check(engine, tokens, drafts):
-        assert engine.cache.layers[0].keys.flatten().long().tolist() == tokens[:-1]  # exactly the committed tokens
+    def check(session, tokens, drafts):
+        assert session.cache.layers[0].keys.flatten().long().tolist() == tokens[:-1]  # exactly the committed tokens
         assert tokens == seq[: len(tokens)]
 
     r = fused_generate(model, prompt, MASK, block_size=B, max_new_tokens=41, step_callback=check)
@@ -340,7 +340,7 @@ def test_static_and_compiled_paths_are_exact(compile):
     if compile:  # one graph per kind of forward (fused, AR, verify, draft): padding keeps the shapes fixed
         import torch._dynamo
 
-        # measured 5 with torch 2.13; a shape or stride that varies per engine compiled a new graph each time and
+        # measured 5 with torch 2.13; a shape or stride that varies per session compiled a new graph each time and
         # ran into dynamo's limit of 8 (then silently ran eager)
         frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         assert frames <= 6, frames

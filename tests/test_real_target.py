@@ -96,7 +96,7 @@ def test_convert_gives_a_plain_directory_with_the_same_logits(tiny_gguf, tmp_pat
 
     folder, name = str(tiny_gguf.parent), tiny_gguf.name
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    with pytest.raises(Exception, match="not serializable"):  # why convert_gguf rebuilds the model (SPEC 11)
+    with pytest.raises(Exception, match="not serializable"):  # why convert_gguf rebuilds the model
         loaded.save_pretrained(tmp_path / "direct")
 
     facts = convert_gguf(tiny_gguf, tmp_path / "out", progress=False)

@@ -1,4 +1,4 @@
-"""Speculative decoding (SPEC 7, issues 4 and 7): greedy equality, accounting, lossless sampling, KV cache hygiene."""
+"""Speculative decoding: greedy equality, accounting, lossless sampling, KV cache hygiene."""
 
 from __future__ import annotations
 
@@ -84,10 +84,10 @@ class OracleDrafter:
         self.reference, self.corrupt, self.wrong = reference, corrupt, wrong
         self.gen = torch.Generator().manual_seed(seed)
 
-    def start(self, engine, tokens):
+    def start(self, session, tokens):
         assert tokens == self.reference[: len(tokens)]
 
-    def propose(self, engine, tokens, num, temperature, generator):
+    def propose(self, session, tokens, num, temperature, generator):
         assert tokens == self.reference[: len(tokens)], "committed tokens left the greedy path"
         d = self.reference[len(tokens) : len(tokens) + num]
         if self.wrong:
@@ -232,9 +232,9 @@ def test_cache_holds_exactly_committed_tokens(scope, attn, sdpa_model, eager_mod
     prompt = prompts()[0]
     steps = []
 
-    def check(engine, tokens, drafter):
+    def check(session, tokens, drafter):
         committed = tokens[:-1]  # the last committed token is not in the cache yet
-        _assert_same_cache(engine.cache, _prefill_kv(model, committed, adapter=False), len(committed))
+        _assert_same_cache(session.cache, _prefill_kv(model, committed, adapter=False), len(committed))
         if getattr(drafter, "own_cache", False):  # scope all: adapter-on cache of the tokens committed up to its last draft
             n = drafter.cache_len
             assert 0 < n <= len(committed)
@@ -255,7 +255,7 @@ def test_cache_holds_exactly_committed_tokens(scope, attn, sdpa_model, eager_mod
 
 
 def _training_style_block_logits(model, tokens: list[int], block: int, scope: str) -> torch.Tensor:
-    """Logits of block positions 1..B-1 as the training forward computes them (SPEC 3 / dflash_ds.model): clean
+    """Logits of block positions 1..B-1 as the training forward computes them (dflash_ds.model): clean
     tokens ``x[:a]`` then the block ``[x[a], MASK...]`` at positions ``a..a+B-1`` in one sequence, block queries
     seeing clean keys < a and their block; scope block gates the adapter to the block tokens."""
     from dflash_ds.blocks import additive_mask
@@ -281,26 +281,26 @@ def _training_style_block_logits(model, tokens: list[int], block: int, scope: st
 def test_draft_logits_match_training_forward(scope, model_name, sdpa_model, eager_model, llama_model):
     """The decoder's draft (incremental, against a KV cache; scope all with committed tokens still pending) gives
     the same distribution as the training forward for the same context and anchor."""
-    from dflash_ds.speculative import Engine
+    from dflash_ds.speculative import DecodeSession
 
     model = {"sdpa": sdpa_model, "eager": eager_model, "llama": llama_model}[model_name]
     tokens = prompts(1, length=14, seed=7)[0]
     B = 6
-    engine = Engine(model, 64, B)
+    session = DecodeSession(model, 64, B)
     drafter = LoRABlockDrafter(MASK, scope)
     with torch.no_grad():
-        engine.set_adapter(False)
-        engine.forward(engine.ids(tokens[:5]), 0, engine.cache, kind="prefill")
-        drafter.start(engine, tokens[:6])  # scope all: its own cache holds tokens[:5]
-        drafter.propose(engine, tokens[:6], B - 1, 0.0, None)
-        engine.set_adapter(False)
-        engine.forward(engine.ids(tokens[5:13]), 5, engine.cache, kind="verify")  # commit 8 more at once
-        assert engine.cache.get_seq_length() == 13
+        session.set_adapter(False)
+        session.forward(session.ids(tokens[:5]), 0, session.cache, kind="prefill")
+        drafter.start(session, tokens[:6])  # scope all: its own cache holds tokens[:5]
+        drafter.propose(session, tokens[:6], B - 1, 0.0, None)
+        session.set_adapter(False)
+        session.forward(session.ids(tokens[5:13]), 5, session.cache, kind="verify")  # commit 8 more at once
+        assert session.cache.get_seq_length() == 13
         # scope all: tokens[5:13] are pending and go through the same forward as the block
-        got = drafter.propose(engine, tokens, B - 1, 1.0, torch.Generator().manual_seed(0)).probs
+        got = drafter.propose(session, tokens, B - 1, 1.0, torch.Generator().manual_seed(0)).probs
     want = torch.softmax(_training_style_block_logits(model, tokens, B, scope), dim=-1)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-4)
-    assert engine.cache.get_seq_length() == 13
+    assert session.cache.get_seq_length() == 13
     if scope == "all":
         assert drafter.cache_len == 13 and drafter.cache.get_seq_length() == 13
 
@@ -310,16 +310,16 @@ def test_scope_all_differs_from_block(sdpa_model):
     prompt = prompts()[0]
     drafts = {}
     for scope in ("block", "all"):
-        from dflash_ds.speculative import Engine
+        from dflash_ds.speculative import DecodeSession
 
-        engine = Engine(sdpa_model, 64, 8)
-        engine.set_adapter(False)
+        session = DecodeSession(sdpa_model, 64, 8)
+        session.set_adapter(False)
         with torch.inference_mode():
-            engine.forward(engine.ids(prompt[:-1]), 0, engine.cache, kind="prefill")
+            session.forward(session.ids(prompt[:-1]), 0, session.cache, kind="prefill")
             d = LoRABlockDrafter(MASK, scope)
-            d.start(engine, prompt)
-            drafts[scope] = d.propose(engine, prompt, 7, 0.0, None).tokens
-            assert engine.cache.get_seq_length() == len(prompt) - 1  # nothing drafted stays
+            d.start(session, prompt)
+            drafts[scope] = d.propose(session, prompt, 7, 0.0, None).tokens
+            assert session.cache.get_seq_length() == len(prompt) - 1  # nothing drafted stays
     assert len(drafts["block"]) == 7 and drafts["block"] != drafts["all"]
 
 
@@ -365,17 +365,17 @@ def test_floor_equals_zero_b_adapter(sdpa_model):
         assert a.output_ids == b.output_ids == c.output_ids
         assert a.accepted_per_step == b.accepted_per_step
     # and the trained (here: random) adapter drafts differently from the floor somewhere
-    from dflash_ds.speculative import Engine
+    from dflash_ds.speculative import DecodeSession
 
     prompt = prompts()[0]
     out = []
     for drafter in (untrained_floor_drafter(MASK), LoRABlockDrafter(MASK, "block")):
-        engine = Engine(sdpa_model, 64, 8)
-        engine.set_adapter(False)
+        session = DecodeSession(sdpa_model, 64, 8)
+        session.set_adapter(False)
         with torch.inference_mode():
-            engine.forward(engine.ids(prompt[:-1]), 0, engine.cache, kind="prefill")
-            drafter.start(engine, prompt)
-            out.append(drafter.propose(engine, prompt, 7, 0.0, None).tokens)
+            session.forward(session.ids(prompt[:-1]), 0, session.cache, kind="prefill")
+            drafter.start(session, prompt)
+            out.append(drafter.propose(session, prompt, 7, 0.0, None).tokens)
     assert out[0] != out[1]
 
 
@@ -423,10 +423,10 @@ def test_sampling_is_lossless():
     class Fixed:
         name = "fixed"
 
-        def start(self, engine, tokens):
+        def start(self, session, tokens):
             pass
 
-        def propose(self, engine, tokens, num, temperature, generator):
+        def propose(self, session, tokens, num, temperature, generator):
             return Draft([int(exact.argmax()) // V, 2][:num])
 
     for drafter_factory, N in ((lambda: LoRABlockDrafter(MASK, "block"), 1000), (Fixed, 600)):
@@ -446,14 +446,14 @@ def test_sampling_is_lossless():
 
     # power: the drafter's own first-token distribution q is far from the target's, so a sampler that leaked q
     # (e.g. always accepting) would fail the test above by a wide margin
-    from dflash_ds.speculative import Engine
+    from dflash_ds.speculative import DecodeSession
 
-    engine = Engine(model, 16, 3)
-    engine.set_adapter(False)
+    session = DecodeSession(model, 16, 3)
+    session.set_adapter(False)
     with torch.inference_mode():
-        engine.forward(engine.ids(prompt[:-1]), 0, engine.cache, kind="prefill")
+        session.forward(session.ids(prompt[:-1]), 0, session.cache, kind="prefill")
         d = LoRABlockDrafter(MASK, "block")
-        d.start(engine, prompt)
-        q1 = d.propose(engine, prompt, 2, T, torch.Generator().manual_seed(0)).probs[0].double()
+        d.start(session, prompt)
+        q1 = d.propose(session, prompt, 2, T, torch.Generator().manual_seed(0)).probs[0].double()
     p1 = exact.reshape(V, V).sum(1)
     assert 1000 * float(((q1 - p1) ** 2 / p1).sum()) > 200

@@ -1,0 +1,87 @@
+"""Settings: one dataclass field per setting, command-line flags generated from the fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from dflash_ds.blocks import BlockConfig
+from dflash_ds.config import OptimConfig, TrainConfig, build_parser, parse_train_args
+from dflash_ds.data import DataConfig
+from dflash_ds.evaluate import EvalConfig
+from dflash_ds.evaluate import build_parser as eval_parser
+from dflash_ds.lora import LoRAConfig
+from dflash_ds.loss import LossConfig
+from dflash_ds.settings import add_flags, flag_name, from_args, setting
+from dflash_ds.speculative import FusedConfig
+
+REQUIRED = ["--model-path", "m", "--output-dir", "o", "--train-data", "d.jsonl"]
+
+
+def test_flag_defaults_are_the_dataclass_defaults():
+    """A default lives in one place: parsing no optional flag gives the components' own defaults (the CLI once
+    said kl_weight 1.0 where LossConfig said 0.0)."""
+    parsed = parse_train_args(REQUIRED)
+    assert parsed == TrainConfig(model_path="m", output_dir="o", data=DataConfig(paths=["d.jsonl"]))
+    assert parsed.loss == LossConfig() and parsed.loss.kl_weight == 1.0
+    assert parsed.blocks == BlockConfig() and parsed.lora == LoRAConfig() and parsed.optim == OptimConfig()
+
+
+@pytest.mark.parametrize("component", [BlockConfig, LossConfig, LoRAConfig, DataConfig, OptimConfig])
+def test_every_component_field_is_a_train_flag(component):
+    help_text = build_parser().format_help()
+    for f in dataclasses.fields(component):
+        if f.metadata.get("cli", True):
+            assert flag_name(f) in help_text, f.name
+
+
+def test_eval_flags_come_from_eval_config():
+    help_text = eval_parser().format_help()
+    for cls in (EvalConfig, FusedConfig):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli", True) and not dataclasses.is_dataclass(f.type):
+                assert flag_name(f) in help_text, f.name
+    args = eval_parser().parse_args(["--model-path", "m", "--adapter", "a", "--prompts", "p", "--report", "r",
+                                     "--fused-groups", "all", "--loop", "fused", "--max-new-tokens", "7"])
+    cfg = from_args(EvalConfig, args, "decoding.")
+    assert cfg == EvalConfig(loop="fused", max_new_tokens=7, fused=FusedConfig(groups=None))
+    args = eval_parser().parse_args(["--model-path", "m", "--adapter", "a", "--prompts", "p", "--report", "r",
+                                     "--fused-groups", "2", "--fused-reject-mismatch"])
+    assert from_args(EvalConfig, args, "decoding.").fused == FusedConfig(groups=2, reject_mismatch=True)
+
+
+def test_types_parse_from_their_annotations():
+    cfg = parse_train_args(REQUIRED + ["--gamma", "none", "--context-ratio", "0.1,0.3", "--lora-targets", "q_proj",
+                                       "v_proj", "--gradient-checkpointing", "--loss-chunk-size", "7",
+                                       "--deepspeed-config", "x.json", "--local_rank=1", "--train-data", "a", "b"])
+    assert cfg.blocks.gamma is None and cfg.blocks.context_ratio == (0.1, 0.3)
+    assert cfg.lora.target_modules == ("q_proj", "v_proj") and cfg.gradient_checkpointing
+    assert cfg.loss.chunk_size == 7 and cfg.deepspeed_config == "x.json" and cfg.local_rank == 1
+    assert cfg.data.paths == ["a", "b"]
+
+
+def test_bad_values_name_their_flag():
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        parse_train_args(REQUIRED + ["--kl-type", "js"])
+    with pytest.raises(ValueError, match="--kl-type must be one of forward/reverse/tvd"):
+        LossConfig(kl_type="js")
+    with pytest.raises(ValueError, match="--lora-scope"):
+        LoRAConfig(scope="some")
+    with pytest.raises(ValueError, match="--block-size must be >= 2"):
+        parse_train_args(REQUIRED + ["--block-size", "1"])
+
+
+def test_a_new_field_is_a_new_flag():
+    """What the README's "Adding a setting" note promises: one field, and the flag exists with its default."""
+
+    @dataclasses.dataclass
+    class Extended(LossConfig):
+        label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy")
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Extended)
+    assert from_args(Extended, parser.parse_args([])).label_smoothing == 0.0
+    parsed = from_args(Extended, parser.parse_args(["--label-smoothing", "0.1", "--kl-weight", "0.5"]))
+    assert parsed.label_smoothing == 0.1 and parsed.kl_weight == 0.5
