@@ -46,7 +46,6 @@ import os
 import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +57,7 @@ from _measure import meminfo_bytes as _meminfo_bytes  # noqa: E402
 from _measure import machine_info as _machine_info  # noqa: E402
 from _measure import proc_status_kib as _proc_status_kib  # noqa: E402
 from _measure import reset_peak_rss as _reset_peak_rss  # noqa: E402
+from _measure import run_worker as _run_worker  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -200,19 +200,10 @@ class Runner:
             "tensor_path": os.path.join(self.tmpdir, tag + ".pt"),
         }
         print(f"{label} running (predicted peak ~{_gib(predicted)}) ...", flush=True)
-        load_before = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)],
-                              cwd=str(REPO_ROOT))
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0 or not os.path.exists(spec["result_path"]):
-            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-            print(f"{label} worker failed ({how})", flush=True)
-            return {"status": "worker_failed", "error": how}
-        res = json.loads(Path(spec["result_path"]).read_text())
+        res = _run_worker(__file__, spec, label)
+        if res["status"] == "worker_failed":
+            return res
         res["tensor_path"] = spec["tensor_path"]
-        res["wall_s_including_setup"] = wall
-        res["loadavg_1min_before_after"] = [load_before, os.getloadavg()[0]]
         if res["status"] == "ok":
             self.slope[variant] = max(self.slope.get(variant, 0.0),
                                       res["peak_extra_bytes"] / self.effective_rows(variant, rows, chunk))

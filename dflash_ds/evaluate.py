@@ -478,34 +478,41 @@ def run_eval(
         static = StaticDecoding(hf_model, max(map(len, prompt_ids)) + cfg.max_new_tokens + 2 * B * (B + 2),
                                 compile=cfg.compile == "compile", mode=compile_mode(hf_model))
     setup = DecodeSetup(hf_model, cfg, meta, eos, pad if pad is not None else (eos[0] if eos else 0), static)
-    methods = build_methods(setup)
-    runs = {m.name: _Runs(m.label) for m in methods}
-    device = next(hf_model.parameters()).device
-
-    def gen_for(i: int) -> torch.Generator | None:
-        return None if cfg.temperature == 0 else torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + i)
-
     was_training = hf_model.training
     hf_model.eval()
     try:
         with adapter_preserved(hf_model):
-            if warmup:  # one-time costs (lazy init, mask functions, compiling every shape) stay out of the timings
-                n = cfg.max_new_tokens if cfg.compile == "compile" else min(8, cfg.max_new_tokens)
-                for m in methods:
-                    m.generate(prompt_ids[0], gen_for(0), n)
-            bar = _progress(cfg.repeats * len(prompt_ids), progress)
-            for rep in range(cfg.repeats):
-                if rep:
-                    for run in runs.values():
-                        run.new_repeat()
-                for i, prompt in enumerate(prompt_ids):
-                    for m in methods:
-                        runs[m.name].add(rep, m.generate(prompt, gen_for(i), cfg.max_new_tokens))
-                    bar.update(1)
-            bar.close()
+            runs = _time_methods(build_methods(setup), prompt_ids, cfg, progress, warmup)
     finally:
         hf_model.train(was_training)
     return build_report(runs, prompt_ids, cfg, meta, eos)
+
+
+def _time_methods(methods: list[Method], prompt_ids: list[list[int]], cfg: EvalConfig, progress: bool,
+                  warmup: bool) -> dict[str, _Runs]:
+    """Every method on every prompt in each of ``cfg.repeats`` rounds, interleaved prompt by prompt; sampled
+    methods get the same seed per prompt in every round."""
+    device = next(methods[0].setup.model.parameters()).device
+
+    def gen_for(i: int) -> torch.Generator | None:
+        return None if cfg.temperature == 0 else torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + i)
+
+    if warmup:  # one-time costs (lazy init, mask functions, compiling every shape) stay out of the timings
+        n = cfg.max_new_tokens if cfg.compile == "compile" else min(8, cfg.max_new_tokens)
+        for m in methods:
+            m.generate(prompt_ids[0], gen_for(0), n)
+    runs = {m.name: _Runs(m.label) for m in methods}
+    bar = _progress(cfg.repeats * len(prompt_ids), progress)
+    for rep in range(cfg.repeats):
+        if rep:
+            for run in runs.values():
+                run.new_repeat()
+        for i, prompt in enumerate(prompt_ids):
+            for m in methods:
+                runs[m.name].add(rep, m.generate(prompt, gen_for(i), cfg.max_new_tokens))
+            bar.update(1)
+    bar.close()
+    return runs
 
 
 def _progress(total: int, enabled: bool):
