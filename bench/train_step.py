@@ -197,19 +197,19 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
     params = lora_parameters(model)
     set_checkpointing(model, checkpointing)
     loss_cfg = LossConfig(ce_weight=1.0, kl_weight=1.0, kl_type="forward", kl_temperature=1.0, chunk_size=chunk)
-    objective = DFlashObjective(model, loss_cfg, "block")
-    objective.train()
+    dflash = DFlashObjective(model, loss_cfg, "block")
+    dflash.train()
 
     if objective == "dflash":
 
         def dflash_step(batch: dict):
-            out = objective(batch["input_ids"], batch["attention_mask"], batch["layout"])
+            out = dflash(batch["input_ids"], batch["attention_mask"], batch["layout"])
             out.loss.backward()
             for p in params:
                 p.grad = None
             return out.loss.detach()
 
-        return dflash_step, objective, params
+        return dflash_step, dflash, params
 
     if objective != "naive":
         raise ValueError(f"unknown objective {objective!r}")
@@ -219,7 +219,7 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
     def naive_step(batch: dict):
         ids, am, layout = batch["input_ids"], batch["attention_mask"], batch["layout"]
         S = ids.shape[1]
-        hidden = objective.hidden_states(ids, am, layout)  # same forward, mask and gate as (a)
+        hidden = dflash.hidden_states(ids, am, layout)  # same forward, mask and gate as (a)
         logits = lm_head(hidden[:, S:]).float()  # [1, N*B, V]: every block position
         with torch.no_grad(), control.disabled():  # a second, adapter-off teacher forward
             teacher_logits = model(input_ids=ids, attention_mask=am).logits.float()  # [1, S, V]
@@ -235,7 +235,7 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
             p.grad = None
         return loss.detach()
 
-    return naive_step, objective, params
+    return naive_step, dflash, params
 
 
 # --------------------------------------------------------------------------------------------------- worker side
