@@ -37,6 +37,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -206,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="rounds; each times the forwards, then AR and speculative generation (medians over rounds)")
     p.add_argument("--fwd-repeats", type=int, default=50, help="timed calls per forward-cost median (per round)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--fused-groups", type=int, default=None, help="fused loop: groups per forward (default: all)")
-    p.add_argument("--fused-fallback", default="refill", choices=("refill", "draft"))
     p.add_argument("--compile", default="none", choices=("none", "static", "compile"),
                    help="every decode forward (AR, draft, verify, fused) on a static KV cache, eager (static) or "
                         "torch.compile-d (compile; CUDA graphs on a GPU), as `dflash-ds eval --compile`")
@@ -225,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--adapter-std", type=float, default=0.02, help="std of the random lora_B (non-zero adapter)")
     p.add_argument("--no-tiny-cache", action="store_true", help="ignore an existing cached tiny target")
     p.add_argument("--out", default=str(M.REPO_ROOT / "bench" / "results" / "spec_decode.json"))
+    from dflash_ds.settings import add_flags
+    from dflash_ds.speculative import FusedConfig
+
+    add_flags(p, FusedConfig, "fused.", "Fused loop")
     args = p.parse_args(argv)
     if (args.model_path is None) != (args.adapter is None):
         p.error("--model-path and --adapter go together (or leave both out for a random model + adapter)")
@@ -237,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from dflash_ds.lora import load_adapter_dir
+    from dflash_ds.settings import from_args
     from dflash_ds.speculative import (FusedConfig, LoRABlockDrafter, autoregressive_generate, fused_generate,
                                        speculative_generate)
     from dflash_ds.tiny import _is_complete, default_cache_dir
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                    for _ in range(args.num_prompts)]
         eos = []
     M_new = args.max_new_tokens
-    fused_cfg = FusedConfig(groups=args.fused_groups, fallback=args.fused_fallback)
+    fused_cfg = from_args(FusedConfig, args, "fused.")
     static = None
     if args.compile != "none":
         from dflash_ds.evaluate import compile_mode
@@ -305,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             "stop_at_eos": eos,
             "repeats": args.repeats, "fwd_repeats": args.fwd_repeats, "cost_context_len": mean_context,
             "dtype": args.dtype, "device": args.device, "torch_threads": torch.get_num_threads(),
-            "compile": args.compile, "fused": {"groups": args.fused_groups, "fallback": args.fused_fallback},
+            "compile": args.compile, "fused": dataclasses.asdict(fused_cfg),
             "adapter_std": args.adapter_std if source != "given" else None,
         },
         "method": {

@@ -236,7 +236,7 @@ def test_cache_holds_exactly_committed_tokens(scope, attn, sdpa_model, eager_mod
         committed = tokens[:-1]  # the last committed token is not in the cache yet
         _assert_same_cache(session.cache, _prefill_kv(model, committed, adapter=False), len(committed))
         if getattr(drafter, "own_cache", False):  # scope all: adapter-on cache of the tokens committed up to its last draft
-            n = drafter.cache_len
+            n = drafter.own_cache_len
             assert 0 < n <= len(committed)
             _assert_same_cache(drafter.cache, _prefill_kv(model, committed[:n], adapter=True), n)
         steps.append(len(tokens))
@@ -302,7 +302,7 @@ def test_draft_logits_match_training_forward(scope, model_name, sdpa_model, eage
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-4)
     assert session.cache.get_seq_length() == 13
     if scope == "all":
-        assert drafter.cache_len == 13 and drafter.cache.get_seq_length() == 13
+        assert drafter.own_cache_len == 13 and drafter.cache.get_seq_length() == 13
 
 
 def test_scope_all_differs_from_block(sdpa_model):
