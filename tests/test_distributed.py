@@ -254,7 +254,7 @@ def test_periodic_eval_and_tensorboard_scalars(assets, tmp_path):
     offline = run_eval(model, tok, meta, load_prompts(prompts, tok, limit=2),
                        EvalConfig(max_new_tokens=6, baselines="none", repeats=1, loop="fused"), progress=False)
     assert evals[0]["eval_tau"] == pytest.approx(offline["tau"])
-    for key in ("loss", "ce", "kl", "acc", "sim_tau", "lr", "grad_norm", "tokens_per_s"):
+    for key in ("loss", "ce", "kl", "acc", "sim_tau", "skipped_samples", "lr", "grad_norm", "tokens_per_s"):
         assert key in m[0]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
