@@ -5,7 +5,9 @@ On one Qwen3-shaped model with random weights (flags; default hidden 256, 4 laye
 intermediate 768, Qwen3's vocabulary 151,936, fp32 on the CPU), one forward + backward of:
 
 (a) ``dflash``     dflash-ds: :class:`dflash_ds.model.DFlashObjective` with gated LoRA (scope ``block``) and the fused
-                   chunked CE + KL loss, over ``[clean S | N blocks of B]`` (N = S // B, random anchors);
+                   chunked CE + KL loss, over ``[clean S | N blocks of B]`` (N = S // B, random anchors), its
+                   default cached clean pass (the clean tokens without autograd into a KV cache, then the blocks);
+    ``dflash_joint`` the same with ``clean_pass="joint"`` (one forward over clean + blocks, backward through both);
     ``dflash_gc``  the same with non-reentrant activation checkpointing
                    (``model.activation_checkpointing_enable({"use_reentrant": False})``, as the trainer does).
 (b) ``ar``         a plain autoregressive LoRA fine-tuning step: PEFT ``get_peft_model`` with the same r / alpha /
@@ -57,12 +59,13 @@ import _measure as M  # noqa: E402
 
 M.ensure_repo_on_path()
 
-CASES = {  # name -> (objective, gradient checkpointing)
-    "dflash": ("dflash", False),
-    "dflash_gc": ("dflash", True),
-    "ar": ("ar", False),
-    "ar_gc": ("ar", True),
-    "naive": ("naive", False),
+CASES = {  # name -> (objective, gradient checkpointing, DFlashObjective clean_pass)
+    "dflash": ("dflash", False, "auto"),
+    "dflash_joint": ("dflash", False, "joint"),
+    "dflash_gc": ("dflash", True, "auto"),
+    "ar": ("ar", False, "auto"),
+    "ar_gc": ("ar", True, "auto"),
+    "naive": ("naive", False, "joint"),
 }
 QWEN3_MASK_ID = 151669  # Qwen3's first unused embedding row
 QWEN3_REGULAR_TOKENS = 151643  # ids below this are ordinary BPE tokens in Qwen3
@@ -153,7 +156,7 @@ def set_checkpointing(model, on: bool) -> None:
 
 
 def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, checkpointing: bool,
-               seed: int = 0) -> tuple[Callable[[dict], Any], Any, list]:
+               seed: int = 0, clean_pass: str = "auto") -> tuple[Callable[[dict], Any], Any, list]:
     """Fit ``model`` for ``objective`` ("dflash", "ar", "naive"); returns ``(step(batch) -> loss, module, params)``.
 
     "dflash" and "naive" share the dflash-ds adapter: a model an earlier call fitted keeps it (so both can run on
@@ -197,7 +200,7 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
     params = lora_parameters(model)
     set_checkpointing(model, checkpointing)
     loss_cfg = LossConfig(ce_weight=1.0, kl_weight=1.0, kl_type="forward", kl_temperature=1.0, chunk_size=chunk)
-    dflash = DFlashObjective(model, loss_cfg, "block")
+    dflash = DFlashObjective(model, loss_cfg, "block", clean_pass)
     dflash.train()
 
     if objective == "dflash":
@@ -219,7 +222,7 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
     def naive_step(batch: dict):
         ids, am, layout = batch["input_ids"], batch["attention_mask"], batch["layout"]
         S = ids.shape[1]
-        hidden = dflash.hidden_states(ids, am, layout)  # same forward, mask and gate as (a)
+        hidden = dflash.hidden_states(ids, am, layout)  # the mask and gate of (a), one joint forward
         logits = lm_head(hidden[:, S:]).float()  # [1, N*B, V]: every block position
         with torch.no_grad(), control.disabled():  # a second, adapter-off teacher forward
             teacher_logits = model(input_ids=ids, attention_mask=am).logits.float()  # [1, S, V]
@@ -245,12 +248,12 @@ def worker_main(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    objective, checkpointing = CASES[spec["case"]]
+    objective, checkpointing, clean_pass = CASES[spec["case"]]
     shape = spec["shape"]
     config = qwen3_config(**shape)
     model = build_model(config, seed=spec["seed"])
     step, _, params = build_step(objective, model, r=spec["r"], alpha=spec["alpha"], chunk=spec["chunk"],
-                                 checkpointing=checkpointing, seed=spec["seed"])
+                                 checkpointing=checkpointing, seed=spec["seed"], clean_pass=clean_pass)
     batch = make_batch(spec["seq"], spec["block"], shape["vocab"], spec["seed"])
     warm = make_batch(WARMUP_BLOCKS * spec["block"], spec["block"], shape["vocab"], spec["seed"] + 1)
     step(warm)  # kernels, thread pools, autograd machinery: their one-off memory belongs in the baseline
@@ -270,7 +273,7 @@ def worker_main(spec: dict) -> None:
 
 def predict_peak(case: str, seq: int, block: int, shape: dict, chunk: int) -> float:
     """A-priori peak extra bytes (fp32), deliberately generous; only used to skip cases that cannot fit."""
-    objective, gc_on = CASES[case]
+    objective, gc_on, _ = CASES[case]
     N = seq // block
     nb = N * block
     T = seq + nb
@@ -347,11 +350,13 @@ def main(argv: list[str] | None = None) -> int:
             "torch_threads": threads, "mem_budget_bytes": budget, "seed": args.seed,
         },
         "variants": {
-            "dflash": "(a) DFlashObjective, gated LoRA, fused chunked CE+KL, one forward over [clean S | blocks N*B]",
+            "dflash": "(a) DFlashObjective, gated LoRA, fused chunked CE+KL, cached clean pass: a no-grad forward "
+                      "over the S clean tokens into a KV cache, then the N*B block rows against it",
+            "dflash_joint": "(a) with clean_pass joint: one forward over [clean S | blocks N*B], backward through both",
             "dflash_gc": "(a) with activation checkpointing (non-reentrant)",
             "ar": "(b) PEFT LoRA, F.cross_entropy on materialised logits, one causal sequence of S + N*B tokens",
             "ar_gc": "(b) with activation checkpointing (non-reentrant)",
-            "naive": "(c) same forward as (a), logits materialised for all N*B block positions, separate "
+            "naive": "(c) the joint forward of (a), logits materialised for all N*B block positions, separate "
                      "adapter-off teacher forward over S clean tokens, F.cross_entropy + F.kl_div",
         },
         "method": {
@@ -414,14 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         ratios = {}
         for name, num, den in (("a_over_b", "dflash", "ar"), ("a_gc_over_b_gc", "dflash_gc", "ar_gc"),
                                ("c_over_a", "naive", "dflash"), ("a_gc_over_a", "dflash_gc", "dflash"),
-                               ("b_gc_over_b", "ar_gc", "ar")):
+                               ("b_gc_over_b", "ar_gc", "ar"), ("cached_over_joint", "dflash", "dflash_joint")):
             t = _ratio(r.get(num), r.get(den), "median_s")
             m = _ratio(r.get(num), r.get(den), "peak_extra_bytes")
             if t is not None:
                 ratios[f"{name}_time"] = t
                 ratios[f"{name}_memory"] = m
                 ratios[f"{name}_cpu_time"] = _ratio(r.get(num), r.get(den), "median_cpu_s")
-        for c in ("dflash", "dflash_gc", "ar", "ar_gc", "naive"):
+        for c in CASES:
             if r.get(c, {}).get("status") == "ok":
                 ratios[f"{c}_tokens_per_s"] = (seq + N * args.block) / r[c]["median_s"]
         if r.get("naive", {}).get("loss_first_step") is not None and r.get("dflash", {}).get("loss_first_step") is not None:

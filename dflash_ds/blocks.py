@@ -255,6 +255,16 @@ def build_attention_mask(layout: BlockLayout, attention_mask: torch.Tensor, dtyp
     return additive_mask(block_visibility(layout, attention_mask), dtype)
 
 
+def build_split_attention_masks(
+    layout: BlockLayout, attention_mask: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of :func:`build_attention_mask` split for a clean forward and a block forward that reads the clean
+    tokens' KV cache: ``([b, 1, S, S], [b, 1, N*B, S+N*B])`` additive masks."""
+    S = attention_mask.shape[1]
+    visible = block_visibility(layout, attention_mask)
+    return additive_mask(visible[:, :S, :S], dtype), additive_mask(visible[:, S:], dtype)
+
+
 def build_flex_block_mask(layout: BlockLayout, attention_mask: torch.Tensor, block: int = 128):
     """The same visibility as :func:`block_visibility` as a FlexAttention ``BlockMask`` (sparse: fully masked
     tiles are skipped, so long sequences pay for the visible part only). Pass it as ``attention_mask`` to a model

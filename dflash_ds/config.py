@@ -22,6 +22,7 @@ from .settings import REQUIRED, add_flags, check_choices, from_args, setting
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+CLEAN_PASSES = ("auto", "cached", "joint")
 
 
 @dataclass
@@ -62,6 +63,9 @@ class TrainConfig:
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward (non-reentrant)")
     attn_implementation: str = setting("sdpa", "attention kernel; flex_attention skips fully masked tiles (GPU)",
                                        choices=ATTN_IMPLEMENTATIONS)
+    clean_pass: str = setting("auto", "how the clean tokens run: cached (a no-grad forward into a KV cache the blocks "
+                              "read: no backward through them; scope block, SDPA or eager), joint (one forward over "
+                              "clean + blocks); auto: cached where it applies, else joint", choices=CLEAN_PASSES)
     dist_timeout: float = setting(1800.0, "a collective that waits longer for another rank fails the run with a "
                                   "clear message (a dead or hung rank); must exceed the slowest checkpoint save. "
                                   "Set-up waits max(this, 1800 s)", metavar="SECONDS")
@@ -90,6 +94,9 @@ class TrainConfig:
                 raise ValueError(f"--train-data {path!r}: no such file")
         if not self.dist_timeout > 0:
             raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
+        from .model import resolve_clean_pass
+
+        resolve_clean_pass(self.clean_pass, self.lora.scope, self.attn_implementation)
         if self.eval_interval and not self.eval_prompts:
             raise ValueError("--eval-interval needs --eval-prompts")
         if self.eval_prompts:  # read now: a bad prompt file must not surface at the first evaluation, hours in

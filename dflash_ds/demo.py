@@ -45,6 +45,7 @@ class Recipe:
     num_train: int  # training prompts to self-distil
     distill_tokens: int  # max tokens per regenerated answer
     block_size: int
+    gamma: float  # loss decay over block positions
     max_length: int
     micro_batch_size: int
     lr: float
@@ -58,13 +59,13 @@ class Recipe:
 
 RECIPES = {
     # 1.8M parameters: per-forward overhead dominates, so one process with batch 32 regenerates fastest
-    "tiny": Recipe(zero_stage=3, steps=200, num_train=512, distill_tokens=64, block_size=8, max_length=256,
-                   micro_batch_size=4, lr=3e-3, eval_prompts=16, max_new_tokens=96, repeats=3, regen_ranks=1,
-                   regen_batch=32, truncated="keep"),
+    "tiny": Recipe(zero_stage=3, steps=200, num_train=512, distill_tokens=64, block_size=8, gamma=7.0,
+                   max_length=256, micro_batch_size=4, lr=3e-3, eval_prompts=16, max_new_tokens=96, repeats=3,
+                   regen_ranks=1, regen_batch=32, truncated="keep"),
     # 134.5M parameters, compute-bound on 2 cores (AR step ~55 ms): two ranks of one thread each, ZeRO-2
-    "smollm2": Recipe(zero_stage=2, steps=300, num_train=512, distill_tokens=128, block_size=8, max_length=512,
-                      micro_batch_size=1, lr=3e-3, eval_prompts=16, max_new_tokens=128, repeats=1, regen_ranks=2,
-                      regen_batch=8, truncated="keep"),
+    "smollm2": Recipe(zero_stage=2, steps=300, num_train=512, distill_tokens=128, block_size=8, gamma=7.0,
+                      max_length=512, micro_batch_size=1, lr=3e-3, eval_prompts=16, max_new_tokens=128, repeats=1,
+                      regen_ranks=2, regen_batch=8, truncated="keep"),
 }
 #: The "write this function" prompt of the SmolLM2 recipe (the tiny target was trained on bare signatures). "Reply
 #: with the code only": SmolLM2 otherwise explains the code after it, and more answers run into the token limit
@@ -158,7 +159,7 @@ def launch_training(target: Path, data: Path, run_dir: Path, args) -> None:
         "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dflash_ds.train",
         "--deepspeed_config", str(_ds_config(args.zero_stage, run_dir.parent)),
         "--model-path", str(target), "--train-data", str(data), "--output-dir", str(run_dir),
-        "--block-size", str(args.block_size), "--max-length", str(args.max_length),
+        "--block-size", str(args.block_size), "--gamma", str(args.gamma), "--max-length", str(args.max_length),
         "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.steps),
         "--lr", str(args.lr), "--warmup-ratio", "0.05", "--seed", str(args.seed), "--truncated", args.truncated,
         "--save-interval", str(max(args.steps // 4, 1)), "--log-interval", "1", "--resume", "auto",
@@ -195,7 +196,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     helps = {"steps": "optimizer steps of drafter training", "num_train": "training prompts to self-distil",
              "distill_tokens": "max tokens per regenerated answer", "zero_stage": "ZeRO stage of drafter training",
-             "regen_ranks": "processes regenerating in parallel", "truncated": "drop or keep cut-off answers"}
+             "regen_ranks": "processes regenerating in parallel", "truncated": "drop or keep cut-off answers",
+             "gamma": "loss decay exp(-(k-1)/gamma) over block positions"}
     for field, value in asdict(RECIPES["tiny"]).items():
         p.add_argument("--" + field.replace("_", "-"), type=type(value), default=None,
                        help=f"{helps.get(field, '')} (default: the target's recipe, tiny {value}, "

@@ -1,7 +1,14 @@
-"""The training objective: one forward over ``[clean | blocks]`` and the fused loss.
+"""The training objective: the target's forward over ``[clean | blocks]`` and the fused loss.
 
 :class:`DFlashObjective` wraps a causal LM that :func:`dflash_ds.lora.apply_lora` has fitted with an adapter. It is
-the module DeepSpeed wraps. The loss runs inside the :class:`LMHeadLoss` submodule so that, under ZeRO-3, the
+the module DeepSpeed wraps. Two ways to run the clean tokens, the same numbers (tested):
+
+* ``joint``: one forward over the concatenation under the block mask;
+* ``cached`` (scope ``block``): the clean tokens first, without autograd and with the adapter off, into a KV cache;
+  then the block rows alone against that cache, as the decoder's draft forward does. The clean stream is the
+  frozen target whatever the adapter holds, so nothing the loss needs flows back through it, and the joint
+  forward's backward over the clean rows (about half of a step's rows) is skipped.
+ The loss runs inside the :class:`LMHeadLoss` submodule so that, under ZeRO-3, the
 trainer can register ``lm_head.weight`` as that module's external parameter and DeepSpeed gathers it for exactly
 that call; this file stays plain PyTorch.
 """
@@ -12,10 +19,45 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import IGNORE_INDEX, BlockLayout, build_attention_mask, build_flex_block_mask
+from transformers import DynamicCache
+
+from .blocks import IGNORE_INDEX, BlockLayout, build_attention_mask, build_flex_block_mask, build_split_attention_masks
 from .loss import LossConfig, LossOutput, accepted_lengths, fused_ce_kl_loss
-from .families import decoder
+from .families import cache_kwarg, decoder
 from .lora import adapter_control
+
+
+def resolve_clean_pass(clean_pass: str, scope: str, attn_implementation: str | None = None) -> str:
+    """``auto`` (the choices: :data:`dflash_ds.config.CLEAN_PASSES`) -> ``cached`` for scope ``block`` with SDPA or
+    eager attention; ``joint`` for scope ``all`` (whose clean rows carry the adapter, so the loss needs their
+    backward) and for FlexAttention (the cached pass is untested there: the CPU's compiled FlexAttention fails on
+    the split masks, so no test here can check it)."""
+    if clean_pass not in ("auto", "cached", "joint"):
+        raise ValueError(f"--clean-pass must be auto, cached or joint, got {clean_pass!r}")
+    flex = attn_implementation == "flex_attention"
+    if clean_pass == "auto":
+        return "cached" if scope == "block" and not flex else "joint"
+    if clean_pass == "cached" and scope != "block":
+        raise ValueError("--clean-pass cached needs --lora-scope block (scope all runs the adapter on the clean "
+                         "tokens, so their backward is part of the gradient); use --clean-pass joint")
+    if clean_pass == "cached" and flex:
+        raise ValueError("--clean-pass cached is not supported with --attn-implementation flex_attention; use "
+                         "--clean-pass joint (or auto)")
+    return clean_pass
+
+
+class PrefixCache(DynamicCache):
+    """A KV cache written by one forward (the clean tokens) and then only read: once ``frozen``, ``update`` returns
+    the cached keys/values with the new rows appended and stores nothing. A gradient-checkpointing replay of a layer
+    therefore reads exactly what the first pass read, and the decoder layers may keep it under checkpointing."""
+
+    frozen = False
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.frozen:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
 @dataclass
@@ -48,27 +90,37 @@ class LMHeadLoss(nn.Module):
 
 
 class DFlashObjective(nn.Module):
-    """The training objective as the module DeepSpeed wraps: the target with its adapter, one forward over
-    ``[clean | blocks]`` and the fused loss. ``forward(input_ids [b, S], attention_mask [b, S], layout)`` returns an
-    :class:`ObjectiveOutput`."""
+    """The training objective as the module DeepSpeed wraps: the target with its adapter, its forward over
+    ``[clean | blocks]`` (``clean_pass``: see the module docstring) and the fused loss.
+    ``forward(input_ids [b, S], attention_mask [b, S], layout)`` returns an :class:`ObjectiveOutput`."""
 
     def __init__(
         self,
         model: nn.Module,
         loss_config: LossConfig,
         scope: str,
+        clean_pass: str = "auto",
     ) -> None:
         super().__init__()
         self.model = model
         self.loss_config = loss_config
         self.scope = scope
+        self.clean_pass = resolve_clean_pass(clean_pass, scope, getattr(model.config, "_attn_implementation", None))
         self.loss_head = LMHeadLoss(loss_config)
+        if self.clean_pass == "cached":
+            # transformers drops a layer's cache under gradient checkpointing unless the layer only reads it;
+            # the block forward's PrefixCache is frozen, so it does
+            for layer in decoder(model).layers:
+                layer._can_checkpoint_with_cache = True
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-        """Final hidden states ``[b, S+N*B, H]`` of one forward over the clean tokens followed by all blocks."""
-        b, S = input_ids.shape
-        full_ids = torch.cat([input_ids, layout.block_input_ids], dim=1)
+        """Final hidden states ``[b, S+N*B, H]``: the clean tokens, then every block (each block sees the clean
+        tokens before its anchor and itself)."""
         dtype = next(self.model.parameters()).dtype
+        if self.clean_pass == "cached":
+            return self._cached_hidden_states(input_ids, attention_mask, layout, dtype)
+        S = input_ids.shape[1]
+        full_ids = torch.cat([input_ids, layout.block_input_ids], dim=1)
         if getattr(self.model.config, "_attn_implementation", None) == "flex_attention":
             mask = build_flex_block_mask(layout, attention_mask)
         else:
@@ -80,13 +132,30 @@ class DFlashObjective(nn.Module):
         out = decoder(self.model)(input_ids=full_ids, attention_mask=mask, position_ids=layout.position_ids)
         return out.last_hidden_state
 
+    def _cached_hidden_states(self, input_ids, attention_mask, layout, dtype) -> torch.Tensor:
+        S = input_ids.shape[1]
+        stack = decoder(self.model)
+        clean_mask, block_mask = build_split_attention_masks(layout, attention_mask, dtype)
+        control = adapter_control(self.model)
+        cache = PrefixCache()
+        with torch.no_grad(), control.disabled():
+            clean = stack(input_ids=input_ids, attention_mask=clean_mask, position_ids=layout.position_ids[:, :S],
+                          use_cache=True, **{cache_kwarg(stack): cache}).last_hidden_state
+        cache.frozen = True
+        # Left set on purpose, as in the joint forward: a checkpointing replay must see the same gate.
+        control.set(True, rows_from=0)
+        blocks = stack(input_ids=layout.block_input_ids, attention_mask=block_mask,
+                       position_ids=layout.position_ids[:, S:], use_cache=False,
+                       **{cache_kwarg(stack): cache}).last_hidden_state
+        return torch.cat([clean, blocks], dim=1)
+
     def teacher_hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor
     ) -> torch.Tensor:
         """Clean-stream hidden states ``[b, S, H]`` of the base model (adapter off), detached."""
         S = input_ids.shape[1]
         if self.scope == "block":
-            return hidden[:, :S].detach()  # the gate kept the adapter off there: this *is* the base model
+            return hidden[:, :S].detach()  # the adapter is off there (gated, or a no-grad pass): the base model
         control = adapter_control(self.model)
         with torch.no_grad(), control.disabled():
             return decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -313,7 +313,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     # model: frozen target + adapter, wrapped in the objective, handed to DeepSpeed
     model = load_target(cfg, ds, parallel, dtype)
-    objective = DFlashObjective(model, cfg.loss, cfg.lora.scope)
+    objective = DFlashObjective(model, cfg.loss, cfg.lora.scope, cfg.clean_pass)
     lm_head_weight = model.get_output_embeddings().weight
     if hasattr(lm_head_weight, "ds_id"):  # ZeRO-3: gather lm_head for the loss module's forward only
         deepspeed.zero.register_external_parameter(objective.loss_head, lm_head_weight)

@@ -112,6 +112,7 @@ def test_train_rejects_bad_input_before_any_model_loads(target, tmp_path, capsys
         (["--deepspeed_config", str(tmp_path / "bad.json")], f"{tmp_path / 'bad.json'}:2:10: invalid JSON"),
         (["--resume", str(half)], "not a complete dflash-ds checkpoint"),
         (["--dist-timeout", "0"], "--dist-timeout must be > 0"),
+        (["--clean-pass", "cached", "--lora-scope", "all"], "--clean-pass cached needs --lora-scope block"),
     ]
     for extra, message in cases:
         argv = ["--model-path", str(target / "model"), "--train-data", str(target / "data.jsonl"),

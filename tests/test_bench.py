@@ -40,12 +40,13 @@ def test_train_step_variants_run_and_naive_computes_the_same_loss(tmp_path):
                        "--layers", "2", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--intermediate", "64",
                        "--vocab", "512", "--lora-r", "4", "--repeats", "1", "--threads", "1", "--goal-seq", "64")
     (case,) = report["cases"]
-    for variant in ("dflash", "dflash_gc", "ar", "ar_gc", "naive"):
+    for variant in ("dflash", "dflash_joint", "dflash_gc", "ar", "ar_gc", "naive"):
         assert case[variant]["status"] == "ok", (variant, case[variant])
     assert case["naive_minus_dflash_loss_abs"] < 1e-4
+    assert case["dflash_joint"]["loss_first_step"] == pytest.approx(case["dflash"]["loss_first_step"], abs=1e-5)
     ratios = case["ratios"]
     for name, num, den in (("a_over_b", "dflash", "ar"), ("a_gc_over_b_gc", "dflash_gc", "ar_gc"),
-                           ("c_over_a", "naive", "dflash")):
+                           ("c_over_a", "naive", "dflash"), ("cached_over_joint", "dflash", "dflash_joint")):
         assert ratios[f"{name}_time"] == pytest.approx(case[num]["median_s"] / case[den]["median_s"]), name
 
 

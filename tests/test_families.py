@@ -33,6 +33,24 @@ def test_every_family_trains_and_its_clean_stream_is_the_base_model(family):
     assert len(trained) == 2 * 7 * model.config.num_hidden_layers  # A and B of all seven projections
 
 
+@pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2", "mistral"])
+def test_every_family_gets_the_joint_forwards_loss_and_gradients_from_the_cached_clean_pass(family):
+    ids = torch.randint(0, 90, (2, 20), generator=torch.Generator().manual_seed(0))
+    mask, lm = torch.ones(2, 20, dtype=torch.long), torch.ones(2, 20, dtype=torch.long)
+    mask[1, 16:] = 0
+    layout = build_block_layout(ids, lm, mask, BlockConfig(block_size=4, mask_token_id=95), [1, 2])
+    results = []
+    for clean_pass in ("joint", "cached"):
+        model = tiny_model(family, seed=1)
+        apply_lora(model, LoRAConfig(r=4, alpha=8))
+        randomize_lora_b(model)
+        out = DFlashObjective(model, LossConfig(kl_weight=0.5, chunk_size=7), "block", clean_pass)(ids, mask, layout)
+        out.loss.backward()
+        results.append((out.loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)
+
+
 def test_unsupported_model_type_names_the_supported_ones():
     from transformers import GPT2Config
 

@@ -5,18 +5,18 @@ from conftest import randomize_lora_b, tiny_qwen3
 from dflash_ds.blocks import BlockConfig, build_block_layout
 from dflash_ds.lora import LoRAConfig, adapter_control, apply_lora
 from dflash_ds.loss import LossConfig
-from dflash_ds.model import DFlashObjective
+from dflash_ds.model import DFlashObjective, resolve_clean_pass
 
 MASK = 95
 S, B = 24, 4
 
 
-def _setup(scope="block", attn="sdpa", kl=0.0):
+def _setup(scope="block", attn="sdpa", kl=0.0, clean_pass="auto"):
     model = tiny_qwen3(attn_implementation=attn)
     base = tiny_qwen3(attn_implementation=attn)
     apply_lora(model, LoRAConfig(r=4, alpha=8, scope=scope))
     randomize_lora_b(model)
-    objective = DFlashObjective(model, LossConfig(ce_weight=1.0, kl_weight=kl, chunk_size=7), scope)
+    objective = DFlashObjective(model, LossConfig(ce_weight=1.0, kl_weight=kl, chunk_size=7), scope, clean_pass)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 90, (2, S), generator=g)
     lm = torch.ones(2, S, dtype=torch.long)
@@ -34,9 +34,9 @@ def _block_logits(objective, ids, attn_mask, layout):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("scope", ["block", "all"])
-def test_blocks_cannot_see_what_they_must_not(attn, scope):
-    model, _, objective, ids, attn_mask, layout = _setup(scope, attn)
+@pytest.mark.parametrize("scope,clean_pass", [("block", "cached"), ("block", "joint"), ("all", "joint")])
+def test_blocks_cannot_see_what_they_must_not(attn, scope, clean_pass):
+    model, _, objective, ids, attn_mask, layout = _setup(scope, attn, clean_pass=clean_pass)
     ref = _block_logits(objective, ids, attn_mask, layout)
     N = layout.num_blocks
     for i in range(2):
@@ -102,10 +102,55 @@ def test_forward_backward_trains_only_lora_and_reports_metrics():
     assert torch.isfinite(out.loss)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def _loss_and_grads(objective, ids, attn_mask, layout):
+    out = objective(ids, attn_mask, layout)
+    out.loss.backward()
+    params = [p for p in objective.model.parameters() if p.requires_grad]
+    return out, torch.cat([p.grad.flatten() for p in params])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_cached_clean_pass_equals_the_joint_forward(attn, ckpt):
+    """The cached clean pass (a no-grad clean forward, then the blocks against its KV cache) gives the joint
+    forward's hidden states, loss, metrics and gradients, with padding, the KL teacher and checkpointing."""
+    runs = {}
+    for clean_pass in ("joint", "cached"):
+        model, _, objective, ids, attn_mask, layout = _setup("block", attn, kl=0.5, clean_pass=clean_pass)
+        attn_mask[1, 19:] = 0
+        layout = build_block_layout(ids, torch.ones_like(ids), attn_mask,
+                                    BlockConfig(block_size=B, num_anchors=3, mask_token_id=MASK), [5, 6])
+        if ckpt:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        with torch.no_grad():
+            hidden = objective.hidden_states(ids, attn_mask, layout)
+        runs[clean_pass] = (hidden, *_loss_and_grads(objective, ids, attn_mask, layout))
+    (h_joint, out_joint, g_joint), (h_cached, out_cached, g_cached) = runs["joint"], runs["cached"]
+    rows = torch.cat([attn_mask.bool(), layout.block_valid.repeat_interleave(B, dim=1)], dim=1)
+    torch.testing.assert_close(h_cached[rows], h_joint[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_cached.loss, out_joint.loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out_cached.correct_by_pos, out_joint.correct_by_pos)
+    assert out_joint.kl > 0 and g_joint.abs().max() > 0
+    torch.testing.assert_close(g_cached, g_joint, rtol=1e-4, atol=1e-7)
+
+
+def test_cached_clean_pass_needs_scope_block():
+    model = tiny_qwen3()
+    apply_lora(model, LoRAConfig(r=4, alpha=8, scope="all"))
+    with pytest.raises(ValueError, match="--clean-pass cached needs --lora-scope block"):
+        DFlashObjective(model, LossConfig(), "all", "cached")
+    assert DFlashObjective(model, LossConfig(), "all").clean_pass == "joint"
+    with pytest.raises(ValueError, match="--clean-pass cached is not supported with --attn-implementation flex"):
+        resolve_clean_pass("cached", "block", "flex_attention")
+    assert resolve_clean_pass("auto", "block", "sdpa") == "cached"
+
+
+@pytest.mark.parametrize("clean_pass", ["joint", "cached"])
+def test_gradient_checkpointing_gives_same_gradients(clean_pass):
     grads = []
     for ckpt in (False, True):
-        model, _, objective, ids, attn_mask, layout = _setup("block", kl=0.5)
+        model, _, objective, ids, attn_mask, layout = _setup("block", kl=0.5, clean_pass=clean_pass)
         if ckpt:
             model.activation_checkpointing_enable({"use_reentrant": False})
         model.train()
@@ -123,6 +168,7 @@ def test_flex_attention_block_mask_matches_sdpa():
     apply_lora(flex_model, LoRAConfig(r=4, alpha=8, scope="block"))
     flex_model.load_state_dict(objective.model.state_dict())
     flex = DFlashObjective(flex_model, objective.loss_config, "block")
+    assert flex.clean_pass == "joint" and objective.clean_pass == "cached"
     with torch.no_grad():
         a = objective.hidden_states(ids, attn_mask, layout)
         b = flex.hidden_states(ids, attn_mask, layout)
