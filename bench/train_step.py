@@ -200,7 +200,8 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
     params = lora_parameters(model)
     set_checkpointing(model, checkpointing)
     loss_cfg = LossConfig(ce_weight=1.0, kl_weight=1.0, kl_type="forward", kl_temperature=1.0, chunk_size=chunk)
-    dflash = DFlashObjective(model, loss_cfg, "block", clean_pass)
+    # the naive step is a plain implementation: one joint forward, whatever the library's default pass
+    dflash = DFlashObjective(model, loss_cfg, "block", "joint" if objective == "naive" else clean_pass)
     dflash.train()
 
     if objective == "dflash":

@@ -71,7 +71,7 @@ def test_spec_decode_is_lossless_and_reports_a_bound(tmp_path):
 def test_gpu_bench_cpu_smoke_runs_every_case(tmp_path):
     report = run_bench("gpu/gpu_bench.py", tmp_path / "gpu.json", "--cpu-smoke")
     cases = report["train_8b"]["cases"]
-    for name in ("dflash_gc", "dflash", "naive", "long_dflash_gc", "long_naive_gc", "dflash_gc_deepspeed", "ar_gc", "ar"):
+    for name in ("dflash_gc", "dflash_gc_joint", "dflash", "naive", "long_dflash_gc", "long_naive_gc", "dflash_gc_deepspeed", "ar_gc", "ar"):
         assert cases[name]["status"] == "ok", (name, cases[name])
     for name in ("dflash_gc_flex", "long_dflash_gc_flex"):  # torch has no FlexAttention backward on the CPU
         assert cases[name]["status"] == "ok" or "FlexAttention" in cases[name]["error"], cases[name]

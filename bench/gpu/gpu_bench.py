@@ -234,14 +234,16 @@ class Bench:
             return
 
         def run(objective: str, checkpointing: bool, b: dict = batch, steps: int | None = None,
-                warmup: int | None = None):
+                warmup: int | None = None, clean_pass: str = "auto"):
             def fn():
-                step, module, params = build_step(objective, state["model"], checkpointing=checkpointing, **kw)
+                step, module, params = build_step(objective, state["model"], checkpointing=checkpointing,
+                                                  clean_pass=clean_pass, **kw)
                 state["module"], state["params"] = module, params
                 return self.time_step(lambda: step(b), b["total_tokens"], b["supervised_rows"], steps, warmup)
             return fn
 
         self.guarded("dflash_gc", run("dflash", True), cases)
+        self.guarded("dflash_gc_joint", run("dflash", True, clean_pass="joint"), cases)
         self.guarded("dflash", run("dflash", False), cases)
         self.guarded("naive", run("naive", False), cases)
 
@@ -335,6 +337,9 @@ class Bench:
             "c_over_a_memory": ratio("naive", "dflash", mem),
             "long_c_gc_over_a_gc_time": ratio("long_naive_gc", "long_dflash_gc", "step_s_median"),
             "long_c_gc_over_a_gc_memory": ratio("long_naive_gc", "long_dflash_gc", mem),
+            "cached_over_joint_gc_time": ratio("dflash_gc", "dflash_gc_joint", "step_s_median"),
+            "cached_over_joint_gc_memory": ratio("dflash_gc", "dflash_gc_joint", mem),
+            # FlexAttention runs the joint pass (the cached one is refused there): against SDPA's default, cached
             "flex_over_sdpa_time": ratio("dflash_gc_flex", "dflash_gc", "step_s_median"),
             "long_flex_over_sdpa_time": ratio("long_dflash_gc_flex", "long_dflash_gc", "step_s_median"),
             "memory_key": mem,
