@@ -8,9 +8,10 @@ the module DeepSpeed wraps. Two ways to run the clean tokens, the same numbers (
   then the block rows alone against that cache, as the decoder's draft forward does. The clean stream is the
   frozen target whatever the adapter holds, so nothing the loss needs flows back through it, and the joint
   forward's backward over the clean rows (about half of a step's rows) is skipped.
- The loss runs inside the :class:`LMHeadLoss` submodule so that, under ZeRO-3, the
-trainer can register ``lm_head.weight`` as that module's external parameter and DeepSpeed gathers it for exactly
-that call; this file stays plain PyTorch.
+
+The loss runs inside the :class:`LMHeadLoss` submodule so that, under ZeRO-3, the trainer can register
+``lm_head.weight`` as that module's external parameter and DeepSpeed gathers it for exactly that call; this file
+stays plain PyTorch.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class DFlashObjective(nn.Module):
         self.scope = scope
         self.clean_pass = resolve_clean_pass(clean_pass, scope, getattr(model.config, "_attn_implementation", None))
         self.loss_head = LMHeadLoss(loss_config)
+        self._cache_kw = cache_kwarg(decoder(model))  # "cache" or "past_key_values", by transformers version
         if self.clean_pass == "cached":
             # transformers drops a layer's cache under gradient checkpointing unless the layer only reads it;
             # the block forward's PrefixCache is frozen, so it does
@@ -140,13 +142,13 @@ class DFlashObjective(nn.Module):
         cache = PrefixCache()
         with torch.no_grad(), control.disabled():
             clean = stack(input_ids=input_ids, attention_mask=clean_mask, position_ids=layout.position_ids[:, :S],
-                          use_cache=True, **{cache_kwarg(stack): cache}).last_hidden_state
+                          use_cache=True, **{self._cache_kw: cache}).last_hidden_state
         cache.frozen = True
         # Left set on purpose, as in the joint forward: a checkpointing replay must see the same gate.
         control.set(True, rows_from=0)
         blocks = stack(input_ids=layout.block_input_ids, attention_mask=block_mask,
                        position_ids=layout.position_ids[:, S:], use_cache=False,
-                       **{cache_kwarg(stack): cache}).last_hidden_state
+                       **{self._cache_kw: cache}).last_hidden_state
         return torch.cat([clean, blocks], dim=1)
 
     def teacher_hidden(
