@@ -6,8 +6,9 @@ reaches a fraction of the tau it reaches on the target's own (docs/benchmarks.md
 ``dflash-ds regenerate --model-path DIR --in train.jsonl --out regen.jsonl`` (or under ``torchrun`` /
 ``deepspeed``: each rank takes every world-size-th conversation, rank 0 merges the shards in input order). Each
 record says whether its answer was cut off at ``--max-new-tokens`` (``"truncated"``; training keeps them by
-default without supervising the end-of-turn the target never wrote, or drops them with ``--truncated drop``). Ranks save their answers batch by batch, so running the same command again after an interruption
-resumes where it stopped.
+default without supervising the end-of-turn the target never wrote, or drops them with ``--truncated drop``).
+Ranks save each answer as it finishes, so running the same command again after an interruption resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from datetime import timedelta
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -63,46 +64,93 @@ def answer_tokens(row: list[int], eos_id: int) -> tuple[list[int], bool]:
     return row, True
 
 
-@torch.no_grad()
-def greedy_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 eos_id: int) -> list[list[int]]:
-    """Greedy continuations of a left-padded batch (``input_ids``, ``attention_mask``: [b, S]); row ``i`` of the
-    result holds up to ``max_new_tokens`` ids, ending with ``eos_id`` where the model wrote it.
+def _left_pad(cache, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Widen a left-padded batch's cache (every layer's K/V ``[b, h, L, d]``) and ``mask`` ``[b, L]`` to
+    ``width`` columns by padding on the left; returns the new mask."""
+    extra = width - mask.shape[1]
+    if extra > 0:
+        for layer in cache.layers:
+            layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, extra, 0))
+            layer.values = torch.nn.functional.pad(layer.values, (0, 0, extra, 0))
+        mask = torch.nn.functional.pad(mask, (extra, 0))
+    return mask
 
-    The same tokens as ``generate(do_sample=False)`` (tested), but a row that has written its end-of-turn leaves
-    the batch (its KV cache rows are dropped): ``generate`` keeps computing finished rows until the longest one
-    ends, which on a compute-bound CPU is that much wasted time.
+
+def _trim_left(cache, mask: torch.Tensor) -> torch.Tensor:
+    """Drop the leading columns that are padding in every row (left behind by rows that left); returns the mask."""
+    lead = int((mask.cumsum(-1) == 0).sum(-1).min())
+    if lead > 0:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+        mask = mask[:, lead:]
+    return mask
+
+
+@torch.no_grad()
+def greedy_stream(model, prompts: Sequence[list[int]], max_new_tokens: int, eos_id: int,
+                  batch_size: int) -> Iterator[tuple[int, list[int]]]:
+    """Greedy continuations of ``prompts`` (token-id lists), ``batch_size`` rows at a time, yielded as ``(i, ids)``
+    the moment row ``i`` ends: ``ids`` holds up to ``max_new_tokens`` tokens, ending with ``eos_id`` where the model
+    wrote it.
+
+    Continuous batching: a row that has ended leaves the batch (its KV rows are dropped) and the next prompt takes
+    its slot, so the batch stays full until the prompts run out. ``generate`` keeps computing a batch's finished
+    rows until its longest one ends; answers of 20 and 128 tokens in one batch left it mostly idle on a
+    compute-bound CPU. Rows share one left-padded cache: each prompt is prefilled on its own, then its cache or the
+    batch's is left-padded to the wider of the two and they are joined; positions and the padding mask are per row,
+    so each row gets the tokens ``generate`` gives it alone (tested).
     """
     from transformers import DynamicCache
 
     from .families import cache_kwarg
 
-    kw = cache_kwarg(model)
-    cache = DynamicCache(config=model.config)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                   logits_to_keep=1, **{kw: cache}).logits[:, -1]
-    rows = torch.arange(input_ids.shape[0])  # which original row each batch row is
-    last = positions[:, -1:]
-    out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    for step in range(max_new_tokens):
+    kw, device = cache_kwarg(model), next(model.parameters()).device
+    pending = list(range(len(prompts)))[::-1]  # popped from the end: prompts in the order given
+    cache = mask = last = logits = None
+    rows: list[int] = []  # the prompt index of each batch row
+    out: dict[int, list[int]] = {}
+    while True:
+        for _ in range(min(batch_size - len(rows), len(pending))):
+            i = pending.pop()  # prefilled alone: padding a group to its longest prompt cost more than the group saved
+            ids = torch.tensor([prompts[i]], device=device)
+            new_cache = DynamicCache(config=model.config)
+            new_logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: new_cache}).logits[:, -1]
+            new_mask, new_last = torch.ones_like(ids), torch.tensor([[ids.shape[1] - 1]], device=device)
+            if rows:
+                width = max(mask.shape[1], ids.shape[1])
+                mask, new_mask = _left_pad(cache, mask, width), _left_pad(new_cache, new_mask, width)
+                for layer, joined in zip(cache.layers, new_cache.layers):
+                    layer.keys = torch.cat([layer.keys, joined.keys])
+                    layer.values = torch.cat([layer.values, joined.values])
+                mask, last = torch.cat([mask, new_mask]), torch.cat([last, new_last])
+                logits = torch.cat([logits, new_logits])
+            else:
+                cache, mask, last, logits = new_cache, new_mask, new_last, new_logits
+            rows.append(i)
+            out[i] = []
+        if not rows:
+            return
         token = logits.argmax(-1)
-        for r, t in zip(rows.tolist(), token.tolist()):
-            out[r].append(t)
-        if step == max_new_tokens - 1:
-            break
-        alive = token != eos_id
-        if not alive.all():
-            keep = alive.nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
+        alive = []
+        for r, (i, t) in enumerate(zip(rows, token.tolist())):
+            out[i].append(t)
+            if t == eos_id or len(out[i]) == max_new_tokens:
+                yield i, out.pop(i)
+            else:
+                alive.append(r)
+        if len(alive) < len(rows):
+            if not alive:
+                rows = []
+                continue
+            keep = torch.tensor(alive, device=device)
             cache.batch_select_indices(keep)
-            rows, token, attention_mask, last = rows[keep], token[keep], attention_mask[keep], last[keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+            rows = [rows[r] for r in alive]
+            token, mask, last = token[keep], mask[keep], last[keep]
+            mask = _trim_left(cache, mask)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         last = last + 1
-        logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=last, use_cache=True,
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=last, use_cache=True,
                        **{kw: cache}).logits[:, -1]
-    return out
 
 
 @torch.no_grad()
@@ -113,53 +161,46 @@ def regenerate_conversations(
     max_new_tokens: int = 128,
     batch_size: int = 32,
     progress: bool = True,
-    on_batch: Callable[[list[tuple[int, dict | None]]], None] | None = None,
+    on_answer: Callable[[int, dict | None], None] | None = None,
 ) -> tuple[list[tuple[int, dict]], RegenStats]:
     """Greedy answers for each conversation's prompt: ``[(i, {"conversations": [...], "truncated": bool})]`` in
     input order (``i`` the conversation's position in ``conversations``; empty answers are dropped), and stats.
 
-    Prompts are rendered by :func:`dflash_ds.data.render_chat`, the rendering training and evaluation use. They run
-    in batches of similar length (longest first): left padding then costs little, and the first batch shows the
-    peak memory. Within a batch, a row that has ended leaves it (:func:`greedy_batch`). ``on_batch`` receives each
-    batch's ``(i, record)`` pairs as they finish (record None for an empty answer), so a caller can save progress.
+    Prompts are rendered by :func:`dflash_ds.data.render_chat`, the rendering training and evaluation use. They are
+    answered longest first, ``batch_size`` at a time with continuous batching (:func:`greedy_stream`), so the first
+    batch shows the peak memory and a refill's prompt is about as long as the rows it joins. ``on_answer(i, record)``
+    is called as each answer finishes (record None for an empty answer), so a caller can save progress.
     """
     from tqdm import tqdm
 
     from .data import render_chat
 
-    tokenizer.padding_side = "left"  # decoder-only batched generation continues from the right edge
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
     eos_id = tokenizer.eos_token_id
     prompts = [(i, _prompt_messages(conv)) for i, conv in enumerate(conversations)]
-    texts = [(i, p, render_chat(tokenizer, p, add_generation_prompt=True)) for i, p in prompts if p is not None]
-    lengths = {i: len(ids) for (i, _, _), ids in zip(texts, tokenizer([t for _, _, t in texts], add_special_tokens=False)["input_ids"])}
-    texts.sort(key=lambda item: (-lengths[item[0]], item[0]))
+    prompts = [(i, p) for i, p in prompts if p is not None]
+    texts = [render_chat(tokenizer, p, add_generation_prompt=True) for _, p in prompts]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(prompts)), key=lambda k: (-len(ids[k]), prompts[k][0]))
     stats, records = RegenStats(), []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(texts), desc="regenerate", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        enc = tokenizer([t for _, _, t in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        out = greedy_batch(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, eos_id)
-        finished: list[tuple[int, dict | None]] = []
-        for (index, prompt, _), row in zip(chunk, out):
-            ids, truncated = answer_tokens(row, eos_id)
-            stats.new_tokens += len(ids) + (0 if truncated else 1)
-            answer = tokenizer.decode(ids, skip_special_tokens=True)
-            if not answer.strip():
-                stats.empty += 1
-                finished.append((index, None))
-                continue
+    bar = tqdm(total=len(order), desc="regenerate", disable=not progress, dynamic_ncols=True)
+    for k, row in greedy_stream(model, [ids[k] for k in order], max_new_tokens, eos_id, batch_size):
+        index, prompt = prompts[order[k]]
+        answer_ids, truncated = answer_tokens(row, eos_id)
+        stats.new_tokens += len(answer_ids) + (0 if truncated else 1)
+        answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
+        record = None
+        if answer.strip():
             stats.answers += 1
             stats.truncated += truncated
-            conv = prompt + [{"role": "assistant", "content": answer}]
-            records.append((index, {"conversations": conv, "truncated": truncated}))
-            finished.append(records[-1])
-        if on_batch is not None:
-            on_batch(finished)
+            record = {"conversations": prompt + [{"role": "assistant", "content": answer}], "truncated": truncated}
+            records.append((index, record))
+        else:
+            stats.empty += 1
+        if on_answer is not None:
+            on_answer(index, record)
         stats.seconds = time.perf_counter() - t0
-        bar.update(len(chunk))
+        bar.update(1)
         bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}", cut=stats.truncated)
     bar.close()
     records.sort(key=lambda item: item[0])
@@ -168,8 +209,8 @@ def regenerate_conversations(
 
 def shard_path(out_path: str | os.PathLike, rank: int) -> Path:
     """Where rank ``rank`` keeps its answers while it works: one JSON line per finished conversation
-    (``source_index`` = its line among the input conversations; ``empty`` for an empty answer), appended batch by
-    batch, so an interrupted run resumes where it stopped."""
+    (``source_index`` = its line among the input conversations; ``empty`` for an empty answer), appended as each
+    finishes, so an interrupted run resumes where it stopped."""
     return Path(f"{out_path}.rank{rank}.partial")
 
 
@@ -232,13 +273,12 @@ def regenerate_file(
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         with _append_lines(shard, done, settings) as f:
 
-            def save(items: list[tuple[int, dict | None]]) -> None:
-                for k, rec in items:
-                    f.write(json.dumps({"source_index": todo[k], **(rec or {"empty": True})}) + "\n")
+            def save(k: int, rec: dict | None) -> None:
+                f.write(json.dumps({"source_index": todo[k], **(rec or {"empty": True})}) + "\n")
                 f.flush()
 
             _, stats = regenerate_conversations(model, tokenizer, [conversations[i] for i in todo], max_new_tokens,
-                                                batch_size, progress=rank == 0, on_batch=save)
+                                                batch_size, progress=rank == 0, on_answer=save)
     if world_size == 1:
         merge_shards(out_path, 1)
     return stats

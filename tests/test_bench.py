@@ -108,3 +108,20 @@ def test_scaling_runs_the_trainer_and_computes_bytes_per_step(tmp_path):
     assert z2["adapter_params"] == adapter and z2["total"] == 4 * adapter
     assert z3["total"] == 4 * adapter + 4 * (1000 + adapter)
     assert tp["tp_activation_all_reduce"] == 4 * 2 * 1 * 10 * 64 * 4 and tp["dp_grad_reduce_scatter"] == 0
+
+
+def test_regenerate_bench_compares_both_modes_on_the_same_answers(tmp_path):
+    from conftest import write_tiny_target
+
+    model = write_tiny_target(tmp_path / "model", family="llama")
+    report = run_bench("regenerate.py", tmp_path / "regen.json", "--model-path", str(model), "--num-prompts", "6",
+                       "--max-new-tokens", "6", "--batch-sizes", "2,8")
+    results = report["results"]
+    assert set(results) == {"static_b2", "continuous_b2", "static_b8", "continuous_b8"}
+    assert len({r["tokens"] for r in results.values()}) == 1  # every mode answered the same prompts in full
+    assert report["answers_differing_from_static_b2"] == {k: 0 for k in results}
+    for bs in (2, 8):
+        assert report["ratios"][f"continuous_over_static_b{bs}"] == pytest.approx(
+            results[f"continuous_b{bs}"]["tokens_per_s"] / results[f"static_b{bs}"]["tokens_per_s"])
+    assert report["ratios"]["continuous_b2_over_static_b8"] == pytest.approx(
+        results["continuous_b2"]["tokens_per_s"] / results["static_b8"]["tokens_per_s"])

@@ -491,22 +491,20 @@ def test_build_dataset_cache_reuse_and_invalidation(tok, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ self-distillation
 
 
-_CPU = type("CpuModel", (), {"device": torch.device("cpu")})()  # all regenerate reads of the model besides greedy_batch
+_CPU = type("CpuModel", (), {"device": torch.device("cpu")})()  # all regenerate reads of the model besides greedy_stream
 
 
 class _ScriptedLM:
-    """Stands in for greedy decoding in regenerate (``regenerate.greedy_batch``): records the prompts it is given
-    and answers the k-th prompt, in call order, with ``answers[k]`` cut at ``max_new_tokens``."""
+    """Stands in for greedy decoding in regenerate (``regenerate.greedy_stream``): records the prompts it is given
+    and answers the k-th prompt, in the order given, with ``answers[k]`` cut at ``max_new_tokens``."""
 
     def __init__(self, answers: list[list[int]]) -> None:
         self.answers, self.prompts = list(answers), []
 
-    def __call__(self, model, input_ids, attention_mask, max_new_tokens, eos_id):
-        rows = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
-            self.prompts.append([t for t, m in zip(ids, mask) if m])
-            rows.append(self.answers.pop(0)[:max_new_tokens])
-        return rows
+    def __call__(self, model, prompts, max_new_tokens, eos_id, batch_size):
+        for k, ids in enumerate(prompts):
+            self.prompts.append(list(ids))
+            yield k, self.answers.pop(0)[:max_new_tokens]
 
 
 def test_regenerate_renders_prompts_like_training_and_eval(qwen_tok, monkeypatch):
@@ -518,7 +516,7 @@ def test_regenerate_renders_prompts_like_training_and_eval(qwen_tok, monkeypatch
     convs = [[{"role": "user", "content": "what is two plus two?"}, {"role": "assistant", "content": "four"}]]
     answer = qwen_tok("it is four.", add_special_tokens=False)["input_ids"] + [qwen_tok.eos_token_id]
     lm = _ScriptedLM([answer])
-    monkeypatch.setattr(regenerate, "greedy_batch", lm)
+    monkeypatch.setattr(regenerate, "greedy_stream", lm)
     records, _ = regenerate.regenerate_conversations(_CPU, qwen_tok, convs, max_new_tokens=32, progress=False)
     assert lm.prompts == [render_prompt(qwen_tok, convs[0][:1])]
     assert "<think>\n\n</think>" in qwen_tok.decode(lm.prompts[0])
@@ -536,7 +534,7 @@ def test_truncated_answers_are_recorded_then_kept_without_end_of_turn_or_dropped
     words = tok("the quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
     convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": "x"}] for q in ("hello", "what is")]
     # longest prompt first: "what is" gets the finished answer, "hello" the one that runs past the limit
-    monkeypatch.setattr(regenerate, "greedy_batch", _ScriptedLM([words[:3] + [eos], words * 3]))
+    monkeypatch.setattr(regenerate, "greedy_stream", _ScriptedLM([words[:3] + [eos], words * 3]))
     records, stats = regenerate.regenerate_conversations(_CPU, tok, convs, max_new_tokens=len(words) + 2,
                                                          progress=False)
     assert [r["truncated"] for _, r in records] == [True, False] and stats.truncated == 1
@@ -556,32 +554,39 @@ def test_truncated_answers_are_recorded_then_kept_without_end_of_turn_or_dropped
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
-def test_greedy_batch_equals_generate_while_finished_rows_leave(family):
+def test_greedy_stream_equals_generate_while_rows_leave_and_refill(family):
+    """Continuous batching: rows end at different steps (an eos some write early, the token limit for others),
+    their slots take the next prompts (longer and shorter than the rows they join), and every row still gets what
+    ``generate`` gives that prompt alone."""
     from conftest import tiny_model
 
-    from dflash_ds.regenerate import greedy_batch
+    from dflash_ds.regenerate import greedy_stream
 
     model = tiny_model(family, seed=3, initializer_range=0.2)
     gen = torch.Generator().manual_seed(0)
-    lengths = [9, 4, 7, 1]
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):  # left padding, as regenerate batches prompts
-        ids[i, -n:] = torch.randint(4, 96, (n,), generator=gen)
-        mask[i, -n:] = 1
-    free = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+    prompts = [torch.randint(4, 96, (n,), generator=gen).tolist() for n in (9, 4, 7, 1, 12, 3, 6)]
+
+    def alone(ids, eos=None):
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=eos)
+        row = out[0, len(ids):].tolist()
+        return row[: row.index(eos) + 1] if eos is not None and eos in row else row
+
+    free = [alone(p) for p in prompts]
     # an eos that some rows write early and others never: rows must leave the batch mid-way
-    eos = next(t for t in free[:, 2].tolist() if any(t not in row[:9] for row in free.tolist()))
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                         eos_token_id=eos)[:, ids.shape[1]:].tolist()
-    ref = [row[: row.index(eos) + 1] if eos in row else row for row in ref]
-    got = greedy_batch(model, ids, mask, 12, eos)
+    eos = next(t for t in (r[2] for r in free) if 0 < sum(t in r[:9] for r in free) < len(free))
+    ref = {i: alone(p, eos) for i, p in enumerate(prompts)}
+    got = dict(greedy_stream(model, prompts, 12, eos, batch_size=3))
     assert got == ref
-    assert any(len(r) < 12 for r in got) and any(len(r) == 12 for r in got)
+    lengths = [len(r) for r in ref.values()]
+    assert min(lengths) < 12 and max(lengths) == 12  # both ways of ending happened
+    # each row is yielded the moment it ends: the first to come out is one of the shortest answers of the first batch
+    first = next(iter(greedy_stream(model, prompts, 12, eos, batch_size=3)))[0]
+    assert len(ref[first]) == min(len(ref[i]) for i in range(3))
 
 
 def test_regenerate_resumes_an_interrupted_run(tmp_path, monkeypatch):
-    """Killed after some batches (and mid-line): the rerun answers only the rest and writes what one run writes."""
+    """Killed after some answers (and mid-line): the rerun answers only the rest and writes what one run writes."""
     from conftest import write_conversations, write_tiny_target
 
     from dflash_ds import regenerate
@@ -595,27 +600,26 @@ def test_regenerate_resumes_an_interrupted_run(tmp_path, monkeypatch):
 
     out = tmp_path / "out.jsonl"
     run = regenerate.regenerate_file
-    real_batch, asked = regenerate.greedy_batch, []
+    real_stream, asked = regenerate.greedy_stream, []
 
-    def dies_after_one_batch(model, input_ids, *args):
-        if asked:
-            raise KeyboardInterrupt
-        asked.append(input_ids.shape[0])
-        return real_batch(model, input_ids, *args)
+    def dies_after_four_answers(model, prompts, *args):
+        for answered, item in enumerate(real_stream(model, prompts, *args)):
+            if answered == 4:
+                raise KeyboardInterrupt
+            yield item
 
-    monkeypatch.setattr(regenerate, "greedy_batch", dies_after_one_batch)
+    monkeypatch.setattr(regenerate, "greedy_stream", dies_after_four_answers)
     with pytest.raises(KeyboardInterrupt):
         run(str(model_dir), str(data), str(out), max_new_tokens=5, batch_size=4)
     shard = regenerate.shard_path(out, 0)
     shard.write_text(shard.read_text() + '{"source_index": 9, "conv')  # torn last line
     assert not out.exists()
 
-    def counts(model, input_ids, *args):
-        asked.append(input_ids.shape[0])
-        return real_batch(model, input_ids, *args)
+    def counts(model, prompts, *args):
+        asked.append(len(prompts))
+        return real_stream(model, prompts, *args)
 
-    asked.clear()
-    monkeypatch.setattr(regenerate, "greedy_batch", counts)
+    monkeypatch.setattr(regenerate, "greedy_stream", counts)
     stats = run(str(model_dir), str(data), str(out), max_new_tokens=5, batch_size=4)
     assert sum(asked) == 6 == stats.answers + stats.empty  # 4 were done before the interruption
     assert out.read_text() == clean.read_text() and not shard.exists()
