@@ -245,6 +245,9 @@ class EvalConfig:
                            choices=COMPILE_CHOICES)
     seed: int = setting(0, "seed of the sampled generations")
     prompt_lookup_tokens: int | None = setting(None, "K for prompt lookup (default B-1)")
+    floor_tokens: int | None = setting(None, "tokens per prompt for the untrained-adapter floor (default: all of "
+                                       "--max-new-tokens); at tau ~1 it costs two forwards a token, the slowest row, "
+                                       "and its tau barely moves along an answer")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -254,6 +257,8 @@ class EvalConfig:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.floor_tokens is not None and self.floor_tokens < 1:
+            raise ValueError(f"--floor-tokens must be >= 1, got {self.floor_tokens}")
 
     def resolved(self, meta) -> "EvalConfig":
         """This config with ``auto``/None filled for an adapter ``meta``: the loop, the block size (checked against
@@ -303,11 +308,12 @@ class DecodeSetup:
 
 
 class Method:
-    """One decoder in the comparison: ``name`` (its key in the report), ``label`` (its row in the table) and
-    :meth:`generate`."""
+    """One decoder in the comparison: ``name`` (its key in the report), ``label`` (its row in the table),
+    :meth:`generate`, and ``max_new_tokens`` when it generates fewer tokens per prompt than the others (the floor)."""
 
     name: str
     label: str
+    max_new_tokens: int | None = None
 
     def __init__(self, name: str, label: str, setup: DecodeSetup) -> None:
         self.name, self.label, self.setup = name, label, setup
@@ -401,8 +407,12 @@ def build_methods(setup: DecodeSetup) -> list[Method]:
     if cfg.baselines in ("fast", "all"):
         if greedy:
             methods.append(HFGenerate(PROMPT_LOOKUP, "prompt lookup (transformers)", setup, cfg.prompt_lookup_tokens))
-        methods.append(TwoForwardLoop(FLOOR, "untrained adapter (floor)", setup,
-                                      lambda: untrained_floor_drafter(meta.mask_token_id)))
+        floor_tokens = min(cfg.floor_tokens or cfg.max_new_tokens, cfg.max_new_tokens)
+        shorter = f", first {floor_tokens}" if floor_tokens < cfg.max_new_tokens else ""
+        floor = TwoForwardLoop(FLOOR, f"untrained adapter (floor{shorter})", setup,
+                               lambda: untrained_floor_drafter(meta.mask_token_id))
+        floor.max_new_tokens = floor_tokens
+        methods.append(floor)
     if cfg.baselines == "all":
         methods.append(TwoForwardLoop(NGRAM, "n-gram lookup (our loop)", setup, NgramDrafter))
         if greedy:
@@ -411,10 +421,11 @@ def build_methods(setup: DecodeSetup) -> list[Method]:
 
 
 class _Runs:
-    """One method's generations (first repeat) and its timing over all repeats."""
+    """One method's generations (first repeat, up to ``max_new_tokens`` per prompt) and its timing over all
+    repeats."""
 
-    def __init__(self, label: str) -> None:
-        self.label = label
+    def __init__(self, label: str, max_new_tokens: int) -> None:
+        self.label, self.max_new_tokens = label, max_new_tokens
         self.results: list[Any] = []  # SpecResult, or dicts for transformers' generate
         self.outputs: list[list[int]] = []
         self.tokens = [0]  # per repeat
@@ -501,7 +512,7 @@ def _time_methods(methods: list[Method], prompt_ids: list[list[int]], cfg: EvalC
         n = cfg.max_new_tokens if cfg.compile == "compile" else min(8, cfg.max_new_tokens)
         for m in methods:
             m.generate(prompt_ids[0], gen_for(0), n)
-    runs = {m.name: _Runs(m.label) for m in methods}
+    runs = {m.name: _Runs(m.label, m.max_new_tokens or cfg.max_new_tokens) for m in methods}
     bar = _progress(cfg.repeats * len(prompt_ids), progress)
     for rep in range(cfg.repeats):
         if rep:
@@ -509,7 +520,7 @@ def _time_methods(methods: list[Method], prompt_ids: list[list[int]], cfg: EvalC
                 run.new_repeat()
         for i, prompt in enumerate(prompt_ids):
             for m in methods:
-                runs[m.name].add(rep, m.generate(prompt, gen_for(i), cfg.max_new_tokens))
+                runs[m.name].add(rep, m.generate(prompt, gen_for(i), runs[m.name].max_new_tokens))
             bar.update(1)
     bar.close()
     return runs
@@ -548,7 +559,9 @@ def _baseline_entry(name: str, run: _Runs, ar: _Runs, cfg: EvalConfig) -> dict[s
         entry["forwards_per_token"] = forwards / tokens if tokens else None
     if name == PROMPT_LOOKUP:
         entry["prompt_lookup_num_tokens"] = cfg.prompt_lookup_tokens
-    matches = [a == b for a, b in zip(run.outputs, ar.outputs)]
+    if run.max_new_tokens < cfg.max_new_tokens:
+        entry["max_new_tokens"] = run.max_new_tokens
+    matches = [a == b[: run.max_new_tokens] for a, b in zip(run.outputs, ar.outputs)]  # a prefix of AR's, if shorter
     entry["greedy_match"] = all(matches) if greedy else None
     entry["mismatched_prompts"] = [i for i, ok in enumerate(matches) if not ok] if greedy else None
     return entry

@@ -174,6 +174,32 @@ def test_baselines_fast_none_and_sampling(setup):
         run_eval(model, tok, all_scope, CONVERSATIONS[:1], EvalConfig(loop="fused"), progress=False)
 
 
+def test_floor_tokens_runs_the_floor_on_a_prefix_of_each_answer(setup):
+    """--floor-tokens: the floor generates that many tokens per prompt, its output is checked against the first
+    tokens of AR's, its tau and speed count only what it generated, and the other rows are untouched."""
+    model, tok, meta = setup
+    cfg = dict(max_new_tokens=20, repeats=1, loop="two_forward")
+    full = run_eval(model, tok, meta, CONVERSATIONS[:3], EvalConfig(**cfg), progress=False, warmup=False)
+    short = run_eval(model, tok, meta, CONVERSATIONS[:3], EvalConfig(**cfg, floor_tokens=6), progress=False,
+                     warmup=False)
+    floor = short["baselines"]["untrained_floor"]
+    assert floor["label"] == "untrained adapter (floor, first 6)" and floor["max_new_tokens"] == 6
+    assert "max_new_tokens" not in full["baselines"]["untrained_floor"]
+    assert floor["greedy_match"] is True
+    lengths = [min(6, len(p["ar_ids"])) for p in short["per_prompt"]]
+    h = floor["tau_histogram"]
+    assert sum(int(k) * v for k, v in h.items()) == sum(lengths)  # only the first 6 tokens were generated
+    assert floor["tau"] == pytest.approx(sum(lengths) / sum(h.values()))
+    assert short["tau"] == full["tau"] and [p["spec_ids"] for p in short["per_prompt"]] == [
+        p["spec_ids"] for p in full["per_prompt"]]
+    # more than --max-new-tokens is the whole answer, the default
+    longer = run_eval(model, tok, meta, CONVERSATIONS[:1], EvalConfig(**cfg, floor_tokens=99), progress=False,
+                      warmup=False)
+    assert longer["baselines"]["untrained_floor"]["label"] == "untrained adapter (floor)"
+    with pytest.raises(ValueError, match="--floor-tokens"):
+        EvalConfig(floor_tokens=0)
+
+
 def test_prompt_file_errors(tmp_path, setup):
     _, tok, _ = setup
     good = tmp_path / "good.jsonl"
