@@ -12,7 +12,7 @@
    lookup and the untrained-adapter floor.
 
 Every stage leaves its result in ``--workdir`` and is skipped when it is there, so running the same command again
-after an interruption resumes (regeneration batch by batch, training from its last checkpoint).
+after an interruption resumes (regeneration answer by answer, training from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ class Recipe:
     regen_ranks: int  # processes regenerating in parallel (1 thread each when > 1)
     regen_batch: int
     truncated: str  # what training does with answers cut off at distill_tokens
+    num_anchors: int | None = None  # blocks per sample (None: its length // block_size)
+    loop: str = "auto"  # eval's --loop
+    floor_tokens: int | None = None  # eval's --floor-tokens
 
 
 RECIPES = {
@@ -64,9 +67,12 @@ RECIPES = {
                    regen_ranks=1, regen_batch=32, truncated="keep"),
     # 134.5M parameters, compute-bound on 2 cores (AR step ~55 ms): two ranks of one thread each, ZeRO-2.
     # 600 steps and gamma 4 (the DFlash paper's decay for B = 8): measured against 300 steps and gamma 7 in the README
+    # continuous batches of 16 regenerate fastest (docs/benchmarks.md); the eval leaves out the fused row and runs
+    # the floor on 32 tokens a prompt, 25 -> 13-15 min, the drafter's figures unchanged (README, "A real model")
     "smollm2": Recipe(zero_stage=2, steps=600, num_train=512, distill_tokens=128, block_size=8, gamma=4.0,
                       max_length=512, micro_batch_size=1, lr=3e-3, eval_prompts=16, max_new_tokens=128, repeats=1,
-                      regen_ranks=2, regen_batch=8, truncated="keep"),
+                      regen_ranks=2, regen_batch=16, truncated="keep", loop="two_forward",
+                      floor_tokens=32),
 }
 #: The "write this function" prompt of the SmolLM2 recipe (the tiny target was trained on bare signatures). "Reply
 #: with the code only": SmolLM2 otherwise explains the code after it, and more answers run into the token limit
@@ -165,6 +171,8 @@ def launch_training(target: Path, data: Path, run_dir: Path, args) -> None:
         "--lr", str(args.lr), "--warmup-ratio", "0.05", "--seed", str(args.seed), "--truncated", args.truncated,
         "--save-interval", str(max(args.steps // 4, 1)), "--log-interval", "1", "--resume", "auto",
     ]
+    if args.num_anchors:
+        cmd += ["--num-anchors", str(args.num_anchors)]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, env=_rank_env(), check=True)
 
@@ -182,7 +190,8 @@ def evaluate(target: Path, adapter: Path, prompts: Path, args) -> dict:
     meta = load_adapter_dir(model, adapter, stack=True)
     prompt_ids = load_prompts(prompts, tokenizer, limit=args.eval_prompts)
     report = run_eval(model, tokenizer, meta, prompt_ids,
-                      EvalConfig(max_new_tokens=args.max_new_tokens, repeats=args.repeats, baselines="fast"))
+                      EvalConfig(max_new_tokens=args.max_new_tokens, repeats=args.repeats, baselines="fast",
+                                 loop=args.loop, floor_tokens=args.floor_tokens or None))
     print(format_table(report), flush=True)
     return report
 
@@ -198,9 +207,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     helps = {"steps": "optimizer steps of drafter training", "num_train": "training prompts to self-distil",
              "distill_tokens": "max tokens per regenerated answer", "zero_stage": "ZeRO stage of drafter training",
              "regen_ranks": "processes regenerating in parallel", "truncated": "drop or keep cut-off answers",
-             "gamma": "loss decay exp(-(k-1)/gamma) over block positions"}
+             "gamma": "loss decay exp(-(k-1)/gamma) over block positions",
+             "num_anchors": "blocks per training sample (0: its length // block size)",
+             "loop": "eval's decoding loop (two_forward, fused, both, auto)",
+             "floor_tokens": "tokens per prompt for the untrained-adapter floor (0: all of --max-new-tokens)"}
     for field, value in asdict(RECIPES["tiny"]).items():
-        p.add_argument("--" + field.replace("_", "-"), type=type(value), default=None,
+        p.add_argument("--" + field.replace("_", "-"), type=int if value is None else type(value), default=None,
                        help=f"{helps.get(field, '')} (default: the target's recipe, tiny {value}, "
                             f"smollm2 {getattr(RECIPES['smollm2'], field)})")
     args = p.parse_args(argv)
@@ -210,6 +222,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, field, value)
     if args.truncated not in ("drop", "keep"):
         p.error(f"--truncated must be drop or keep, got {args.truncated!r}")
+    from .evaluate import LOOP_CHOICES
+
+    if args.loop not in LOOP_CHOICES:
+        p.error(f"--loop must be one of {', '.join(LOOP_CHOICES)}, got {args.loop!r}")
     return args
 
 

@@ -31,3 +31,20 @@ def test_reduced_demo_trains_and_decodes_losslessly(tmp_path, capsys):
     assert "prompt lookup" in out and "untrained" in out.lower()  # the table shows the baselines
     assert (tmp_path / "work" / "run" / "adapter" / "adapter_model.safetensors").exists()
     assert any((tmp_path / "work" / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_recipe_flags_default_per_target_and_bad_values_name_their_flag(capsys):
+    import pytest
+
+    from dflash_ds.demo import RECIPES, parse_args
+
+    smol = parse_args(["--target", "smollm2"])
+    assert (smol.num_anchors, smol.loop, smol.floor_tokens) == (None, "two_forward", 32) == (
+        RECIPES["smollm2"].num_anchors, RECIPES["smollm2"].loop, RECIPES["smollm2"].floor_tokens)
+    tiny = parse_args([])
+    assert (tiny.num_anchors, tiny.loop, tiny.floor_tokens) == (None, "auto", None)
+    assert parse_args(["--target", "smollm2", "--num-anchors", "16", "--loop", "both"]).num_anchors == 16
+    for flag, value in (("--loop", "fast"), ("--truncated", "maybe")):
+        with pytest.raises(SystemExit):
+            parse_args([flag, value])
+        assert flag in capsys.readouterr().err
