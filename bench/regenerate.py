@@ -37,12 +37,12 @@ BASELINE_BATCH = 8  # the SmolLM2 recipe's batch before continuous batching
 def _prompts(tokenizer, num: int) -> list[list[int]]:
     from dflash_ds.data import read_conversations, render_chat
     from dflash_ds.demo import write_function_prompts
-    from dflash_ds.regenerate import _prompt_messages
+    from dflash_ds.regenerate import prompt_messages
 
     with tempfile.TemporaryDirectory() as tmp:
         train, _ = write_function_prompts(Path(tmp), num, 1)
         conversations, _ = read_conversations(str(train), bad_lines="error")
-    texts = [render_chat(tokenizer, _prompt_messages(c), add_generation_prompt=True) for c in conversations]
+    texts = [render_chat(tokenizer, prompt_messages(c), add_generation_prompt=True) for c in conversations]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return sorted(ids, key=len, reverse=True)
 

@@ -29,7 +29,7 @@ import torch
 from .files import write_text_atomic
 
 
-def _prompt_messages(messages: list[dict]) -> list[dict] | None:
+def prompt_messages(messages: list[dict]) -> list[dict] | None:
     """Everything before the last assistant turn (None when there is no user turn to answer)."""
     last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
     prompt = messages[:last_assistant]
@@ -176,7 +176,7 @@ def regenerate_conversations(
     from .data import render_chat
 
     eos_id = tokenizer.eos_token_id
-    prompts = [(i, _prompt_messages(conv)) for i, conv in enumerate(conversations)]
+    prompts = [(i, prompt_messages(conv)) for i, conv in enumerate(conversations)]
     prompts = [(i, p) for i, p in prompts if p is not None]
     texts = [render_chat(tokenizer, p, add_generation_prompt=True) for _, p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -48,3 +48,29 @@ def test_recipe_flags_default_per_target_and_bad_values_name_their_flag(capsys):
         with pytest.raises(SystemExit):
             parse_args([flag, value])
         assert flag in capsys.readouterr().err
+
+
+def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
+    """--num-anchors goes to the training command only when set; --loop and --floor-tokens to the eval config."""
+    from dflash_ds import demo, evaluate
+
+    commands = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: commands.append(cmd))
+    for argv, anchors in ((["--target", "smollm2"], None), (["--target", "smollm2", "--num-anchors", "12"], "12")):
+        commands.clear()
+        demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", demo.parse_args(argv))
+        cmd = commands[0]
+        assert (cmd[cmd.index("--num-anchors") + 1] if "--num-anchors" in cmd else None) == anchors
+
+    configs = []
+    monkeypatch.setattr(evaluate, "run_eval", lambda model, tok, meta, prompts, cfg: configs.append(cfg) or {})
+    monkeypatch.setattr(evaluate, "format_table", lambda report: "")
+    monkeypatch.setattr(evaluate, "load_prompts", lambda *a, **k: [])
+    monkeypatch.setattr("dflash_ds.lora.load_adapter_dir", lambda *a, **k: None)
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: type("M", (), {"eval": lambda self: self})())
+    demo.evaluate(tmp_path, tmp_path, tmp_path, demo.parse_args(["--target", "smollm2"]))
+    demo.evaluate(tmp_path, tmp_path, tmp_path, demo.parse_args(["--target", "smollm2", "--floor-tokens", "0",
+                                                                 "--loop", "both"]))
+    assert [(c.loop, c.floor_tokens) for c in configs] == [("two_forward", 32), ("both", None)]
