@@ -39,6 +39,10 @@ class OptimConfig:
     micro_batch_size: int | None = setting(None, "sequences per rank per micro-step (default 1)")
     grad_accum: int | None = setting(None, "micro-steps per optimizer step (default 1)")
     seed: int = setting(0, "seed of the data order, the anchors and noise, and the adapter's initialisation")
+    group_by_length: int = setting(0, "sort each run of N global batches of the shuffled data by length, so the "
+                                   "ranks of a step get similar lengths and none waits for another at the gradient "
+                                   "all-reduce (and micro-batches carry little padding); 0: plain shuffled order",
+                                   metavar="N")
     max_nonfinite: int = setting(10, "abort after this many skipped non-finite losses")
 
     def __post_init__(self) -> None:
@@ -49,6 +53,8 @@ class OptimConfig:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
         if self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.group_by_length < 0:
+            raise ValueError(f"--group-by-length must be >= 0 (0: off), got {self.group_by_length}")
 
 
 @dataclass(kw_only=True)

@@ -511,6 +511,14 @@ def build_dataset(tokenizer: Any, config: DataConfig) -> datasets.Dataset:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def sequence_lengths(dataset: datasets.Dataset) -> list[int]:
+    """Tokens per example of a :func:`build_dataset` result, read from the Arrow column (no Python lists built)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
+
+
+
 def collate_batch(examples: Iterable[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad examples to the longest one.
 

@@ -21,14 +21,14 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .blocks import BlockConfig, BlockLayout, build_block_layout
 from .config import TrainConfig, autotp_size, load_ds_config, parse_train_args, resolve_ds_config
-from .data import build_dataset, collate_batch
+from .data import build_dataset, collate_batch, sequence_lengths
 from .faults import faults
 from .files import write_text_atomic
 from .families import check_max_length, check_tp_compatible, family_of
@@ -71,10 +71,17 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class StepBatches:
-    """Deterministic global batches: step ``g`` of epoch ``e`` takes ``perm_e[g*GB:(g+1)*GB]``; data-parallel rank
-    ``r`` gets micro-batch ``i`` as the slice ``[(i*dp + r)*micro, +micro)`` of it. TP ranks share ``r``."""
+    """Deterministic global batches: step ``g`` of epoch ``e`` takes ``order_e[g*GB:(g+1)*GB]``; data-parallel rank
+    ``r`` gets micro-batch ``i`` as the slice ``[(i*dp + r)*micro, +micro)`` of it. TP ranks share ``r``.
 
-    def __init__(self, num_examples: int, micro: int, accum: int, dp_size: int, dp_rank: int, seed: int) -> None:
+    ``order_e`` is a random permutation of the examples (seeded by ``seed + e``). With ``group_by_length = G > 0``
+    and the examples' ``lengths``, each run of ``G`` global batches of it is then sorted by length, longest first:
+    the ranks of one step (and the rows of one micro-batch) get neighbouring lengths, so no rank idles at the
+    step's gradient all-reduce while another finishes a longer sequence, and micro-batches carry little padding.
+    Which examples an epoch uses, and in which group, stays random."""
+
+    def __init__(self, num_examples: int, micro: int, accum: int, dp_size: int, dp_rank: int, seed: int,
+                 lengths: Sequence[int] | None = None, group_by_length: int = 0) -> None:
         self.n, self.micro, self.accum, self.dp, self.rank, self.seed = num_examples, micro, accum, dp_size, dp_rank, seed
         self.global_batch = micro * accum * dp_size
         self.steps_per_epoch = num_examples // self.global_batch
@@ -83,14 +90,29 @@ class StepBatches:
                 f"the data has {num_examples} usable conversations, fewer than one global batch "
                 f"({self.global_batch} = micro x accum x data-parallel ranks); add data or shrink the batch"
             )
+        if group_by_length and (lengths is None or len(lengths) != num_examples):
+            raise ValueError("group_by_length needs one length per example")
+        self.lengths, self.group = (list(lengths) if group_by_length else None), group_by_length
         self._perm_epoch, self._perm = -1, None
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Every example index once, in the order epoch ``epoch`` takes them (its last ``n % GB`` go unused)."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        if not self.group:
+            return order
+        used = self.steps_per_epoch * self.global_batch  # the tail is unused: keep it out of the groups
+        span = self.group * self.global_batch
+        grouped = []
+        for start in range(0, used, span):
+            grouped += sorted(order[start : min(start + span, used)], key=lambda i: -self.lengths[i])
+        return grouped + order[used:]
 
     def micro_batches(self, step: int) -> list[tuple[int, list[int]]]:
         """``[(epoch, example indices)]`` for each micro-step of optimizer step ``step`` on this rank."""
         epoch, local = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+            self._perm, self._perm_epoch = self.epoch_order(epoch), epoch
         base = local * self.global_batch
         out = []
         for i in range(self.accum):
@@ -308,7 +330,9 @@ def setup(cfg: TrainConfig) -> Run:
         dataset = build_dataset(tokenizer, data_cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    batches = StepBatches(len(dataset), micro, accum, parallel.dp_size, parallel.dp_rank, cfg.optim.seed)
+    batches = StepBatches(len(dataset), micro, accum, parallel.dp_size, parallel.dp_rank, cfg.optim.seed,
+                          sequence_lengths(dataset) if cfg.optim.group_by_length else None,
+                          cfg.optim.group_by_length)
     total_steps = cfg.optim.max_steps or batches.steps_per_epoch * cfg.optim.epochs
 
     # model: frozen target + adapter, wrapped in the objective, handed to DeepSpeed

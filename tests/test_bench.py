@@ -125,3 +125,22 @@ def test_regenerate_bench_compares_both_modes_on_the_same_answers(tmp_path):
             results[f"continuous_b{bs}"]["tokens_per_s"] / results[f"static_b{bs}"]["tokens_per_s"])
     assert report["ratios"]["continuous_b2_over_static_b8"] == pytest.approx(
         results["continuous_b2"]["tokens_per_s"] / results["static_b8"]["tokens_per_s"])
+
+
+def test_rank_balance_times_both_orders_on_two_ranks(tmp_path):
+    """The real trainer on two ranks, grouped then shuffled: per-rank phase times from every rank, ratio to the
+    first case."""
+    from conftest import write_conversations, write_tiny_target
+
+    write_tiny_target(tmp_path / "model")
+    write_conversations(tmp_path / "data.jsonl", n=8)
+    report = run_bench("rank_balance.py", tmp_path / "rb.json", "--model-path", str(tmp_path / "model"),
+                       "--train-data", str(tmp_path / "data.jsonl"), "--steps", "2", "--groups", "2,0",
+                       "--block-size", "4", "--max-length", "64")
+    assert [c["group_by_length"] for c in report["cases"]] == [2, 0]
+    for case in report["cases"]:
+        assert len(case["per_rank"]) == 2
+        for rank in case["per_rank"]:
+            assert rank["forward"] > 0 and rank["backward"] > 0 and rank["all_reduce"] > 0
+            assert rank["train_step"] >= rank["forward"] + rank["backward"]
+    assert report["cases"][0]["speed_vs_first"] == 1.0

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 import dflash_ds.data as data
 from dflash_ds.data import (
+    sequence_lengths,
     BadLineError,
     DataConfig,
     build_dataset,
@@ -422,6 +423,10 @@ def test_build_dataset_order_and_columns(tok, tmp_path):
     assert row == tokenize_conversation(tok, read_conversations(paths[0])[0][0], 2048)
     # The given file order wins over name order.
     assert _answers(tok, build_dataset(tok, DataConfig(paths=paths[::-1]))) == ["third", "fourth", "first", "second"]
+    assert sequence_lengths(ds) == [len(r["input_ids"]) for r in ds]
+    # a filtered (index-mapped) dataset: lengths of the rows it shows, not of the underlying table
+    picked = ds.select([3, 1])
+    assert sequence_lengths(picked) == [len(ds[3]["input_ids"]), len(ds[1]["input_ids"])]
 
 
 def test_build_dataset_multiprocess_matches_single(tok, tmp_path):

@@ -125,6 +125,19 @@ def test_parallel_layouts_match_single_process(request, tmp_path, family, config
     assert_same_run(reference, tmp_path)
 
 
+def test_grouped_by_length_two_ranks_match_one(assets, tmp_path):
+    """--group-by-length reorders the data by the global batch alone: two ranks (one sequence each) train exactly
+    what one process does with two micro-steps, and the order really changed (the run differs from the shuffled
+    one). --max-length 320 keeps the samples' own lengths (at the usual 96 most are cut to the same length)."""
+    grouped, longer = ["--group-by-length", "2"], ["--max-length", "320"]
+    run_train(assets, tmp_path / "one", nproc=1, extra=[*longer, *grouped, "--grad-accum", "2"])
+    run_train(assets, tmp_path / "two", nproc=2, config="zero2.json", extra=[*longer, *grouped])
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    run_train(assets, tmp_path / "plain", nproc=1, extra=[*longer, "--grad-accum", "2"])
+    plain, one = metrics(tmp_path / "plain"), metrics(tmp_path / "one")
+    assert any(a["loss"] != pytest.approx(b["loss"], rel=1e-4) for a, b in zip(plain, one))
+
+
 def test_sigkill_after_checkpoint_then_resume_matches(assets, reference, tmp_path):
     extra = ["--save-interval", "2"]
     proc = run_train(assets, tmp_path, nproc=2, config="zero2.json", extra=extra,
