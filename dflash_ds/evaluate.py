@@ -450,6 +450,21 @@ class _Runs:
     def rates(self) -> list[float]:
         return [n / t if t > 0 else 0.0 for n, t in zip(self.tokens, self.times)]
 
+    @classmethod
+    def interleave(cls, shards: list["_Runs"]) -> "_Runs":
+        """One method's runs from the ranks of a sharded eval, rank ``r`` having decoded prompts ``r, r + W, ...``:
+        generations back in prompt order; tokens and seconds added up per repeat, so tokens/s stays the rate of
+        one decoding stream."""
+        first = shards[0]
+        merged = cls(first.label, first.max_new_tokens)
+        merged.tokens = [sum(s.tokens[k] for s in shards) for k in range(len(first.tokens))]
+        merged.times = [sum(s.times[k] for s in shards) for k in range(len(first.times))]
+        for i in range(sum(len(s.outputs) for s in shards)):
+            shard = shards[i % len(shards)]
+            merged.outputs.append(shard.outputs[i // len(shards)])
+            merged.results.append(shard.results[i // len(shards)])
+        return merged
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Running
@@ -466,7 +481,8 @@ def run_eval(
     eos_token_ids: Sequence[int] | None = None,
     progress: bool = True,
     warmup: bool = True,
-) -> dict[str, Any]:
+    shard: tuple[int, int] = (0, 1),
+) -> dict[str, Any] | None:
     """Evaluate the adapter on ``model`` (fitted with :func:`dflash_ds.lora.apply_lora` / ``load_adapter_dir``).
 
     ``meta`` is the adapter's :class:`dflash_ds.lora.DraftMeta` (block size, MASK id, scope); ``prompts`` are
@@ -475,6 +491,11 @@ def run_eval(
     interleaved prompt by prompt so drift hits all methods alike; τ and outputs come from the first round (the runs
     are seeded, so every round generates the same tokens). Returns the report dict (:func:`build_report`). The
     model's train/eval mode and adapter switch are restored.
+
+    ``shard = (rank, world)`` with ``world > 1`` (torch.distributed initialised, one process per rank): this process
+    decodes prompts ``rank, rank + world, ...`` and rank 0 gathers every rank's generations and timings into the one
+    report, as if one process had decoded them all; the other ranks return None. Each method's tokens/s is then the
+    rate of one decoding stream while ``world`` streams share the machine.
     """
     cfg = (config or EvalConfig()).resolved(meta)
     hf_model = unwrap_model(model)
@@ -483,6 +504,9 @@ def run_eval(
     prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
     if not prompt_ids:
         raise ValueError("no prompts to evaluate")
+    rank, world = shard
+    if len(prompt_ids) < world:
+        raise ValueError(f"{len(prompt_ids)} prompts for {world} eval ranks: every rank needs at least one")
     static = None
     if cfg.compile != "none":
         B = cfg.block_size
@@ -493,10 +517,20 @@ def run_eval(
     hf_model.eval()
     try:
         with adapter_preserved(hf_model):
-            runs = _time_methods(build_methods(setup), prompt_ids, cfg, progress, warmup)
+            runs = _time_methods(build_methods(setup), prompt_ids[rank::world], cfg, progress and rank == 0, warmup)
     finally:
         hf_model.train(was_training)
-    return build_report(runs, prompt_ids, cfg, meta, eos)
+    if world > 1:
+        import torch.distributed as dist
+
+        shards = [None] * world if rank == 0 else None
+        dist.gather_object(runs, shards, dst=0)
+        if rank != 0:
+            return None
+        runs = {name: _Runs.interleave([r[name] for r in shards]) for name in runs}
+    report = build_report(runs, prompt_ids, cfg, meta, eos)
+    report["config"]["eval_ranks"] = world
+    return report
 
 
 def _time_methods(methods: list[Method], prompt_ids: list[list[int]], cfg: EvalConfig, progress: bool,
@@ -661,6 +695,10 @@ def format_table(report: dict[str, Any]) -> str:
         f"tau first {SPLIT_AT} tokens {num(report['tau_first_32'], '.2f')}, rest {num(report['tau_rest'], '.2f')}; "
         f"target greedy 4-gram repetition rate {report['repetition_rate']:.1%}",
     ]
+    ranks = report["config"].get("eval_ranks", 1)
+    if ranks > 1:
+        extra.append(f"{ranks} processes decoded the prompts side by side ({report['config']['torch_threads']} "
+                     "thread(s) each): tok/s is one stream's rate while they share the machine")
     return "\n".join(lines + extra)
 
 
@@ -691,9 +729,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``dflash-ds eval``; under a launcher (``torchrun``/``deepspeed``, WORLD_SIZE > 1) the ranks share the prompts
+    and rank 0 writes the one report (:func:`run_eval`'s ``shard``)."""
+    from .parallel import exit_on_dist_failure
+
     args = build_parser().parse_args(argv)
     try:
-        return _main(args)
+        with exit_on_dist_failure("dflash-ds eval", hint="run it again"):  # another rank died or hangs: exit 3
+            return _main(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"dflash-ds eval: error: {exc}", file=sys.stderr)
         return 2
@@ -726,7 +769,18 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.adapter}: MASK id {meta.mask_token_id} is outside this model's vocabulary "
                          f"({model.config.vocab_size}): an adapter trained on another base model?")
     model.to(device).eval()
-    report = run_eval(model, tokenizer, meta, prompts, config, progress=not args.no_progress)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch.distributed as dist
+
+        if len(prompts) < world:  # before the process group: every rank fails alike, none waits
+            raise ValueError(f"{args.prompts}: {len(prompts)} prompts for {world} eval ranks; every rank needs one")
+        dist.init_process_group("gloo")  # the gather is of Python objects, CPU-side on any device
+    report = run_eval(model, tokenizer, meta, prompts, config, progress=not args.no_progress, shard=(rank, world))
+    if world > 1:
+        dist.destroy_process_group()
+    if report is None:  # another rank's share: rank 0 writes the report
+        return 0
     report["config"].update(
         model_path=str(args.model_path), adapter=str(args.adapter), prompts=str(args.prompts), device=str(device),
         dtype=str(dtype).replace("torch.", ""), attn_implementation=args.attn_implementation,

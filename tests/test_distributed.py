@@ -328,3 +328,33 @@ def test_regenerate_sharded_over_two_ranks_keeps_input_order(assets, regenerated
     prompts = [json.loads(l)["conversations"][0]["content"] for l in (assets / "data.jsonl").read_text().splitlines()]
     got = [json.loads(l)["conversations"][0]["content"] for l in two.splitlines()]
     assert got == [p for p in prompts if p in got]  # input order
+
+
+def test_eval_sharded_over_two_ranks_matches_one_process(assets, reference, tmp_path):
+    """``dflash-ds eval`` under torchrun: the ranks share the prompts and rank 0 writes one report with every
+    prompt's generations in input order, the same as one process decoding them all."""
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(l) for l in (assets / "data.jsonl").read_text().splitlines()][:5]
+    prompts.write_text("".join(json.dumps({"conversations": r["conversations"][:1]}) + "\n" for r in rows))
+    args = ["--model-path", str(assets / "model"), "--adapter", str(Path(reference) / "adapter"), "--prompts",
+            str(prompts), "--max-new-tokens", "10", "--repeats", "1", "--loop", "both", "--no-progress"]
+    reports = {}
+    for nproc in (1, 2):
+        launch = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                        str(_free_port())]
+        report = tmp_path / f"report{nproc}.json"
+        proc = subprocess.run([sys.executable, *launch, "-m", "dflash_ds.evaluate", *args, "--report", str(report)],
+                              cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[nproc] = json.loads(report.read_text())
+    one, two = reports[1], reports[2]
+    assert two["config"]["eval_ranks"] == 2 and one["config"]["eval_ranks"] == 1
+    assert "2 processes decoded the prompts side by side" in proc.stdout
+    assert [p["spec_ids"] for p in two["per_prompt"]] == [p["spec_ids"] for p in one["per_prompt"]]
+    assert [p["ar_ids"] for p in two["per_prompt"]] == [p["ar_ids"] for p in one["per_prompt"]]
+    assert len(set(map(tuple, (p["ar_ids"] for p in one["per_prompt"])))) > 1  # the order is checkable
+    for key in ("tau", "tau_histogram", "acceptance_by_position", "greedy_match", "repetition_rate"):
+        assert two[key] == one[key], key
+    for name, entry in one["baselines"].items():
+        assert two["baselines"][name]["tau"] == entry["tau"] and two["baselines"][name]["greedy_match"]
+    assert two["config"]["ar_tokens"] == one["config"]["ar_tokens"]

@@ -289,3 +289,31 @@ def test_decoding_does_not_need_datasets():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "needs datasets" in proc.stdout
+
+
+def test_sharded_runs_interleave_back_into_prompt_order():
+    """Rank r of W decoded prompts r, r + W, ...: the merged runs list them in prompt order and add up the tokens
+    and seconds of each timing round."""
+    from dflash_ds.evaluate import Generation, _Runs
+
+    world, prompts = 3, 7
+    shards = [_Runs("m", 10) for _ in range(world)]
+    for rep in range(2):
+        for s in shards:
+            if rep:
+                s.new_repeat()
+        for i in range(prompts):
+            shards[i % world].add(rep, Generation([i] * (i + 1), 0.5 + i, {"prompt": i}, i + 1))
+    merged = _Runs.interleave(shards)
+    assert merged.outputs == [[i] * (i + 1) for i in range(prompts)]
+    assert [r["prompt"] for r in merged.results] == list(range(prompts))
+    assert merged.tokens == [sum(range(1, prompts + 1))] * 2
+    assert merged.times == [pytest.approx(sum(0.5 + i for i in range(prompts)))] * 2
+
+
+def test_more_eval_ranks_than_prompts_is_an_error():
+    tok = tiny_tokenizer()
+    base = tiny_base(len(tok) + 8, attn="eager", seed=3)
+    with pytest.raises(ValueError, match="2 prompts for 3 eval ranks"):
+        run_eval(base, tok, DraftMeta(BLOCK, 0, "block"), CONVERSATIONS[:2], EvalConfig(max_new_tokens=4),
+                 progress=False, shard=(0, 3))
