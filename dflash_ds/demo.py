@@ -58,6 +58,8 @@ class Recipe:
     num_anchors: int | None = None  # blocks per sample (None: its length // block_size)
     loop: str = "auto"  # eval's --loop
     floor_tokens: int | None = None  # eval's --floor-tokens
+    group_by_length: int = 0  # training's --group-by-length
+    eval_ranks: int = 1  # processes sharing the eval's prompts (1 thread each when > 1)
 
 
 RECIPES = {
@@ -66,13 +68,15 @@ RECIPES = {
                    max_length=256, micro_batch_size=4, lr=3e-3, eval_prompts=16, max_new_tokens=96, repeats=3,
                    regen_ranks=1, regen_batch=32, truncated="keep"),
     # 134.5M parameters, compute-bound on 2 cores (AR step ~55 ms): two ranks of one thread each, ZeRO-2.
-    # 600 steps and gamma 4 (the DFlash paper's decay for B = 8): measured against 300 steps and gamma 7 in the README
-    # continuous batches of 16 regenerate fastest (docs/benchmarks.md); the eval leaves out the fused row and runs
-    # the floor on 32 tokens a prompt, 25 -> 13-15 min, the drafter's figures unchanged (README, "A real model")
+    # 600 steps and gamma 4 (the DFlash paper's decay for B = 8): measured against 300 steps and gamma 7 in the README.
+    # Regeneration: continuous batches of 32 (1.2x batches of 16). Training: answers run 79-512 tokens, so shuffled
+    # pairs leave one rank idle at each step's all-reduce; grouped by length, a step's two ranks get neighbours.
+    # Eval: no fused row, the floor on 32 tokens a prompt, and two processes of one thread each sharing the prompts
+    # (a one-token forward is hardly faster on two threads than on one). docs/benchmarks.md, README "A real model".
     "smollm2": Recipe(zero_stage=2, steps=600, num_train=512, distill_tokens=128, block_size=8, gamma=4.0,
                       max_length=512, micro_batch_size=1, lr=3e-3, eval_prompts=16, max_new_tokens=128, repeats=1,
-                      regen_ranks=2, regen_batch=16, truncated="keep", loop="two_forward",
-                      floor_tokens=32),
+                      regen_ranks=2, regen_batch=32, truncated="keep", loop="two_forward",
+                      floor_tokens=32, group_by_length=32, eval_ranks=2),
 }
 #: The "write this function" prompt of the SmolLM2 recipe (the tiny target was trained on bare signatures). "Reply
 #: with the code only": SmolLM2 otherwise explains the code after it, and more answers run into the token limit
@@ -168,6 +172,7 @@ def launch_training(target: Path, data: Path, run_dir: Path, args) -> None:
         "--model-path", str(target), "--train-data", str(data), "--output-dir", str(run_dir),
         "--block-size", str(args.block_size), "--gamma", str(args.gamma), "--max-length", str(args.max_length),
         "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.steps),
+        "--group-by-length", str(args.group_by_length),
         "--lr", str(args.lr), "--warmup-ratio", "0.05", "--seed", str(args.seed), "--truncated", args.truncated,
         "--save-interval", str(max(args.steps // 4, 1)), "--log-interval", "1", "--resume", "auto",
     ]
@@ -178,10 +183,29 @@ def launch_training(target: Path, data: Path, run_dir: Path, args) -> None:
 
 
 def evaluate(target: Path, adapter: Path, prompts: Path, args) -> dict:
+    """Speculative decoding on the held-out prompts: in this process, or with ``args.eval_ranks > 1`` as
+    ``dflash-ds eval`` under the launcher, the ranks sharing the prompts (its report is kept in the run dir)."""
+    from .evaluate import EvalConfig
+
+    config = EvalConfig(max_new_tokens=args.max_new_tokens, repeats=args.repeats, baselines="fast", loop=args.loop,
+                        floor_tokens=args.floor_tokens or None)
+    if args.eval_ranks > 1:
+        report_path = adapter.parent / "eval_report.json"
+        cmd = ["deepspeed", "--num_gpus", str(args.eval_ranks), "--master_port", str(_free_port()),
+               "--module", "dflash_ds.evaluate", "--model-path", str(target), "--adapter", str(adapter),
+               "--prompts", str(prompts), "--limit", str(args.eval_prompts), "--report", str(report_path),
+               "--threads", "1", "--max-new-tokens", str(config.max_new_tokens), "--repeats", str(config.repeats),
+               "--baselines", config.baselines, "--loop", config.loop]
+        if config.floor_tokens:
+            cmd += ["--floor-tokens", str(config.floor_tokens)]
+        print("$ " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, env=_rank_env(), check=True)
+        return json.loads(report_path.read_text())
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluate import EvalConfig, format_table, load_prompts, run_eval
+    from .evaluate import format_table, load_prompts, run_eval
     from .lora import load_adapter_dir
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -189,9 +213,7 @@ def evaluate(target: Path, adapter: Path, prompts: Path, args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     meta = load_adapter_dir(model, adapter, stack=True)
     prompt_ids = load_prompts(prompts, tokenizer, limit=args.eval_prompts)
-    report = run_eval(model, tokenizer, meta, prompt_ids,
-                      EvalConfig(max_new_tokens=args.max_new_tokens, repeats=args.repeats, baselines="fast",
-                                 loop=args.loop, floor_tokens=args.floor_tokens or None))
+    report = run_eval(model, tokenizer, meta, prompt_ids, config)
     print(format_table(report), flush=True)
     return report
 
@@ -210,7 +232,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "gamma": "loss decay exp(-(k-1)/gamma) over block positions",
              "num_anchors": "blocks per training sample (0: its length // block size)",
              "loop": "eval's decoding loop (two_forward, fused, both, auto)",
-             "floor_tokens": "tokens per prompt for the untrained-adapter floor (0: all of --max-new-tokens)"}
+             "floor_tokens": "tokens per prompt for the untrained-adapter floor (0: all of --max-new-tokens)",
+             "group_by_length": "sort each run of N global batches by length (training; 0: shuffled order)",
+             "eval_ranks": "processes sharing the eval's prompts, one thread each when > 1"}
     for field, value in asdict(RECIPES["tiny"]).items():
         p.add_argument("--" + field.replace("_", "-"), type=int if value is None else type(value), default=None,
                        help=f"{helps.get(field, '')} (default: the target's recipe, tiny {value}, "
@@ -220,6 +244,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for field, value in asdict(recipe).items():
         if getattr(args, field) is None:
             setattr(args, field, value)
+    if args.eval_ranks < 1:
+        p.error(f"--eval-ranks must be >= 1, got {args.eval_ranks}")
     if args.truncated not in ("drop", "keep"):
         p.error(f"--truncated must be drop or keep, got {args.truncated!r}")
     from .evaluate import LOOP_CHOICES

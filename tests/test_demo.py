@@ -2,6 +2,7 @@
 2-rank ZeRO-3 training through the deepspeed launcher, speculative decoding against the baselines."""
 
 import json
+from pathlib import Path
 
 from dflash_ds.tiny import TinyTargetConfig, build_tiny_target
 
@@ -61,6 +62,10 @@ def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
         demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", demo.parse_args(argv))
         cmd = commands[0]
         assert (cmd[cmd.index("--num-anchors") + 1] if "--num-anchors" in cmd else None) == anchors
+        assert cmd[cmd.index("--group-by-length") + 1] == "32"
+    commands.clear()
+    demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", demo.parse_args([]))
+    assert commands[0][commands[0].index("--group-by-length") + 1] == "0"
 
     configs = []
     monkeypatch.setattr(evaluate, "run_eval", lambda model, tok, meta, prompts, cfg: configs.append(cfg) or {})
@@ -70,7 +75,24 @@ def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
                         lambda *a, **k: type("M", (), {"eval": lambda self: self})())
-    demo.evaluate(tmp_path, tmp_path, tmp_path, demo.parse_args(["--target", "smollm2"]))
+    demo.evaluate(tmp_path, tmp_path, tmp_path, demo.parse_args(["--eval-ranks", "1", "--floor-tokens", "7"]))
     demo.evaluate(tmp_path, tmp_path, tmp_path, demo.parse_args(["--target", "smollm2", "--floor-tokens", "0",
-                                                                 "--loop", "both"]))
-    assert [(c.loop, c.floor_tokens) for c in configs] == [("two_forward", 32), ("both", None)]
+                                                                 "--loop", "both", "--eval-ranks", "1"]))
+    assert [(c.loop, c.floor_tokens) for c in configs] == [("auto", 7), ("both", None)]
+
+    # smollm2's default: dflash-ds eval under the launcher, two ranks of one thread, the same settings as flags
+    def launched(cmd, **kw):
+        commands.append(cmd)
+        Path(cmd[cmd.index("--report") + 1]).write_text('{"tau": 2.5}')
+
+    monkeypatch.setattr(demo.subprocess, "run", launched)
+    commands.clear()
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    assert demo.evaluate(tmp_path, adapter, tmp_path / "p.jsonl", demo.parse_args(["--target", "smollm2"])) == {"tau": 2.5}
+    cmd = commands[0]
+    flags = {f: cmd[cmd.index(f) + 1] for f in ("--num_gpus", "--module", "--threads", "--loop", "--floor-tokens",
+                                                 "--max-new-tokens", "--limit", "--report")}
+    assert flags == {"--num_gpus": "2", "--module": "dflash_ds.evaluate", "--threads": "1", "--loop": "two_forward",
+                     "--floor-tokens": "32", "--max-new-tokens": "128", "--limit": "16",
+                     "--report": str(tmp_path / "run" / "eval_report.json")}
