@@ -724,6 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed launcher
     add_flags(p, EvalConfig, "decoding.", "Decoding")
     return p
 
@@ -757,7 +758,11 @@ def _main(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     if args.limit is not None:
         prompts = prompts[: args.limit]
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None and world > 1:  # one GPU a rank, as the launcher numbers them
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)  # synchronisation and CUDA graphs default to the current device
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -769,7 +774,6 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.adapter}: MASK id {meta.mask_token_id} is outside this model's vocabulary "
                          f"({model.config.vocab_size}): an adapter trained on another base model?")
     model.to(device).eval()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         import torch.distributed as dist
 

@@ -91,6 +91,8 @@ def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
     adapter.mkdir(parents=True)
     assert demo.evaluate(tmp_path, adapter, tmp_path / "p.jsonl", demo.parse_args(["--target", "smollm2"])) == {"tau": 2.5}
     cmd = commands[0]
+    # the deepspeed launcher adds --local_rank=R to the module's flags: the eval parser must take it
+    evaluate.build_parser().parse_args([*cmd[cmd.index("dflash_ds.evaluate") + 1 :], "--local_rank=1"])
     flags = {f: cmd[cmd.index(f) + 1] for f in ("--num_gpus", "--module", "--threads", "--loop", "--floor-tokens",
                                                  "--max-new-tokens", "--limit", "--report")}
     assert flags == {"--num_gpus": "2", "--module": "dflash_ds.evaluate", "--threads": "1", "--loop": "two_forward",
