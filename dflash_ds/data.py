@@ -518,7 +518,6 @@ def sequence_lengths(dataset: datasets.Dataset) -> list[int]:
     return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
 
 
-
 def collate_batch(examples: Iterable[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad examples to the longest one.
 
