@@ -6,7 +6,9 @@ are timed round-robin (median of ``--repeats``): the adapter off (the verifier) 
 path (:class:`dflash_ds.lora.LoRALinear` with :func:`dflash_ds.lora.stack_projections`, as ``dflash-ds eval`` runs
 it) and with the implementation it replaced (every projection its own product, module calls for ``lora_A`` and
 ``lora_B``, an identity dropout module, then an add: :func:`legacy_forward`, copied from the previous commit), so
-the overhead before/after comes from one process on one machine state. Outputs of both paths are checked equal. Model: the cached tiny target (``dflash-ds tiny-target``) with ``--adapter`` (default: a random
+the overhead before/after comes from one process on one machine state. Outputs of both paths are checked equal.
+A fifth forward times the verify as it ran before the session passed its own causal mask (``attention_mask=None``:
+transformers builds one per call), for the saving of that change (``own_mask_over_hf_mask``). Model: the cached tiny target (``dflash-ds tiny-target``) with ``--adapter`` (default: a random
 non-zero adapter), or a random Qwen3-shaped model.
 
     python bench/adapter_overhead.py --adapter demo_work/run/adapter --threads 1
@@ -90,6 +92,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             LoRALinear.forward = current
 
+    def run_hf_mask(ids):
+        """A verify forward as it ran before the session built its own causal mask: ``attention_mask=None``, so
+        transformers builds the mask on every call."""
+        q = ids.shape[1]
+        session.set_adapter(False)
+        out = session.decoder(input_ids=ids, position_ids=session.positions[:, L : L + q], attention_mask=None,
+                              use_cache=True, **{session.cache_kw: session.cache})
+        session.cache.crop(-q)
+        return session.lm_head(out.last_hidden_state[0])
+
     report: dict[str, Any] = {"benchmark": "adapter overhead of a decode forward", "command": M.command_line(__file__, argv),
                               "date_utc": M.utc_now().isoformat(timespec="seconds"), "machine": M.machine_info(),
                               "config": {**vars(args), "model": str(target),
@@ -102,28 +114,34 @@ def main(argv: list[str] | None = None) -> int:
         for q in args.rows:
             ids = torch.randint(0, vocab, (1, q), generator=gen)
             same = torch.allclose(run(ids, True, False), run(ids, True, True), atol=1e-5, rtol=1e-5)
+            same_mask = torch.allclose(run(ids, False, False), run_hf_mask(ids), atol=1e-5, rtol=1e-5)
+            variants = {"off": lambda: run(ids, False, False), "on": lambda: run(ids, True, False),
+                        "off_legacy": lambda: run(ids, False, True), "on_legacy": lambda: run(ids, True, True),
+                        "off_hf_mask": lambda: run_hf_mask(ids)}
             rounds = []
             for _ in range(args.rounds):
-                times = {"off": [], "on": [], "off_legacy": [], "on_legacy": []}
+                times = {name: [] for name in variants}
                 for i in range(args.repeats + 20):
-                    for name, on, legacy in (("off", False, False), ("on", True, False), ("off_legacy", False, True),
-                                             ("on_legacy", True, True)):
+                    for name, call in variants.items():
                         t0 = time.perf_counter()
-                        run(ids, on, legacy)
+                        call()
                         if i >= 20:
                             times[name].append(time.perf_counter() - t0)
                 med = {k: statistics.median(v) for k, v in times.items()}
                 rounds.append({**{f"t_{k}_s": v for k, v in med.items()},
                                "overhead": med["on"] / med["off"] - 1,
                                "overhead_legacy": med["on_legacy"] / med["off_legacy"] - 1,
-                               "verify_new_over_legacy": med["off"] / med["off_legacy"]})
+                               "verify_new_over_legacy": med["off"] / med["off_legacy"],
+                               "own_mask_over_hf_mask": med["off"] / med["off_hf_mask"]})
             r = dict(sorted(rounds, key=lambda x: x["overhead"])[len(rounds) // 2])
-            r.update(rounds=rounds, outputs_equal=same, overhead_ratio_new_over_legacy=r["overhead"] / r["overhead_legacy"])
+            r.update(rounds=rounds, outputs_equal=same, outputs_equal_mask=same_mask,
+                     overhead_ratio_new_over_legacy=r["overhead"] / r["overhead_legacy"])
             report["rows"][q] = r
-            print(f"q={q:3d}: off {r['t_off_s'] * 1e3:.3f} ms ({r['verify_new_over_legacy']:.2f}x the previous); "
+            print(f"q={q:3d}: off {r['t_off_s'] * 1e3:.3f} ms ({r['verify_new_over_legacy']:.2f}x the previous; "
+                  f"{r['own_mask_over_hf_mask']:.2f}x with transformers' causal mask); "
                   f"adapter overhead {r['overhead']:.3f} "
                   f"(previous implementation {r['overhead_legacy']:.3f}, ratio {r['overhead_ratio_new_over_legacy']:.2f}); "
-                  f"outputs equal {same}", flush=True)
+                  f"outputs equal {same} / {same_mask}", flush=True)
     print(f"wrote {M.write_json(args.out, report)}")
     return 0
 

@@ -98,6 +98,7 @@ class DecodeSession:
         self.positions = torch.arange(max_len + 2 * block_size * (block_size + 2), device=self.device)[None]
         self.cache = static.fresh_cache() if static is not None else self.new_cache()
         self.counts = {"prefill": 0, "draft": 0, "draft_prefill": 0, "verify": 0}
+        self._causal: dict[int, torch.Tensor] = {}
         self.rows = 0  # query rows of every forward after the prefill (what the step pays for on a CPU)
 
     def new_cache(self) -> DynamicCache:
@@ -127,8 +128,12 @@ class DecodeSession:
         return mask
 
     def causal(self, q: int) -> torch.Tensor:
-        """The additive causal pattern ``[q, q]``."""
-        return torch.full((q, q), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device).triu(1)
+        """The additive causal pattern ``[q, q]`` (cached per ``q``: read, never written)."""
+        pattern = self._causal.get(q)
+        if pattern is None:
+            pattern = torch.full((q, q), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device).triu(1)
+            self._causal[q] = pattern
+        return pattern
 
     def ids(self, tokens: Sequence[int]) -> torch.Tensor:
         return torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
@@ -140,9 +145,11 @@ class DecodeSession:
         compiled decoder sees one shape per kind of forward."""
         q = input_ids.shape[1]
         decode = self.decoder
+        if mask is None:
+            # our own causal mask: transformers builds one per call otherwise (about 0.1 ms, 8% of a one-row
+            # forward of the tiny target on a CPU; docs/benchmarks.md)
+            mask = self.mask(int(positions[0, 0]), self.causal(q))
         if self.static is not None:
-            if mask is None:
-                mask = self.mask(int(positions[0, 0]), self.causal(q))
             if pad_to is not None and q < pad_to:
                 extra = pad_to - q
                 L = int(cache.get_seq_length())
