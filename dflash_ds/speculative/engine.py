@@ -145,11 +145,9 @@ class DecodeSession:
         compiled decoder sees one shape per kind of forward."""
         q = input_ids.shape[1]
         decode = self.decoder
-        if mask is None:
-            # our own causal mask: transformers builds one per call otherwise (about 0.1 ms, 8% of a one-row
-            # forward of the tiny target on a CPU; docs/benchmarks.md)
-            mask = self.mask(int(positions[0, 0]), self.causal(q))
         if self.static is not None:
+            if mask is None:
+                mask = self.mask(int(positions[0, 0]), self.causal(q))
             if pad_to is not None and q < pad_to:
                 extra = pad_to - q
                 L = int(cache.get_seq_length())
@@ -189,6 +187,11 @@ class DecodeSession:
         """
         q = input_ids.shape[1]
         positions = self.positions[:, start : start + q]
+        if mask is None and q > 1 and kind != "prefill":
+            # a block's causal mask from the cached pattern: transformers would build one per call, 7-8% of a
+            # verify forward of 8-16 rows of the tiny target on a CPU (docs/benchmarks.md). One row needs none, and
+            # a prefill keeps transformers' causal path (no q x q mask, flash attention on a GPU).
+            mask = self.mask(start, self.causal(q))
         pad_to = None if kind == "prefill" else (1 if q == 1 else self.block_size)
         hidden = self.decode(input_ids, positions, mask, cache, pad_to=pad_to)
         self.counts[kind] += 1
