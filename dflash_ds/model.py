@@ -50,13 +50,19 @@ def resolve_clean_pass(clean_pass: str, scope: str, attn_implementation: str | N
 class PrefixCache(DynamicCache):
     """A KV cache written by one forward (the clean tokens) and then only read: once ``frozen``, ``update`` returns
     the cached keys/values with the new rows appended and stores nothing. A gradient-checkpointing replay of a layer
-    therefore reads exactly what the first pass read, and the decoder layers may keep it under checkpointing."""
+    therefore reads exactly what the first pass read, and the decoder layers may keep it under checkpointing.
+    ``reads`` records which layers read it once frozen: a layer that did not was handed no cache."""
 
     frozen = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: set[int] = set()
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if not self.frozen:
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self.reads.add(layer_idx)
         layer = self.layers[layer_idx]
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
@@ -115,6 +121,23 @@ class DFlashObjective(nn.Module):
             for layer in decoder(model).layers:
                 layer._can_checkpoint_with_cache = True
 
+    def _check_blocks_read_the_cache(self, cache: "PrefixCache") -> None:
+        """Every decoder layer of the block forward must have read the clean tokens' cache. Transformers decides
+        that under gradient checkpointing through a private class attribute (``_can_checkpoint_with_cache``, set
+        above); a release that renames or ignores it would hand the layers no cache, and the blocks would train
+        without their context, silently. This makes that loud, whatever the transformers version."""
+        layers = len(decoder(self.model).layers)
+        if len(cache.reads) != layers:
+            import transformers
+
+            missed = sorted(set(range(layers)) - cache.reads)
+            raise RuntimeError(
+                f"the block forward's decoder layers {missed} did not read the clean tokens' KV cache (transformers "
+                f"{transformers.__version__} dropped it, likely under gradient checkpointing): the blocks would "
+                "train without their context. Use --clean-pass joint, or a transformers version this project "
+                "tests (setup.py)"
+            )
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
         """Final hidden states ``[b, S+N*B, H]``: the clean tokens, then every block (each block sees the clean
         tokens before its anchor and itself)."""
@@ -146,9 +169,14 @@ class DFlashObjective(nn.Module):
         cache.frozen = True
         # Left set on purpose, as in the joint forward: a checkpointing replay must see the same gate.
         control.set(True, rows_from=0)
-        blocks = stack(input_ids=layout.block_input_ids, attention_mask=block_mask,
-                       position_ids=layout.position_ids[:, S:], use_cache=False,
-                       **{self._cache_kw: cache}).last_hidden_state
+        try:
+            blocks = stack(input_ids=layout.block_input_ids, attention_mask=block_mask,
+                           position_ids=layout.position_ids[:, S:], use_cache=False,
+                           **{self._cache_kw: cache}).last_hidden_state
+        except RuntimeError:
+            self._check_blocks_read_the_cache(cache)  # SDPA fails on the mask's clean columns: say why
+            raise
+        self._check_blocks_read_the_cache(cache)  # eager attention slices the mask and runs on: say so
         return torch.cat([clean, blocks], dim=1)
 
     def teacher_hidden(

@@ -174,3 +174,23 @@ def test_flex_attention_block_mask_matches_sdpa():
         b = flex.hidden_states(ids, attn_mask, layout)
     rows = torch.cat([attn_mask.bool(), layout.block_valid.repeat_interleave(B, dim=1)], dim=1)
     torch.testing.assert_close(b[rows], a[rows], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_cached_clean_pass_fails_loudly_when_transformers_drops_the_cache(attn, ckpt):
+    """The cached pass relies on a private transformers attribute to keep the KV cache under gradient
+    checkpointing. If a transformers release ignored it, the blocks would train without their context: the
+    objective must raise instead of training on. Emulated by clearing the attribute after set-up."""
+    model, _, objective, ids, attn_mask, layout = _setup("block", attn, clean_pass="cached")
+    if ckpt:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    objective(ids, attn_mask, layout).loss.backward()  # the installed transformers keeps the cache: no error
+    for layer in model.model.layers:
+        layer._can_checkpoint_with_cache = False
+    if not ckpt:  # without checkpointing the attribute is never read: still fine
+        objective(ids, attn_mask, layout)
+        return
+    with pytest.raises(RuntimeError, match="did not read the clean tokens' KV cache"):
+        objective(ids, attn_mask, layout)
