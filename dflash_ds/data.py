@@ -11,6 +11,11 @@ The loss mask is 1 on assistant content tokens and on the assistant turn's end-o
 ``<|im_end|>``), 0 on system/user turns, role headers and template-injected text such as Qwen3's empty
 ``<think>\\n\\n</think>\\n\\n`` block. The drafter's anchors are drawn from this mask, so a wrong
 mask silently trains the drafter on prompts instead of responses: it is tested against decoded text.
+
+A regenerated record (:mod:`dflash_ds.regenerate`) carries the target's own ids of its last answer
+(``"answer_ids"``): they replace that answer's re-tokenised text, which may merge differently from what the target
+wrote. An example in which the MASK id occurs (say a message quoting ``<|mask|>``) is reported with its file and
+line: the drafter would read MASK in the clean stream.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ BAD_LINE_POLICIES = ("skip", "error")
 # writing at evaluation time.
 TRUNCATED_POLICIES = ("drop", "keep")
 # Bump when the tokenisation or masking logic changes, so that old caches are not reused.
-_CACHE_FORMAT_VERSION = 2
+# 3: regenerated answers keep their stored token ids; examples containing the MASK id are reported and dropped.
+_CACHE_FORMAT_VERSION = 3
 # Stands in for each assistant content while rendering the template; the template's own text around it
 # then tells us exactly where the content lands (see _assistant_spans).
 _PLACEHOLDER = "\ue000DFLASH_ASSISTANT_TURN_{}\ue001"
@@ -82,6 +88,18 @@ class DataConfig:
             raise ValueError(f"--max-length must be >= 1, got {self.max_length}")
         if self.num_proc < 1:
             raise ValueError(f"--num-proc must be >= 1, got {self.num_proc}")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One usable JSONL line: its conversation, whether its last answer was cut off at a token limit, the target's
+    own ids of that answer if regeneration stored them, and where the line is (for reports)."""
+
+    conversation: Conversation
+    truncated: bool = False
+    answer_ids: list[int] | None = None
+    path: str = ""
+    line: int = 0
 
 
 class BadLineError(ValueError):
@@ -160,30 +178,48 @@ def conversation_of(record: dict, require_assistant: bool = True) -> Conversatio
     return conversation
 
 
-def _parse_record(raw: bytes) -> tuple[Conversation, bool]:
-    """One JSONL line as (training conversation, truncated flag); ValueError(reason) if the line is malformed."""
+def answer_ids_of(record: dict, conversation: Conversation) -> list[int] | None:
+    """The stored ``answer_ids`` of a record (None when absent); ValueError(reason) unless they are a non-empty list
+    of token ids and the conversation ends with the assistant answer they belong to."""
+    ids = record.get("answer_ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                       for i in ids):
+        raise ValueError("'answer_ids' must be a non-empty list of token ids")
+    if conversation[-1]["role"] != "assistant":
+        raise ValueError("'answer_ids' given but the last message is not the assistant's")
+    return ids
+
+
+def _parse_record(raw: bytes) -> tuple[Conversation, bool, list[int] | None]:
+    """One JSONL line as (training conversation, truncated flag, stored answer ids); ValueError(reason) if the line
+    is malformed."""
     record = parse_json_object(raw)
     truncated = record.get("truncated", False)
     if not isinstance(truncated, bool):
         raise ValueError(f"'truncated' must be true or false, got {truncated!r}")
-    return conversation_of(record), truncated
+    conversation = conversation_of(record)
+    return conversation, truncated, answer_ids_of(record, conversation)
 
 
-def read_records(path: str | os.PathLike, bad_lines: str = "skip") -> tuple[list[tuple[Conversation, bool]], int]:
+def read_records(path: str | os.PathLike, bad_lines: str = "skip") -> tuple[list[Record], int]:
     """Read a JSONL file of conversations.
 
     Each non-blank line is ``{"conversations": [{"role", "content"}, ...]}``, ``{"messages": [...]}`` (same
     shape) or a pre-formatted ``{"text": "..."}`` (returned as ``[{"role": "text", "content": ...}]``), with an
-    optional ``"truncated": true|false`` (written by regeneration: the last answer hit the token limit).
+    optional ``"truncated": true|false`` (written by regeneration: the last answer hit the token limit) and
+    optional ``"answer_ids"`` (written by regeneration: the target's own ids of the last answer).
     Blank lines are ignored. A bad line (not UTF-8, invalid JSON, not an object, no
-    conversations/messages/text, unknown role, content missing, not a string or empty, no assistant turn)
-    raises BadLineError under ``bad_lines="error"``; under ``"skip"`` it is skipped, counted and logged.
+    conversations/messages/text, unknown role, content missing, not a string or empty, no assistant turn,
+    malformed answer ids) raises BadLineError under ``bad_lines="error"``; under ``"skip"`` it is skipped, counted
+    and logged.
 
-    Returns ([(conversation, truncated)] in line order, number of skipped lines).
+    Returns ([Record] in line order, number of skipped lines).
     """
     _check_policy(bad_lines)
     path = os.fspath(path)
-    conversations: list[tuple[Conversation, bool]] = []
+    conversations: list[Record] = []
     skipped = 0
     # Binary mode: a non-UTF-8 line is one bad line, not an exception that aborts the whole file.
     with open(path, "rb") as f:
@@ -193,7 +229,8 @@ def read_records(path: str | os.PathLike, bad_lines: str = "skip") -> tuple[list
             if not raw.strip():
                 continue
             try:
-                conversations.append(_parse_record(raw))
+                conversation, truncated, answer_ids = _parse_record(raw)
+                conversations.append(Record(conversation, truncated, answer_ids, path, lineno))
             except ValueError as exc:
                 error = BadLineError(path, lineno, str(exc))
                 if bad_lines == "error":
@@ -208,7 +245,7 @@ def read_records(path: str | os.PathLike, bad_lines: str = "skip") -> tuple[list
 def read_conversations(path: str | os.PathLike, bad_lines: str = "skip") -> tuple[list[Conversation], int]:
     """:func:`read_records` without the truncated flags: (conversations in line order, skipped lines)."""
     records, skipped = read_records(path, bad_lines)
-    return [c for c, _ in records], skipped
+    return [r.conversation for r in records], skipped
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,34 +338,39 @@ def _special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def tokenize_conversation(
-    tokenizer: Any, messages: Conversation, max_length: int, truncated: bool = False
-) -> dict[str, list[int]]:
-    """Tokenise one conversation with the tokenizer's chat template and build its loss mask.
+def stored_ids_fit(tokenizer: Any, content: str, answer_ids: list[int], rendered: str) -> bool:
+    """Whether stored answer ids may stand for ``content``: they decode to it under this tokenizer (the text
+    regeneration wrote, so neither another tokenizer's ids nor a hand-edited answer) and the template wrote it
+    verbatim as ``rendered`` (a template that rewrites the answer, such as stripping it, has no place for them)."""
+    return rendered == content and tokenizer.decode(answer_ids, skip_special_tokens=True) == content
 
-    ``messages``: ``[{"role", "content"}, ...]`` as returned by read_conversations (a one-message
-    ``TEXT_ROLE`` conversation is pre-formatted text: tokenised as is, without added special tokens, every
-    token supervised).
 
-    Returns ``{"input_ids": [S], "loss_mask": [S]}`` with ``S <= max_length`` (truncated at the right).
-    ``loss_mask`` is 1 on tokens overlapping an assistant content and on the special token that closes the
-    assistant turn (plus any whitespace-only tokens just before it), 0 elsewhere. ``truncated``: the last
-    assistant answer was cut off at a token limit, so the end-of-turn the template writes after it is not the
-    target's and stays 0. Needs a fast tokenizer (offset mapping).
-    """
-    if _is_text_record(messages):
-        ids = tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"][:max_length]
-        return {"input_ids": list(ids), "loss_mask": [1] * len(ids)}
+def _encode(tokenizer: Any, text: str, shift: int = 0) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets (moved by ``shift``) of ``text``, tokenised without added special tokens."""
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(encoding["input_ids"]), [(a + shift, b + shift) for a, b in encoding["offset_mapping"]]
 
-    full = render_chat(tokenizer, messages)
-    spans = _assistant_spans(tokenizer, messages, full)
-    # add_special_tokens=False: the template already writes BOS if the model wants one, and
-    # apply_chat_template(tokenize=True) tokenises the same way (checked by check_template_roundtrip).
-    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(encoding["input_ids"])
-    offsets: list[tuple[int, int]] = [tuple(o) for o in encoding["offset_mapping"]]
-    specials = _special_ids(tokenizer)
 
+def _encode_with_answer(
+    tokenizer: Any, full: str, span: tuple[int, int], answer_ids: list[int]
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and offsets of ``full`` with the text at ``span`` (the last answer) replaced by ``answer_ids``.
+
+    The text before and after is tokenised on its own, as a generation prompt is: the ids before are the prompt the
+    target answered, the ids after the template's end-of-turn. Every answer id gets the whole span as its offsets,
+    so the masking pass counts it as content."""
+    start, end = span
+    head_ids, head_offsets = _encode(tokenizer, full[:start])
+    tail_ids, tail_offsets = _encode(tokenizer, full[end:], shift=end)
+    return head_ids + list(answer_ids) + tail_ids, head_offsets + [span] * len(answer_ids) + tail_offsets
+
+
+def _loss_mask(
+    ids: list[int], offsets: list[tuple[int, int]], full: str, spans: list[tuple[int, int]], specials: set[int],
+    truncated: bool,
+) -> list[int]:
+    """1 on tokens overlapping an assistant span and on the special token that closes each assistant turn (plus
+    whitespace-only tokens just before it), except after a ``truncated`` last answer; 0 elsewhere."""
     mask = [0] * len(ids)
     t = 0  # token cursor: spans are ordered, so one pass over the tokens suffices
     for n, (start, end) in enumerate(spans):
@@ -350,8 +392,52 @@ def tokenize_conversation(
             for k in range(t, j + 1):
                 mask[k] = 1
             t = j + 1
+    return mask
 
-    return {"input_ids": ids[:max_length], "loss_mask": mask[:max_length]}
+
+def tokenize_with_stored_answer(
+    tokenizer: Any, messages: Conversation, max_length: int, truncated: bool = False,
+    answer_ids: list[int] | None = None,
+) -> tuple[dict[str, list[int]], bool]:
+    """:func:`tokenize_conversation`, and whether ``answer_ids`` were used (False when none were given, or when
+    they do not fit the last answer: :func:`stored_ids_fit`; its text is then tokenised instead)."""
+    if _is_text_record(messages):
+        ids = tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"][:max_length]
+        return {"input_ids": list(ids), "loss_mask": [1] * len(ids)}, False
+
+    full = render_chat(tokenizer, messages)
+    spans = _assistant_spans(tokenizer, messages, full)
+    # add_special_tokens=False: the template already writes BOS if the model wants one, and
+    # apply_chat_template(tokenize=True) tokenises the same way (checked by check_template_roundtrip).
+    used = answer_ids is not None and messages[-1]["role"] == "assistant" and stored_ids_fit(
+        tokenizer, messages[-1]["content"], answer_ids, full[spans[-1][0] : spans[-1][1]])
+    if used:
+        ids, offsets = _encode_with_answer(tokenizer, full, spans[-1], answer_ids)
+    else:
+        ids, offsets = _encode(tokenizer, full)
+    mask = _loss_mask(ids, offsets, full, spans, _special_ids(tokenizer), truncated)
+    return {"input_ids": ids[:max_length], "loss_mask": mask[:max_length]}, used
+
+
+def tokenize_conversation(
+    tokenizer: Any, messages: Conversation, max_length: int, truncated: bool = False,
+    answer_ids: list[int] | None = None,
+) -> dict[str, list[int]]:
+    """Tokenise one conversation with the tokenizer's chat template and build its loss mask.
+
+    ``messages``: ``[{"role", "content"}, ...]`` as returned by read_conversations (a one-message
+    ``TEXT_ROLE`` conversation is pre-formatted text: tokenised as is, without added special tokens, every
+    token supervised).
+
+    Returns ``{"input_ids": [S], "loss_mask": [S]}`` with ``S <= max_length`` (truncated at the right).
+    ``loss_mask`` is 1 on tokens overlapping an assistant content and on the special token that closes the
+    assistant turn (plus any whitespace-only tokens just before it), 0 elsewhere. ``truncated``: the last
+    assistant answer was cut off at a token limit, so the end-of-turn the template writes after it is not the
+    target's and stays 0. ``answer_ids``: the target's own ids of the last (assistant) message, stored by
+    regeneration: they stand in for its tokenised text, between the rendered prompt's ids and the template's
+    end-of-turn, when they fit it (:func:`stored_ids_fit`). Needs a fast tokenizer (offset mapping).
+    """
+    return tokenize_with_stored_answer(tokenizer, messages, max_length, truncated, answer_ids)[0]
 
 
 def check_template_roundtrip(tokenizer: Any, messages: Conversation) -> None:
@@ -375,13 +461,25 @@ def check_template_roundtrip(tokenizer: Any, messages: Conversation) -> None:
         )
 
 
-def _tokenize_batch(batch: dict[str, list], tokenizer: Any, max_length: int) -> dict[str, list[list[int]]]:
-    """datasets.map worker (module level so that num_proc > 1 can pickle it)."""
-    out: dict[str, list[list[int]]] = {"input_ids": [], "loss_mask": []}
-    for messages, truncated in zip(batch["messages"], batch["truncated"]):
-        example = tokenize_conversation(tokenizer, messages, max_length, truncated)
+def mask_position(ids: list[int], mask_token_id: int | None) -> int:
+    """Index of the first ``mask_token_id`` in ``ids``; -1 when there is none (or no MASK id is given)."""
+    if mask_token_id is None:
+        return -1
+    return next((k for k, t in enumerate(ids) if t == mask_token_id), -1)
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer: Any, max_length: int,
+                    mask_token_id: int | None = None) -> dict[str, list]:
+    """datasets.map worker (module level so that num_proc > 1 can pickle it). Besides the example, each row says
+    where the MASK id first occurs (``mask_at``, -1 if nowhere) and whether its stored answer ids were given but
+    not used (``stale_ids``), for :func:`build_dataset` to report."""
+    out: dict[str, list] = {"input_ids": [], "loss_mask": [], "mask_at": [], "stale_ids": []}
+    for messages, truncated, answer_ids in zip(batch["messages"], batch["truncated"], batch["answer_ids"]):
+        example, used = tokenize_with_stored_answer(tokenizer, messages, max_length, truncated, answer_ids)
         out["input_ids"].append(example["input_ids"])
         out["loss_mask"].append(example["loss_mask"])
+        out["mask_at"].append(mask_position(example["input_ids"], mask_token_id))
+        out["stale_ids"].append(int(answer_ids is not None and not used))
     return out
 
 
@@ -402,12 +500,14 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def _cache_key(tokenizer: Any, config: DataConfig) -> str:
+def _cache_key(tokenizer: Any, config: DataConfig, mask_token_id: int | None = None) -> str:
     """Hash of everything the tokenised dataset depends on: file contents (in order), the tokenizer (its full
-    serialised model, special tokens and chat template), max_length and the bad-line policy."""
+    serialised model, special tokens and chat template), max_length, the bad-line policy and the MASK id (examples
+    containing it were dropped)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     parts = {
         "format": _CACHE_FORMAT_VERSION,
+        "mask_token_id": mask_token_id,
         "files": [_sha256_file(p) for p in config.paths],
         "max_length": config.max_length,
         "bad_lines": config.bad_lines,
@@ -422,14 +522,49 @@ def _cache_key(tokenizer: Any, config: DataConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def build_dataset(tokenizer: Any, config: DataConfig) -> datasets.Dataset:
+def _mask_error(tokenizer: Any, record: Record, ids: list[int], position: int, mask_token_id: int) -> BadLineError:
+    """The bad-line report of an example in which the MASK id occurs at token ``position``."""
+    token = tokenizer.convert_ids_to_tokens(mask_token_id) if mask_token_id < len(tokenizer) else None
+    context = tokenizer.decode(ids[max(0, position - 6) : position + 6])
+    return BadLineError(
+        record.path, record.line,
+        f"the MASK token {mask_token_id} ({token!r}) occurs at token {position} (in {context!r}): the drafter would "
+        "read MASK in the clean stream; remove it from the data, or choose another --mask-token-id",
+    )
+
+
+def _rows_with_mask(tokenizer: Any, tokenized: datasets.Dataset, records: list[Record], mask_token_id: int | None,
+                    bad_lines: str) -> list[int]:
+    """Rows of ``tokenized`` (one per record) in which the MASK id occurs: each reported with its file and line,
+    raised as a BadLineError under ``bad_lines="error"``, else returned to be dropped (counted per file)."""
+    if mask_token_id is None:
+        return []
+    positions = tokenized.with_format("arrow")["mask_at"].to_pylist()
+    rows = [i for i, pos in enumerate(positions) if pos >= 0]
+    per_file: dict[str, int] = {}
+    for i in rows:
+        error = _mask_error(tokenizer, records[i], tokenized[i]["input_ids"], positions[i], mask_token_id)
+        if bad_lines == "error":
+            raise error
+        logger.warning("skipping example %s", error)
+        per_file[records[i].path] = per_file.get(records[i].path, 0) + 1
+    for path, n in per_file.items():
+        print(f"skipped {n} lines containing the MASK token {mask_token_id} in {path}", file=sys.stderr)
+    return rows
+
+
+def build_dataset(tokenizer: Any, config: DataConfig, mask_token_id: int | None = None) -> datasets.Dataset:
     """Read, validate and tokenise ``config.paths`` into a Dataset with columns ``input_ids`` and
     ``loss_mask`` (lists of ints of equal length ``<= max_length``), in file order then line order.
 
-    Examples without a supervised token within ``max_length`` are dropped (counted and logged). With
-    ``cache_dir`` the result is saved there under a key that changes with the file contents, the tokenizer and
-    max_length, and a later call with the same inputs loads it without tokenising. Under multi-process
-    training, let one rank build the cache first, then the others load it.
+    Examples without a supervised token within ``max_length`` are dropped (counted and logged). An example in
+    which ``mask_token_id`` (the drafter's MASK, :func:`dflash_ds.mask_token.resolve_mask_token`) occurs within
+    ``max_length`` is a bad line: skipped and counted with its file and line, or an error, as ``bad_lines`` says.
+    Regenerated answers use their stored ids (:func:`tokenize_conversation`); those that no longer decode to their
+    text are tokenised from it, with a count. With ``cache_dir`` the result is saved there under a key that changes
+    with the file contents, the tokenizer, max_length and the MASK id, and a later call with the same inputs loads
+    it without tokenising. Under multi-process training, let one rank build the cache first, then the others load
+    it.
     """
     import datasets  # here, not at module level: reading prompts for eval/regenerate must not need it
 
@@ -438,7 +573,7 @@ def build_dataset(tokenizer: Any, config: DataConfig) -> datasets.Dataset:
     if not config.paths:
         raise ValueError("DataConfig.paths is empty")
 
-    key = _cache_key(tokenizer, config)
+    key = _cache_key(tokenizer, config, mask_token_id)
     cache_path = None
     if config.cache_dir is not None:
         cache_path = os.path.join(config.cache_dir, f"dflash_data_{key}")
@@ -446,26 +581,29 @@ def build_dataset(tokenizer: Any, config: DataConfig) -> datasets.Dataset:
             logger.info("loading tokenised dataset from cache %s", cache_path)
             return datasets.load_from_disk(cache_path)
 
-    records: list[dict[str, Any]] = []
+    records: list[Record] = []
     dropped_truncated = 0
     for path in config.paths:
         read, _ = read_records(path, config.bad_lines)
-        kept_here = [(c, t) for c, t in read if not (t and config.truncated == "drop")]
+        kept_here = [r for r in read if not (r.truncated and config.truncated == "drop")]
         dropped_truncated += len(read) - len(kept_here)
-        records.extend({"messages": c, "truncated": t} for c, t in kept_here)
+        records.extend(kept_here)
     if dropped_truncated:
         print(f"dropped {dropped_truncated} conversations whose answer was cut off at the regeneration token limit "
               "(--truncated drop; 'keep' trains on them without their end-of-turn)", file=sys.stderr)
     if not records:
         why = f" ({dropped_truncated} dropped as truncated: see --truncated)" if dropped_truncated else ""
         raise ValueError(f"no usable conversations in {config.paths}{why}")
-    first_chat = next((r["messages"] for r in records if not _is_text_record(r["messages"])), None)
+    first_chat = next((r.conversation for r in records if not _is_text_record(r.conversation)), None)
     if first_chat is not None:
         check_template_roundtrip(tokenizer, first_chat)
 
-    raw = datasets.Dataset.from_list(records)
+    raw = datasets.Dataset.from_list(
+        [{"messages": r.conversation, "truncated": r.truncated, "answer_ids": r.answer_ids} for r in records]
+    )
     features = datasets.Features(
-        {"input_ids": datasets.List(datasets.Value("int32")), "loss_mask": datasets.List(datasets.Value("int8"))}
+        {"input_ids": datasets.List(datasets.Value("int32")), "loss_mask": datasets.List(datasets.Value("int8")),
+         "mask_at": datasets.Value("int32"), "stale_ids": datasets.Value("int8")}
     )
     num_proc = min(config.num_proc, len(records))
     # new_fingerprint: skips hashing the tokenizer passed in fn_kwargs (slow for a 150k vocabulary); our own
@@ -473,13 +611,23 @@ def build_dataset(tokenizer: Any, config: DataConfig) -> datasets.Dataset:
     tokenized = raw.map(
         _tokenize_batch,
         batched=True,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": config.max_length},
-        remove_columns=["messages", "truncated"],
+        fn_kwargs={"tokenizer": tokenizer, "max_length": config.max_length, "mask_token_id": mask_token_id},
+        remove_columns=["messages", "truncated", "answer_ids"],
         features=features,
         num_proc=num_proc if num_proc > 1 else None,
         new_fingerprint=f"{key}-tokenize",
         desc="tokenizing",
     )
+    stale = sum(tokenized.with_format("arrow")["stale_ids"].to_pylist())
+    if stale:
+        print(f"{stale} regenerated answers' stored token ids do not decode to their text with this tokenizer "
+              "(regenerated with another tokenizer, or the answer was edited): tokenised from the text instead",
+              file=sys.stderr)
+    with_mask = set(_rows_with_mask(tokenizer, tokenized, records, mask_token_id, config.bad_lines))
+    tokenized = tokenized.remove_columns(["mask_at", "stale_ids"])
+    if with_mask:
+        tokenized = tokenized.select([i for i in range(len(tokenized)) if i not in with_mask],
+                                     new_fingerprint=f"{key}-no-mask")
     kept = tokenized.filter(_has_supervised_token, batched=True, new_fingerprint=f"{key}-filter")
     dropped = len(tokenized) - len(kept)
     if dropped:

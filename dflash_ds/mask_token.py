@@ -3,8 +3,10 @@
 The embedding is frozen (the adapter is LoRA on the projections only), so the MASK must be an existing row whose
 token chat text never contains: otherwise a MASK in a block reads as real text. The rule, in order:
 
-1. ``flag``: ``--mask-token-id`` (refused if it is bos/eos/pad/unk or a token the chat template writes);
-2. ``tokenizer mask token``: the tokenizer's ``<|mask|>`` or ``mask_token``;
+1. ``flag``: ``--mask-token-id`` (refused if it is bos/eos/pad/unk, a token the chat template writes, or an
+   ordinary vocabulary token, see below);
+2. ``tokenizer mask token``: the tokenizer's ``<|mask|>`` or ``mask_token``, if it is a special token chat text
+   never contains (a ``mask_token`` that names an ordinary token such as ``" the"`` is passed over);
 3. ``unused embedding row``: the first row past the tokenizer's last id (Qwen3-8B: 151669 of 151936);
 4. ``unused special token``: when every row is a token (SmolLM2: 49,152 of 49,152), the lowest-id token the
    tokenizer marks special that is not bos/eos/pad/unk and that the chat template never writes (checked on a
@@ -13,6 +15,13 @@ token chat text never contains: otherwise a MASK in a block reads as real text. 
 
 None found: an error that names the flag and the special tokens it ruled out and why. The choice and its rule are
 recorded in ``dflash.json`` next to the adapter.
+
+An *ordinary* token is one plain text produces: any token not marked special, or one marked special whose own text
+still encodes to it with special-token matching off (a vocabulary word merely labelled ``mask_token``). As MASK it
+would read as that word wherever the word occurs, so the drafter could not tell "unknown" from real text. The only
+way to use one anyway is deliberate: ``allow_ordinary=True`` (the train flag :data:`ALLOW_ORDINARY_FLAG`), meant
+for a tokenizer with neither a spare embedding row nor an unused special token; training data in which it occurs
+is then reported line by line (:func:`dflash_ds.data.build_dataset`).
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RULES = ("flag", "tokenizer mask token", "unused embedding row", "unused special token")
+#: The train flag that passes ``allow_ordinary=True`` (an explicit ordinary token as MASK, knowingly).
+ALLOW_ORDINARY_FLAG = "--allow-ordinary-mask-token"
 _PROBE = [
     {"role": "system", "content": "s"},
     {"role": "user", "content": "u"},
@@ -75,11 +86,27 @@ def excluded_specials(tokenizer) -> dict[int, str]:
     return reasons
 
 
+def is_ordinary_token(tokenizer, token_id: int) -> bool:
+    """Whether plain text can produce ``token_id``: it is not marked special, or its own text still encodes to it
+    with special-token matching off (a vocabulary token labelled special after the fact). An id past the
+    tokenizer's last token (an unused embedding row) is not a token at all: False."""
+    if not 0 <= token_id < len(tokenizer):
+        return False
+    added = (getattr(tokenizer, "added_tokens_decoder", None) or {}).get(token_id)
+    if added is None or not getattr(added, "special", False):
+        return True
+    # a byte-level piece of a multi-byte character decodes to U+FFFD and would fail this test, but such pieces are
+    # never marked special, so they were answered above
+    text = tokenizer.decode([token_id])
+    return token_id in tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def mask_candidates(tokenizer, vocab_size: int) -> list[tuple[int, str]]:
     """Special tokens chat text never contains, by id: ``[(id, text)]`` (rule 4 takes the first)."""
     excluded = excluded_specials(tokenizer)
     specials = _special_tokens(tokenizer)
-    return sorted((i, t) for i, t in specials.items() if i not in excluded and 0 <= i < vocab_size)
+    return sorted((i, t) for i, t in specials.items()
+                  if i not in excluded and 0 <= i < vocab_size and not is_ordinary_token(tokenizer, i))
 
 
 def _describe(tokenizer, token_id: int) -> str:
@@ -87,25 +114,61 @@ def _describe(tokenizer, token_id: int) -> str:
     return f"{token_id} ({text!r})" if text is not None else str(token_id)
 
 
-def resolve_mask_token(tokenizer, vocab_size: int, explicit: int | None = None) -> MaskChoice:
-    """Apply the rule of this module's docstring; raises ValueError naming ``--mask-token-id`` when it cannot."""
-    if explicit is not None:
-        if not 0 <= explicit < vocab_size:
-            raise ValueError(f"--mask-token-id {explicit} is outside the embedding (vocab_size {vocab_size})")
-        reason = excluded_specials(tokenizer).get(explicit)
-        if reason is not None:
-            shown = ", ".join(f"{i} ({t!r})" for i, t in mask_candidates(tokenizer, vocab_size)[:8]) or "none"
-            raise ValueError(
-                f"--mask-token-id {_describe(tokenizer, explicit)} is the {reason} token: chat text contains it, so a "
-                f"MASK would read as real text; candidates: {shown}"
-            )
-        text = tokenizer.convert_ids_to_tokens(explicit) if explicit < len(tokenizer) else None
-        return MaskChoice(explicit, text, "flag")
+def _shown_candidates(tokenizer, vocab_size: int) -> str:
+    """The first few rule-4 candidates, and the spare embedding rows if any, for an error message."""
+    shown = [f"{i} ({t!r})" for i, t in mask_candidates(tokenizer, vocab_size)[:8]]
+    if len(tokenizer) < vocab_size:
+        shown.append(f"an unused embedding row {len(tokenizer)}..{vocab_size - 1}")
+    return ", ".join(shown) or "none"
+
+
+def _check_explicit(tokenizer, vocab_size: int, explicit: int, allow_ordinary: bool) -> MaskChoice:
+    """Rule 1: ``--mask-token-id`` as given, or ValueError naming the flag and the token when chat text can contain
+    it (bos/eos/pad/unk, a token the template writes, or an ordinary token unless ``allow_ordinary``)."""
+    if not 0 <= explicit < vocab_size:
+        raise ValueError(f"--mask-token-id {explicit} is outside the embedding (vocab_size {vocab_size})")
+    reason = excluded_specials(tokenizer).get(explicit)
+    if reason is not None:
+        raise ValueError(
+            f"--mask-token-id {_describe(tokenizer, explicit)} is the {reason} token: chat text contains it, so a "
+            f"MASK would read as real text; candidates: {_shown_candidates(tokenizer, vocab_size)}"
+        )
+    if is_ordinary_token(tokenizer, explicit) and not allow_ordinary:
+        raise ValueError(
+            f"--mask-token-id {_describe(tokenizer, explicit)} is an ordinary vocabulary token (the text "
+            f"{tokenizer.decode([explicit])!r}): text produces it, so a MASK would read as real text wherever it "
+            f"occurs; candidates: {_shown_candidates(tokenizer, vocab_size)}. Only if the tokenizer has no other "
+            f"choice, add {ALLOW_ORDINARY_FLAG} to use it anyway (training lines containing it are then reported)"
+        )
+    text = tokenizer.convert_ids_to_tokens(explicit) if explicit < len(tokenizer) else None
+    return MaskChoice(explicit, text, "flag")
+
+
+def _tokenizer_mask_token(tokenizer, vocab_size: int) -> MaskChoice | None:
+    """Rule 2: the tokenizer's ``<|mask|>`` or ``mask_token`` when it is a special token chat text never contains;
+    a ``mask_token`` that is an ordinary token (or bos/eos/...) is passed over, so the later rules decide."""
+    excluded = excluded_specials(tokenizer)
     for candidate in ("<|mask|>", getattr(tokenizer, "mask_token", None)):
-        if candidate:
-            tid = tokenizer.convert_tokens_to_ids(candidate)
-            if tid is not None and tid != tokenizer.unk_token_id and 0 <= tid < vocab_size:
-                return MaskChoice(int(tid), candidate, "tokenizer mask token")
+        if not candidate:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(candidate)
+        if tid is None or tid == tokenizer.unk_token_id or not 0 <= tid < vocab_size:
+            continue
+        if int(tid) in excluded or is_ordinary_token(tokenizer, int(tid)):
+            continue
+        return MaskChoice(int(tid), candidate, "tokenizer mask token")
+    return None
+
+
+def resolve_mask_token(tokenizer, vocab_size: int, explicit: int | None = None,
+                       allow_ordinary: bool = False) -> MaskChoice:
+    """Apply the rule of this module's docstring; raises ValueError naming ``--mask-token-id`` when it cannot.
+    ``allow_ordinary``: accept an ``explicit`` id that is an ordinary token (the deliberate escape hatch)."""
+    if explicit is not None:
+        return _check_explicit(tokenizer, vocab_size, explicit, allow_ordinary)
+    choice = _tokenizer_mask_token(tokenizer, vocab_size)
+    if choice is not None:
+        return choice
     used = len(tokenizer)
     if used < vocab_size:
         return MaskChoice(used, None, "unused embedding row")
@@ -113,9 +176,11 @@ def resolve_mask_token(tokenizer, vocab_size: int, explicit: int | None = None) 
     if candidates:
         tid, text = candidates[0]
         return MaskChoice(tid, text, "unused special token")
-    ruled_out = ", ".join(f"{i} ({t!r}: {excluded_specials(tokenizer).get(i)})" for i, t in sorted(_special_tokens(tokenizer).items()))
+    ruled_out = ", ".join(f"{i} ({t!r}: {excluded_specials(tokenizer).get(i, 'ordinary token')})"
+                          for i, t in sorted(_special_tokens(tokenizer).items()))
     raise ValueError(
         f"no MASK token: the tokenizer has no <|mask|> token, all {vocab_size} embedding rows are used, and every "
-        f"special token can occur in chat text ({ruled_out or 'none'}); pass --mask-token-id with the id of a token "
-        "your chat data never contains, or add a special token to the tokenizer and resize the model's embeddings"
+        f"special token can occur in chat text ({ruled_out or 'none'}); add a special token to the tokenizer and "
+        "resize the model's embeddings, or, as a last resort, pass --mask-token-id with a token your chat data "
+        f"never contains together with {ALLOW_ORDINARY_FLAG}"
     )

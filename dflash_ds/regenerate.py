@@ -9,6 +9,11 @@ record says whether its answer was cut off at ``--max-new-tokens`` (``"truncated
 default without supervising the end-of-turn the target never wrote, or drops them with ``--truncated drop``).
 Ranks save each answer as it finishes, so running the same command again after an interruption resumes where it
 stopped.
+
+An answer ends where evaluation would end it: at any id of :func:`dflash_ds.speculative.eos_ids_of` (the
+tokenizer's eos and the generation config's). Each record keeps the target's own token ids of its answer
+(``"answer_ids"``, without the stop token) next to the text, which is decoded for humans: training uses those ids,
+because the text tokenised again may merge differently from what the target wrote (:mod:`dflash_ds.data`).
 """
 
 from __future__ import annotations
@@ -22,11 +27,25 @@ from datetime import timedelta
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 
 from .files import write_text_atomic
+
+
+#: Bumped when a record's content changes (2: answers stop on every eos id and keep their token ids), so that an
+#: interrupted run of an older version is not resumed into a file that mixes the two.
+RECORD_FORMAT = 2
+
+
+def stop_ids(eos: int | Collection[int] | None) -> frozenset[int]:
+    """The ids an answer stops at, from one id (the old single-eos form callers may still pass) or several."""
+    if eos is None:
+        return frozenset()
+    if isinstance(eos, int):
+        return frozenset((eos,))
+    return frozenset(int(i) for i in eos)
 
 
 def prompt_messages(messages: list[dict]) -> list[dict] | None:
@@ -56,12 +75,12 @@ class RegenStats:
                 f"{self.new_tokens} tokens in {self.seconds:.0f} s: {self.tokens_per_s:.0f} tokens/s")
 
 
-def answer_tokens(row: list[int], eos_id: int) -> tuple[list[int], bool]:
-    """The answer's ids (up to, not including, the first ``eos_id``) and whether it was cut off (no eos: the row
+def answer_tokens(row: list[int], eos_ids: int | Collection[int]) -> tuple[list[int], bool]:
+    """The answer's ids (up to, not including, the first of ``eos_ids``) and whether it was cut off (no eos: the row
     ran to max_new_tokens, so the end-of-turn after it would be the template's, not the target's)."""
-    if eos_id in row:
-        return row[: row.index(eos_id)], False
-    return row, True
+    stop = stop_ids(eos_ids)
+    end = next((k for k, t in enumerate(row) if t in stop), None)
+    return (row, True) if end is None else (row[:end], False)
 
 
 def _left_pad(cache, mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -87,11 +106,11 @@ def _trim_left(cache, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_stream(model, prompts: Sequence[list[int]], max_new_tokens: int, eos_id: int,
+def greedy_stream(model, prompts: Sequence[list[int]], max_new_tokens: int, eos_ids: int | Collection[int],
                   batch_size: int) -> Iterator[tuple[int, list[int]]]:
     """Greedy continuations of ``prompts`` (token-id lists), ``batch_size`` rows at a time, yielded as ``(i, ids)``
-    the moment row ``i`` ends: ``ids`` holds up to ``max_new_tokens`` tokens, ending with ``eos_id`` where the model
-    wrote it.
+    the moment row ``i`` ends: ``ids`` holds up to ``max_new_tokens`` tokens, ending with the first of ``eos_ids``
+    (one id or several) the model wrote.
 
     Continuous batching: a row that has ended leaves the batch (its KV rows are dropped) and the next prompt takes
     its slot, so the batch stays full until the prompts run out. ``generate`` keeps computing a batch's finished
@@ -105,6 +124,7 @@ def greedy_stream(model, prompts: Sequence[list[int]], max_new_tokens: int, eos_
     from .families import cache_kwarg
 
     kw, device = cache_kwarg(model), next(model.parameters()).device
+    stop = stop_ids(eos_ids)
     pending = list(range(len(prompts)))[::-1]  # popped from the end: prompts in the order given
     cache = mask = last = logits = None
     rows: list[int] = []  # the prompt index of each batch row
@@ -134,7 +154,7 @@ def greedy_stream(model, prompts: Sequence[list[int]], max_new_tokens: int, eos_
         alive = []
         for r, (i, t) in enumerate(zip(rows, token.tolist())):
             out[i].append(t)
-            if t == eos_id or len(out[i]) == max_new_tokens:
+            if t in stop or len(out[i]) == max_new_tokens:
                 yield i, out.pop(i)
             else:
                 alive.append(r)
@@ -163,8 +183,13 @@ def regenerate_conversations(
     progress: bool = True,
     on_answer: Callable[[int, dict | None], None] | None = None,
 ) -> tuple[list[tuple[int, dict]], RegenStats]:
-    """Greedy answers for each conversation's prompt: ``[(i, {"conversations": [...], "truncated": bool})]`` in
-    input order (``i`` the conversation's position in ``conversations``; empty answers are dropped), and stats.
+    """Greedy answers for each conversation's prompt: ``[(i, {"conversations": [...], "truncated": bool,
+    "answer_ids": [...]})]`` in input order (``i`` the conversation's position in ``conversations``; empty answers
+    are dropped), and stats. ``answer_ids`` are the target's own ids of the last (assistant) message, without the
+    stop token; its ``content`` is their text, decoded without special tokens.
+
+    An answer stops at any id of :func:`dflash_ds.speculative.eos_ids_of`, the ids evaluation stops at: stopping
+    at the tokenizer's eos alone ran past a generation-config eos (Llama 3's ``<|eot_id|>``) to the token limit.
 
     Prompts are rendered by :func:`dflash_ds.data.render_chat`, the rendering training and evaluation use. They are
     answered longest first, ``batch_size`` at a time with continuous batching (:func:`greedy_stream`), so the first
@@ -174,8 +199,9 @@ def regenerate_conversations(
     from tqdm import tqdm
 
     from .data import render_chat
+    from .speculative import eos_ids_of
 
-    eos_id = tokenizer.eos_token_id
+    eos_ids = eos_ids_of(tokenizer, model)
     prompts = [(i, prompt_messages(conv)) for i, conv in enumerate(conversations)]
     prompts = [(i, p) for i, p in prompts if p is not None]
     texts = [render_chat(tokenizer, p, add_generation_prompt=True) for _, p in prompts]
@@ -184,16 +210,17 @@ def regenerate_conversations(
     stats, records = RegenStats(), []
     t0 = time.perf_counter()
     bar = tqdm(total=len(order), desc="regenerate", disable=not progress, dynamic_ncols=True)
-    for k, row in greedy_stream(model, [ids[k] for k in order], max_new_tokens, eos_id, batch_size):
+    for k, row in greedy_stream(model, [ids[k] for k in order], max_new_tokens, eos_ids, batch_size):
         index, prompt = prompts[order[k]]
-        answer_ids, truncated = answer_tokens(row, eos_id)
+        answer_ids, truncated = answer_tokens(row, eos_ids)
         stats.new_tokens += len(answer_ids) + (0 if truncated else 1)
         answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
         record = None
         if answer.strip():
             stats.answers += 1
             stats.truncated += truncated
-            record = {"conversations": prompt + [{"role": "assistant", "content": answer}], "truncated": truncated}
+            record = {"conversations": prompt + [{"role": "assistant", "content": answer}], "truncated": truncated,
+                      "answer_ids": answer_ids}
             records.append((index, record))
         else:
             stats.empty += 1
@@ -258,7 +285,7 @@ def regenerate_file(
         raise ValueError(f"{in_path}: no usable conversation to answer")
     shard = shard_path(out_path, rank)
     settings = {"in": os.path.abspath(in_path), "model": os.path.abspath(model_path), "limit": limit,
-                "max_new_tokens": max_new_tokens, "world_size": world_size}
+                "max_new_tokens": max_new_tokens, "world_size": world_size, "format": RECORD_FORMAT}
     done = _read_shard(shard, settings)
     todo = [i for i in range(rank, len(conversations), world_size) if i not in done]
     stats = RegenStats()
@@ -293,6 +320,11 @@ def _append_lines(path: Path, done: dict, settings: dict):
         yield f
 
 
+def output_record(shard_record: dict) -> dict:
+    """A shard line as the output file holds it: without the rank's bookkeeping (``source_index``)."""
+    return {key: shard_record[key] for key in ("conversations", "truncated", "answer_ids") if key in shard_record}
+
+
 def merge_shards(out_path: str | os.PathLike, world_size: int) -> int:
     """Join the ranks' shard files into ``out_path`` in input order (atomically), then delete them. Returns lines."""
     records = []
@@ -300,8 +332,7 @@ def merge_shards(out_path: str | os.PathLike, world_size: int) -> int:
         lines = shard_path(out_path, r).read_text().splitlines()[1:]
         records += [json.loads(line) for line in lines]
     records.sort(key=lambda rec: rec["source_index"])
-    merged = [json.dumps({"conversations": rec["conversations"], "truncated": rec["truncated"]})
-              for rec in records if not rec.get("empty")]
+    merged = [json.dumps(output_record(rec)) for rec in records if not rec.get("empty")]
     write_text_atomic(out_path, "".join(line + "\n" for line in merged))
     for r in range(world_size):
         shard_path(out_path, r).unlink()

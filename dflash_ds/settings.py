@@ -12,9 +12,9 @@ setting is one new field::
 
 gives ``--kl-weight`` (type ``float``, default 1.0) on every command whose config holds a ``LossConfig``.
 
-Types are read from the annotations: ``int``, ``float``, ``str``, ``bool`` (a switch), ``X | None`` (``none`` on
-the command line gives None), ``tuple[float, float]`` (``LO,HI``) and ``tuple[str, ...]``/``list[str]`` (one or
-more values).
+Types are read from the annotations: ``int``, ``float``, ``str``, ``bool`` (a switch pair ``--x``/``--no-x``, so a
+setting that defaults to True can be turned off), ``X | None`` (``none`` on the command line gives None, for ``str``
+too), ``tuple[float, float]`` (``LO,HI``) and ``tuple[str, ...]``/``list[str]`` (one or more values).
 """
 
 from __future__ import annotations
@@ -101,14 +101,17 @@ def _argparse_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     if f.metadata.get("parse") is not None:
         kw["type"] = f.metadata["parse"]
     elif hint is bool:
-        kw["action"] = "store_true"
+        # --x / --no-x: a store_true switch could never turn off a setting whose default is True; a False default
+        # keeps working as the old switch did (--x turns it on)
+        kw["action"] = argparse.BooleanOptionalAction
     elif origin is tuple and args == (float, float):
         kw.update(type=_pair, metavar="LO,HI")
     elif origin in (tuple, list):
         kw.update(nargs="+", type=args[0])
     elif hint in (int, float, str):
-        # a None default that a value can stand for: "none" on the command line gives it back
-        kw["type"] = _optional(hint) if optional and hint is not str else hint
+        # an optional setting: "none" on the command line gives None back (a str setting too: without it, a path
+        # or name set in a wrapper script could not be unset again further down the command line)
+        kw["type"] = _optional(hint) if optional else hint
     else:
         raise TypeError(f"setting {f.name}: no flag for type {hint!r}")
     if f.metadata.get("choices") is not None:
@@ -121,7 +124,12 @@ def _argparse_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
 def _help(f: dataclasses.Field, kw: dict[str, Any]) -> str:
     text = f.metadata.get("help", "")
     default = kw.get("default")
-    if kw.get("action") == "store_true" or default is None or "default" in text.lower():
+    if kw.get("action") is argparse.BooleanOptionalAction:
+        # a switch that is on unless --no-x is given says so; one that is off reads as before
+        if not default or "default" in text.lower():
+            return text
+        return f"{text} (default on)" if text else "default on"
+    if default is None or "default" in text.lower():
         return text
     if isinstance(default, (tuple, list)):
         shown = ",".join(map(str, default)) if kw.get("type") is _pair else " ".join(map(str, default))

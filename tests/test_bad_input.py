@@ -148,6 +148,37 @@ def test_data_empty_after_truncation_or_under_one_batch(target):
         train.StepBatches(4, micro=1, accum=3, dp_size=2, dp_rank=0, seed=0)
 
 
+def test_mask_token_in_training_text_is_a_bad_line(tmp_path, capsys):
+    """A message quoting the MASK token's text ("<|mask|>") tokenises to the MASK id, as does a regenerated answer
+    in which the target wrote it: the drafter would read MASK in the clean stream. It went into training unseen;
+    now each such line is reported with its file and line: skipped and counted, or an error (--bad-lines)."""
+    import sysconfig
+
+    from dflash_ds.data import BadLineError, DataConfig, build_dataset
+    from dflash_ds.tiny import train_tokenizer
+
+    tok = train_tokenizer([(Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()], vocab_size=300)
+    mask = tok.convert_tokens_to_ids("<|mask|>")
+    wrote_mask = tok(" return", add_special_tokens=False)["input_ids"] + [mask]
+
+    def conv(user: str, answer: str) -> list[dict]:
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"conversations": conv("def f():", "    return 1")},
+        {"conversations": conv("what does <|mask|> mean?", "    return 2")},
+        {"conversations": conv("def g():", tok.decode(wrote_mask, skip_special_tokens=True)), "answer_ids": wrote_mask},
+    )))
+    with pytest.raises(BadLineError, match=rf"^{re.escape(str(path))}:2: the MASK token {mask} \('<\|mask\|>'\) "
+                                           r"occurs at token \d+ \(in '.* does <\|mask\|> mean"):
+        build_dataset(tok, DataConfig(paths=[str(path)], bad_lines="error"), mask_token_id=mask)
+    kept = build_dataset(tok, DataConfig(paths=[str(path)]), mask_token_id=mask)
+    assert len(kept) == 1 and mask not in kept[0]["input_ids"]
+    assert f"skipped 2 lines containing the MASK token {mask} in {path}" in capsys.readouterr().err
+    assert len(build_dataset(tok, DataConfig(paths=[str(path)]), mask_token_id=tok.eos_token_id + 100)) == 3
+
+
 def test_ds_config_value_contradicting_a_flag_is_named(tmp_path):
     from dflash_ds.config import OptimConfig, TrainConfig, resolve_ds_config
     from dflash_ds.data import DataConfig

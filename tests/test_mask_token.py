@@ -53,3 +53,33 @@ def test_flag_wins_but_not_outside_the_embedding_nor_on_a_chat_token():
     eos = tok.eos_token_id
     with pytest.raises(ValueError, match=rf"--mask-token-id {eos} \('<\|im_end\|>'\) is the eos token.*candidates: 3"):
         resolve_mask_token(tok, len(tok), explicit=eos)
+
+
+def test_an_ordinary_token_as_flag_is_refused_naming_the_flag_and_its_text():
+    """``--mask-token-id`` of a word the text is full of (here " the") was accepted: every " the" in the clean stream
+    would then read as MASK. Refused unless asked for deliberately; spare rows and unused specials still pass."""
+    tok = tokenizer(CODE_SPECIALS)
+    the = tok.convert_tokens_to_ids("Ġthe")
+    assert tok(" the", add_special_tokens=False)["input_ids"] == [the]
+    with pytest.raises(ValueError, match=rf"--mask-token-id {the} \('Ġthe'\) is an ordinary vocabulary token "
+                                         r"\(the text ' the'\).*candidates: 3 \('<repo_name>'\).*"
+                                         r"--allow-ordinary-mask-token"):
+        resolve_mask_token(tok, len(tok), explicit=the)
+    assert resolve_mask_token(tok, len(tok), explicit=the, allow_ordinary=True) == MaskChoice(the, "Ġthe", "flag")
+    assert resolve_mask_token(tok, len(tok) + 2, explicit=len(tok)) == MaskChoice(len(tok), None, "flag")
+    assert resolve_mask_token(tok, len(tok), explicit=3) == MaskChoice(3, "<repo_name>", "flag")
+
+
+def test_a_tokenizer_mask_token_that_is_ordinary_text_is_passed_over():
+    """Rule 2 took the tokenizer's ``<|mask|>``/``mask_token`` unchecked: a ``<|mask|>`` added as a plain (non-special)
+    token, or a ``mask_token`` that names a vocabulary word, became MASK. Both are text, so the later rules decide
+    (and rule 4 does not take the labelled word either)."""
+    plain = tokenizer(CODE_SPECIALS)
+    plain.add_tokens(["<|mask|>"])  # not special: any "<|mask|>" in a message is this token
+    assert resolve_mask_token(plain, len(plain)) == MaskChoice(3, "<repo_name>", "unused special token")
+
+    labelled = tokenizer(CODE_SPECIALS)
+    labelled.mask_token = "Ġthe"  # now listed among the special ids, yet " the" still encodes to it
+    assert labelled.mask_token_id in labelled.all_special_ids
+    assert resolve_mask_token(labelled, len(labelled)) == MaskChoice(3, "<repo_name>", "unused special token")
+    assert "Ġthe" not in [t for _, t in mask_candidates(labelled, len(labelled))]

@@ -85,3 +85,43 @@ def test_a_new_field_is_a_new_flag():
     assert from_args(Extended, parser.parse_args([])).label_smoothing == 0.0
     parsed = from_args(Extended, parser.parse_args(["--label-smoothing", "0.1", "--kl-weight", "0.5"]))
     assert parsed.label_smoothing == 0.1 and parsed.kl_weight == 0.5
+
+
+def test_optional_str_settings_take_none_on_the_command_line():
+    """``str | None`` settings read ``none`` as None, as ``int | None`` ones do: a path set earlier on a command line
+    (a wrapper script's default) can be unset again (it used to give the string "none": resume from a directory
+    named none)."""
+    cfg = parse_train_args(REQUIRED + ["--resume", "auto", "--eval-prompts", "p.jsonl", "--deepspeed_config", "x.json",
+                                       "--resume", "none", "--eval-prompts", "None", "--deepspeed-config", "none"])
+    assert (cfg.resume, cfg.eval_prompts, cfg.deepspeed_config) == (None, None, None)
+    assert parse_train_args(REQUIRED + ["--resume", "auto"]).resume == "auto"  # any other text is kept as given
+
+
+def test_switches_come_in_pairs_and_old_ones_still_turn_on():
+    """Every bool setting is ``--x``/``--no-x``; the switches that default to off work as they did, on both parsers."""
+    assert parse_train_args(REQUIRED + ["--gradient-checkpointing"]).gradient_checkpointing is True
+    off = parse_train_args(REQUIRED + ["--gradient-checkpointing", "--no-gradient-checkpointing"])
+    assert off.gradient_checkpointing is False
+    base = ["--model-path", "m", "--adapter", "a", "--prompts", "p", "--report", "r"]
+    for extra, expected in (([], False), (["--fused-reject-mismatch"], True),
+                            (["--fused-reject-mismatch", "--no-fused-reject-mismatch"], False)):
+        cfg = from_args(EvalConfig, eval_parser().parse_args(base + extra), "decoding.")
+        assert cfg.fused.reject_mismatch is expected, extra
+    assert "--no-gradient-checkpointing" in build_parser().format_help()
+
+
+def test_a_switch_that_defaults_to_on_can_be_turned_off():
+    """A bool setting whose default is True: a store_true switch could only set it True again; ``--no-x`` turns it
+    off, and the help says it is on by default. Built on a component of the real train parser, as a new setting
+    would be (the README's "Adding a setting")."""
+
+    @dataclasses.dataclass
+    class Extended(LossConfig):
+        fused_loss: bool = setting(True, "fused lm_head + loss")
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Extended)
+    assert from_args(Extended, parser.parse_args([])).fused_loss is True
+    assert from_args(Extended, parser.parse_args(["--no-fused-loss"])).fused_loss is False
+    assert from_args(Extended, parser.parse_args(["--fused-loss"])).fused_loss is True
+    assert "fused lm_head + loss (default on)" in " ".join(parser.format_help().split())
