@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dflash_ds.lora import load_adapter_dir
+    from dflash_ds.lora import load_adapter_dir, stack_projections
     from dflash_ds.settings import from_args
     from dflash_ds.speculative import (FusedConfig, LoRABlockDrafter, autoregressive_generate, fused_generate,
                                        speculative_generate)
@@ -262,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                   else "random Qwen3-shaped target + random adapter (temp dir)")
     print(f"spec_decode: model {model_path} ({source}), adapter {adapter}", flush=True)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
-    meta = load_adapter_dir(model, adapter, stack=args.compile != "compile")
+    meta = load_adapter_dir(model, adapter)
     model.to(args.device).eval()
+    if args.compile != "compile":  # after the move: the stacked weights are built where they compute
+        stack_projections(model)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     vocab = model.config.vocab_size
     vocab_high = min(vocab, meta.mask_token_id) if meta.mask_token_id > 0 else vocab

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .data import TEXT_ROLE, conversation_of, parse_json_object, render_chat
+from .families import check_decode_length
 from .files import write_json_atomic
 from .lora import adapter_disabled, adapter_preserved
 from .settings import add_flags, check_choices, from_args, setting
@@ -41,6 +42,7 @@ from .stats import bootstrap_ci, repetition_rate, t_interval
 from .speculative import (
     FusedConfig,
     LoRABlockDrafter,
+    Lockstep,
     NgramDrafter,
     SpecResult,
     StaticDecoding,
@@ -297,7 +299,7 @@ class Generation:
 @dataclass
 class DecodeSetup:
     """What every method of one evaluation shares: the model, the resolved config, EOS/pad ids, the adapter's
-    metadata and the static cache (``--compile``)."""
+    metadata, the static cache (``--compile``) and, in a lockstep eval, the :class:`Lockstep`."""
 
     model: nn.Module
     config: EvalConfig
@@ -305,6 +307,7 @@ class DecodeSetup:
     eos: list[int]
     pad: int
     static: StaticDecoding | None = None
+    lockstep: Lockstep | None = None  # every rank decodes every prompt: rank 0 decides (run_eval)
 
 
 class Method:
@@ -328,7 +331,8 @@ class Autoregressive(Method):
     def generate(self, prompt, generator, max_new_tokens):
         s = self.setup
         r = autoregressive_generate(s.model, prompt, max_new_tokens=max_new_tokens, eos_token_ids=s.eos,
-                                    temperature=s.config.temperature, generator=generator, static=s.static)
+                                    temperature=s.config.temperature, generator=generator, static=s.static,
+                                    lockstep=s.lockstep)
         return Generation(r.output_ids, r.wall_time, r, r.verify_forwards)
 
 
@@ -343,7 +347,7 @@ class TwoForwardLoop(Method):
         s = self.setup
         r = speculative_generate(s.model, prompt, self.make_drafter(), block_size=s.config.block_size,
                                  max_new_tokens=max_new_tokens, eos_token_ids=s.eos, temperature=s.config.temperature,
-                                 generator=generator, static=s.static)
+                                 generator=generator, static=s.static, lockstep=s.lockstep)
         return Generation(r.output_ids, r.wall_time, r, r.verify_forwards + r.draft_forwards)
 
 
@@ -354,7 +358,7 @@ class FusedLoop(Method):
         s = self.setup
         r = fused_generate(s.model, prompt, s.meta.mask_token_id, block_size=s.config.block_size,
                            max_new_tokens=max_new_tokens, eos_token_ids=s.eos, temperature=s.config.temperature,
-                           generator=generator, config=s.config.fused, static=s.static)
+                           generator=generator, config=s.config.fused, static=s.static, lockstep=s.lockstep)
         return Generation(r.output_ids, r.wall_time, r, r.verify_forwards + r.draft_forwards)
 
 
@@ -404,6 +408,11 @@ def build_methods(setup: DecodeSetup) -> list[Method]:
     methods = [Autoregressive(AR, "autoregressive (our engine)", setup), drafter_loop(first, DRAFTER)]
     if cfg.loop == "both":
         methods.append(drafter_loop("two_forward" if first == "fused" else "fused", DRAFTER_OTHER_LOOP))
+    if setup.lockstep is not None and greedy and cfg.baselines != "none":
+        raise ValueError("an eval on every rank in lockstep (torch.distributed initialised, no shard) runs "
+                         "dflash-ds's loops only: transformers' generate cannot follow rank 0's tokens, and a rank "
+                         "that picked another token would wait on the others until the timeout; use "
+                         "baselines='none', or shard the prompts (shard=(rank, world))")
     if cfg.baselines in ("fast", "all"):
         if greedy:
             methods.append(HFGenerate(PROMPT_LOOKUP, "prompt lookup (transformers)", setup, cfg.prompt_lookup_tokens))
@@ -481,7 +490,7 @@ def run_eval(
     eos_token_ids: Sequence[int] | None = None,
     progress: bool = True,
     warmup: bool = True,
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate the adapter on ``model`` (fitted with :func:`dflash_ds.lora.apply_lora` / ``load_adapter_dir``).
 
@@ -496,6 +505,14 @@ def run_eval(
     decodes prompts ``rank, rank + world, ...`` and rank 0 gathers every rank's generations and timings into the one
     report, as if one process had decoded them all; the other ranks return None. Each method's tokens/s is then the
     rate of one decoding stream while ``world`` streams share the machine.
+
+    ``shard`` None (the trainer's periodic eval): every process decodes every prompt. Where torch.distributed is
+    initialised with more than one rank, their forwards may be collective (ZeRO-3 gathers weights, tensor
+    parallelism all-reduces), so the ranks decode in lockstep: rank 0 decides every step's drafts, accepted tokens
+    and stop (:class:`dflash_ds.speculative.Lockstep`), the others follow, and every rank returns rank 0's outputs
+    (an argmax tie cannot send one rank down another path and hang the rest). Free when not distributed. Call it on
+    every rank then, or pass ``shard=(0, 1)`` to decode in one process alone. transformers' ``generate`` cannot
+    follow rank 0, so a lockstep eval refuses the baselines that use it (``baselines`` must be ``none``).
     """
     cfg = (config or EvalConfig()).resolved(meta)
     hf_model = unwrap_model(model)
@@ -504,20 +521,26 @@ def run_eval(
     prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
     if not prompt_ids:
         raise ValueError("no prompts to evaluate")
-    rank, world = shard
+    lockstep = Lockstep.if_distributed() if shard is None else None
+    rank, world = shard or (0, 1)
     if len(prompt_ids) < world:
         raise ValueError(f"{len(prompt_ids)} prompts for {world} eval ranks: every rank needs at least one")
+    B = cfg.block_size
+    slots = max(map(len, prompt_ids)) + cfg.max_new_tokens + 2 * B * (B + 2)  # the longest decode, any loop
+    # a sliding-window model: refused here, before any decoding, if the longest decode can reach the window
+    check_decode_length(hf_model.config, slots,
+                        f"--max-new-tokens {cfg.max_new_tokens} after the longest prompt with --block-size {B}")
     static = None
     if cfg.compile != "none":
-        B = cfg.block_size
-        static = StaticDecoding(hf_model, max(map(len, prompt_ids)) + cfg.max_new_tokens + 2 * B * (B + 2),
-                                compile=cfg.compile == "compile", mode=compile_mode(hf_model))
-    setup = DecodeSetup(hf_model, cfg, meta, eos, pad if pad is not None else (eos[0] if eos else 0), static)
+        static = StaticDecoding(hf_model, slots, compile=cfg.compile == "compile", mode=compile_mode(hf_model))
+    setup = DecodeSetup(hf_model, cfg, meta, eos, pad if pad is not None else (eos[0] if eos else 0), static,
+                        lockstep)
     was_training = hf_model.training
     hf_model.eval()
     try:
         with adapter_preserved(hf_model):
-            runs = _time_methods(build_methods(setup), prompt_ids[rank::world], cfg, progress and rank == 0, warmup)
+            bar = progress and rank == 0 and (lockstep is None or lockstep.leader)  # one progress bar per eval
+            runs = _time_methods(build_methods(setup), prompt_ids[rank::world], cfg, bar, warmup)
     finally:
         hf_model.train(was_training)
     if world > 1:
@@ -746,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .lora import load_adapter_dir
+    from .lora import load_adapter_dir, stack_projections
 
     config = from_args(EvalConfig, args, "decoding.")
     if args.limit is not None and args.limit < 1:
@@ -769,11 +792,13 @@ def _main(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype,
                                                  attn_implementation=args.attn_implementation)
-    meta = load_adapter_dir(model, args.adapter, stack=config.compile != "compile")  # compiled graphs fuse on their own
+    meta = load_adapter_dir(model, args.adapter)
     if not 0 <= meta.mask_token_id < model.config.vocab_size:
         raise ValueError(f"{args.adapter}: MASK id {meta.mask_token_id} is outside this model's vocabulary "
                          f"({model.config.vocab_size}): an adapter trained on another base model?")
     model.to(device).eval()
+    if config.compile != "compile":  # compiled graphs fuse on their own
+        stack_projections(model)  # after the move: the stack is then built once, where it computes
     if world > 1:
         import torch.distributed as dist
 

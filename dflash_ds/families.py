@@ -16,7 +16,10 @@ What differs between them, and where it matters:
 
 The sliding window matters because the training forward passes its own 4D mask (clean tokens causal, blocks
 bidirectional inside a block): the window is not applied there, so a sequence longer than the window would train the
-drafter against a different model than the one that decodes. :func:`check_max_length` refuses that.
+drafter against a different model than the one that decodes. :func:`check_max_length` refuses that. Decoding is the
+same story (its cache keeps every key, its draft/verify/fused masks have no window, and transformers' sliding cache
+layers cannot be cropped back once they drop keys): :func:`check_decode_length` refuses a decode that could reach
+the window, so what dflash-ds decodes is exactly the model's output.
 
 Fused-projection families (Phi-3's ``qkv_proj``/``gate_up_proj``), MoE MLPs and Gemma's scaled embeddings are not
 covered: :func:`family_of` names the supported ``model_type`` values instead of failing later.
@@ -141,3 +144,32 @@ def check_max_length(config, max_length: int) -> None:
             "own attention mask (no window), so longer sequences would train against a different model; "
             f"use --max-length <= {window}"
         )
+
+
+def _any_sliding_window(config) -> int | None:
+    """:func:`sliding_window`, and for a model outside :data:`FAMILIES` (the decoder itself is family-agnostic) the
+    transformers convention: ``sliding_window`` where ``layer_types`` names sliding layers, or where there are none."""
+    try:
+        return sliding_window(config)
+    except ValueError:
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        return window if layer_types is None or "sliding_attention" in layer_types else None
+
+
+def check_decode_length(config, slots: int, what: str) -> None:
+    """Refuse a decode that a sliding-window model would attend differently (:func:`sliding_window`).
+
+    The decoder keeps every key in its cache and passes its own masks (draft blocks, verify rows, fused groups), with
+    no window, and transformers' sliding-window cache layers drop keys past the window (a dropped key cannot be
+    cropped back). Both agree with the model while the cache never holds ``window`` slots: every query then sees
+    every earlier key under the window too. ``slots``: the most cache slots this decode can fill (``what`` names it).
+    """
+    window = _any_sliding_window(config)
+    if window is not None and slots >= window:
+        raise ValueError(
+            f"{what} needs up to {slots} KV-cache slots, but this model attends within sliding_window={window}: "
+            "dflash-ds's decoder keeps a full cache with its own attention masks, so past the window its output "
+            f"would not be the model's. Keep the longest prompt + --max-new-tokens + 2*B*(B+2) below {window} "
+            "(shorter prompts, fewer new tokens, a smaller --block-size), or use a model without a sliding window "
+            "(Mistral v0.2 and later, Qwen2 with use_sliding_window false)")

@@ -80,3 +80,49 @@ def test_sliding_window_longer_than_max_length_is_refused():
     assert sliding_window(qwen2) is None
     assert sliding_window(tiny_config("qwen2", sliding_window=64, use_sliding_window=True, max_window_layers=0)) == 64
     assert sliding_window(tiny_config("llama")) is None
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_decoding_a_sliding_window_model_is_exact_inside_the_window_and_refused_past_it(family):
+    """The decoder keeps a full cache with its own masks (no window): while a decode cannot reach the window that
+    is the model exactly (every loop, dynamic and static cache, equals transformers' generate, which applies the
+    window); a decode that could reach it is refused up front naming sliding_window (it crashed mid-decode in
+    transformers' sliding cache layer, or with a static cache in the attention, while the AR baseline ran)."""
+    from types import SimpleNamespace
+
+    from dflash_ds.evaluate import EvalConfig, run_eval
+    from dflash_ds.lora import DraftMeta
+    from dflash_ds.speculative import (LoRABlockDrafter, StaticDecoding, autoregressive_generate, fused_generate,
+                                       speculative_generate)
+
+    window, B, mask_id = 80, 4, 3
+    extra = dict(use_sliding_window=True, max_window_layers=0) if family == "qwen2" else {}
+    model = tiny_model(family, seed=2, initializer_range=0.2, sliding_window=window, eos_token_id=None, **extra)
+    assert sliding_window(model.config) == window
+    apply_lora(model, LoRAConfig(r=4, alpha=8))
+    randomize_lora_b(model)
+    model.dflash_adapter.set(False)
+    prompt = torch.randint(4, 90, (10,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def decoders(new: int, static: StaticDecoding | None = None):
+        yield lambda: speculative_generate(model, prompt, LoRABlockDrafter(mask_id), block_size=B, max_new_tokens=new,
+                                           static=static)
+        yield lambda: fused_generate(model, prompt, mask_id, block_size=B, max_new_tokens=new, static=static)
+        yield lambda: autoregressive_generate(model, prompt, max_new_tokens=new, static=static)
+
+    new = 8  # prompt + new + 2*B*(B+2) = 66 slots: inside the window, static cache included
+    ids = torch.tensor([prompt])
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    static = StaticDecoding(model, len(prompt) + new + 2 * B * (B + 2))
+    for decode in [*decoders(new), *decoders(new, static)]:
+        assert decode().output_ids == want
+    for decode in decoders(70):  # 80 slots and more (the AR baseline: 83, the loops: 104 and 108): the window
+        with pytest.raises(ValueError, match=f"sliding_window={window}"):
+            decode()
+    with pytest.raises(ValueError, match=f"static cache needs up to 90 KV-cache slots.*sliding_window={window}"):
+        StaticDecoding(model, 90)
+    tokenizer = SimpleNamespace(eos_token_id=None, pad_token_id=0)  # token-id prompts need no vocabulary
+    with pytest.raises(ValueError, match=f"--max-new-tokens 70 after the longest prompt.*sliding_window={window}"):
+        run_eval(model, tokenizer, DraftMeta(B, mask_id, "block"), [prompt], EvalConfig(max_new_tokens=70),
+                 progress=False)

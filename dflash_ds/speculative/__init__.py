@@ -18,13 +18,15 @@ the same forward as the next block (one 4D mask: those tokens causal, the block 
 loop (:mod:`.fused`, scope ``block``) does a step in one forward.
 
 Modules: :mod:`.engine` (the session: model, cache, counted forwards), :mod:`.drafters`, :mod:`.accept`,
-:mod:`.loop` (two-forward loop, autoregressive baseline, :class:`SpecResult`), :mod:`.fused`.
+:mod:`.loop` (two-forward loop, autoregressive baseline, :class:`SpecResult`), :mod:`.fused`, :mod:`.lockstep` (rank 0
+decides, the other ranks follow: the in-training eval under ZeRO-3 / tensor parallelism).
 """
 
 from .accept import accept_greedy, accept_sampling
 from .drafters import Draft, Drafter, LoRABlockDrafter, NgramDrafter, untrained_floor_drafter
 from .engine import DecodeSession, StaticDecoding, cache_len, crop_cache, eos_ids_of, unwrap_model
 from .fused import FALLBACKS, FusedConfig, choose_anchors, FusedStep, fused_generate, fused_step_layout
+from .lockstep import Lockstep
 from .loop import SpecResult, autoregressive_generate, speculative_generate
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "FusedConfig",
     "FusedStep",
     "LoRABlockDrafter",
+    "Lockstep",
     "NgramDrafter",
     "SpecResult",
     "StaticDecoding",

@@ -9,6 +9,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..families import check_decode_length
+from .lockstep import Lockstep
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The Hugging Face causal LM inside a DeepSpeed / DDP wrapper."""
@@ -53,6 +56,10 @@ class StaticDecoding:
 
         self.model = unwrap_model(model)
         self.max_cache_len = int(max_cache_len)
+        check_decode_length(self.model.config, self.max_cache_len, "the static cache")
+        # the cache allocates on its first forward and keeps that device and dtype, and compiled graphs are
+        # specialised to them: a model moved or cast after the first generation is refused (fresh_cache)
+        self.placement: tuple[torch.device, torch.dtype] | None = None
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
         decoder = self.model.get_decoder()
         # dynamic=False: one graph per padded row count; the adapter switch is read as a Python value, so each kind
@@ -66,8 +73,21 @@ class StaticDecoding:
         self.compiled = compile
 
     def fresh_cache(self):
+        now = _placement(self.model)
+        if self.placement is None:
+            self.placement = now
+        elif now != self.placement:
+            raise RuntimeError(f"this StaticDecoding has decoded a model in {self.placement[1]} on "
+                               f"{self.placement[0]}, the model is now {now[1]} on {now[0]}: build the static "
+                               "cache (and compiled decoder) after moving the model")
         self.cache.reset()
         return self.cache
+
+
+def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the model computes: its first parameter's device and dtype."""
+    param = next(model.parameters())
+    return param.device, param.dtype
 
 
 class DecodeSession:
@@ -76,10 +96,13 @@ class DecodeSession:
     Everything per-step is kept cheap (per-forward overhead dominates on CPU and on a GPU at batch 1): the adapter
     toggle is a flag (:class:`dflash_ds.lora.AdapterControl`), logits are computed only for the rows a step reads.
     The cache is a :class:`transformers.DynamicCache`, or with ``static`` the shared
-    :class:`StaticDecoding` cache (and compiled decoder).
+    :class:`StaticDecoding` cache (and compiled decoder). Everything it derives from the model (device, dtype,
+    masks, positions) is read when the session starts, so a session lives for one generation. With ``lockstep``,
+    the loops take every decision through :meth:`agree` (rank 0 decides, the other ranks follow).
     """
 
-    def __init__(self, model: nn.Module, max_len: int, block_size: int, static: StaticDecoding | None = None) -> None:
+    def __init__(self, model: nn.Module, max_len: int, block_size: int, static: StaticDecoding | None = None,
+                 lockstep: Lockstep | None = None) -> None:
         self.model = unwrap_model(model)
         self.control = getattr(self.model, "dflash_adapter", None)
         self.decoder = self.model.get_decoder()
@@ -95,11 +118,20 @@ class DecodeSession:
         if static is not None and max_len + block_size * (block_size + 2) > static.max_cache_len:
             raise ValueError(f"the static cache holds {static.max_cache_len} tokens; this generation needs up to "
                              f"{max_len + block_size * (block_size + 2)} (prompt + new tokens + one fused step)")
+        check_decode_length(self.model.config, max_len + block_size * (block_size + 2), "this generation")
+        self.lockstep = lockstep
         self.positions = torch.arange(max_len + 2 * block_size * (block_size + 2), device=self.device)[None]
         self.cache = static.fresh_cache() if static is not None else self.new_cache()
         self.counts = {"prefill": 0, "draft": 0, "draft_prefill": 0, "verify": 0}
         self._causal: dict[int, torch.Tensor] = {}
         self.rows = 0  # query rows of every forward after the prefill (what the step pays for on a CPU)
+
+    def agree(self, values: Sequence[int]) -> list[int]:
+        """Rank 0's decision on every rank in a lockstep decode (:class:`Lockstep`); ``values`` itself otherwise.
+        Every decision a loop takes from logits goes through here: at most ``block_size + 1`` ints."""
+        if self.lockstep is None:
+            return list(values)
+        return self.lockstep.agree(values, self.block_size + 1, self.device)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)

@@ -27,6 +27,7 @@ from ..settings import check_choices, setting
 from .accept import accept_greedy, accept_sampling
 from .drafters import LoRABlockDrafter, sample_rows
 from .engine import DecodeSession, StaticDecoding, cache_len, crop_cache
+from .lockstep import Lockstep
 from .loop import SpecResult, finish_result, prefill_cache, prepare_generation
 
 
@@ -163,6 +164,7 @@ def fused_generate(
     config: FusedConfig | None = None,
     static: StaticDecoding | None = None,
     step_callback: Callable[[DecodeSession, list[int], list[int]], None] | None = None,
+    lockstep: Lockstep | None = None,
 ) -> SpecResult:
     """Speculative decoding with ONE forward per step (scope ``block`` adapters only).
 
@@ -173,13 +175,15 @@ def fused_generate(
     exactly the accepted text: its block positions ``2 .. B-1`` are the next step's drafts (position 1 guessed the
     bonus slot). Group keys never stay in the cache: it is cropped to the committed tokens after every forward.
     ``step_callback(session, tokens, drafts)`` runs after every step (``session.cache`` holds ``tokens[:-1]``).
+    With ``lockstep`` (every rank decoding the same prompt, their forwards collective) rank 0 decides the anchors,
+    the accepted count, the bonus and the next drafts for every rank.
     """
     cfg = config or FusedConfig()
     if block_size < 3:
         raise ValueError(f"the fused loop needs block_size >= 3 (a group drafts positions 2 .. B-1), got {block_size}")
     tokens, eos, generator = prepare_generation(model, prompt_ids, eos_token_ids, temperature, generator, "fused_generate")
     B = block_size
-    session = DecodeSession(model, len(tokens) + max_new_tokens + B, B, static=static)
+    session = DecodeSession(model, len(tokens) + max_new_tokens + B, B, static=static, lockstep=lockstep)
     if session.control is None:
         raise ValueError("the fused loop needs a dflash-ds LoRA adapter on the model (apply_lora / --adapter)")
     result = SpecResult(loop="fused")
@@ -205,6 +209,8 @@ def fused_generate(
             k = len(drafted)
             # groups are worth their rows only if the next step can still verify a drafted token
             anchors = choose_anchors(k, cfg.groups, outcome_counts, confidence) if remaining >= 3 else ()
+            if cfg.groups is not None:  # chosen by float confidences (all groups: by k, already agreed)
+                anchors = tuple(session.agree(anchors))
             ids, positions, mask, first_group = step.inputs(L, tokens[-1], drafted, anchors)
             hidden = session.forward_hidden(ids, positions, mask, rows_from=first_group, kind="verify", pad_to=pad_to)
             logits = lm_head(hidden[: k + 1])  # [k+1, V]
@@ -213,6 +219,7 @@ def fused_generate(
                                             temperature, generator)
             else:
                 n, bonus = accept_greedy(drafted, logits)
+            n, bonus = session.agree([n, bonus])  # what is committed, and so when to stop
             crop_cache(cache, ids.shape[1] - (n + 1))  # keep t, d_1 .. d_n; groups and rejected drafts go
             L += n + 1
             assert cache_len(cache) == L, f"verifier cache length {cache_len(cache)} != committed {L}"
@@ -235,12 +242,13 @@ def fused_generate(
                     if cfg.groups is not None:  # the next step's anchors follow the drafter's confidence
                         q = probs_q if sample else torch.softmax(group_logits[1:].float(), dim=-1)
                         confidence = q.max(dim=-1).values.tolist()
+                drafted = session.agree(drafted)  # whether a fallback forward runs, and the next forward's input
             num = min(B - 1, max_new_tokens - generated - 1)
             if not drafted and anchors and num > 0:  # no usable group
                 result.fallbacks += 1
                 if cfg.fallback == "draft":
                     draft = fresh.propose(session, tokens, num, temperature, generator)
-                    drafted, probs_q = [int(x) for x in draft.tokens], draft.probs
+                    drafted, probs_q = session.agree([int(x) for x in draft.tokens]), draft.probs
             if step_callback is not None:
                 step_callback(session, tokens, drafted)
         result.wall_time = time.perf_counter() - t0

@@ -14,6 +14,7 @@ from ..lora import adapter_preserved
 from .accept import accept_greedy, accept_sampling
 from .drafters import Draft, Drafter
 from .engine import DecodeSession, StaticDecoding, cache_len, crop_cache, unwrap_model
+from .lockstep import Lockstep
 
 
 @dataclass
@@ -140,18 +141,20 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     step_callback: Callable[[DecodeSession, list[int], Drafter], None] | None = None,
     static: StaticDecoding | None = None,
+    lockstep: Lockstep | None = None,
 ) -> SpecResult:
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (batch 1), drafting with ``drafter``.
 
     ``block_size`` is the draft block ``B`` (``B - 1`` drafted tokens per step; may be smaller than the trained
     block). Stops after the first EOS (kept in the output) or ``max_new_tokens``. ``step_callback(session, tokens,
     drafter)`` runs after every step with ``tokens`` the committed sequence (``session.cache`` holds ``tokens[:-1]``).
-    The model's adapter switch is restored on return.
+    The model's adapter switch is restored on return. With ``lockstep`` (every rank of a process group decoding
+    the same prompt, their forwards collective), rank 0's drafts, accepted counts and bonus tokens are every rank's.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     tokens, eos, generator = prepare_generation(model, prompt_ids, eos_token_ids, temperature, generator, "speculative_generate")
-    session = DecodeSession(model, len(tokens) + max_new_tokens, block_size, static=static)
+    session = DecodeSession(model, len(tokens) + max_new_tokens, block_size, static=static, lockstep=lockstep)
     result = SpecResult()
     sample = temperature > 0
     cache = session.cache
@@ -165,6 +168,8 @@ def speculative_generate(
             num = min(block_size - 1, remaining - 1)  # never verify past max_new_tokens
             draft = drafter.propose(session, tokens, num, temperature, generator)
             drafted = [int(x) for x in draft.tokens[:num]]
+            if num > 0:  # the verify forward's input: the same on every rank (num is: it follows agreed tokens)
+                drafted = session.agree(drafted)
             k = len(drafted)
             session.set_adapter(False)
             logits = session.forward(session.ids([tokens[-1], *drafted]), L, cache, kind="verify")  # [k+1, V]
@@ -174,6 +179,7 @@ def speculative_generate(
                 n, bonus = accept_sampling(drafted, probs_q, logits, temperature, generator)
             else:
                 n, bonus = accept_greedy(drafted, logits)
+            n, bonus = session.agree([n, bonus])  # what is committed, and so when to stop
             crop_cache(cache, k - n)  # keep t, d_1 .. d_n; the bonus becomes the next t
             L += n + 1
             assert cache_len(cache) == L, f"verifier cache length {cache_len(cache)} != committed {L}"
@@ -197,6 +203,7 @@ def autoregressive_generate(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     static: StaticDecoding | None = None,
+    lockstep: Lockstep | None = None,
 ) -> SpecResult:
     """The AR baseline on the same session: prefill, then one adapter-off forward per token."""
     return speculative_generate(
@@ -209,4 +216,5 @@ def autoregressive_generate(
         temperature=temperature,
         generator=generator,
         static=static,
+        lockstep=lockstep,
     )

@@ -1,0 +1,97 @@
+"""The in-training eval decodes in lockstep on every rank (issue 23): rank 0 decides, the others follow.
+
+Under ZeRO-3 or tensor parallelism every forward is collective, and ``train.py``'s periodic eval calls
+``run_eval(model, tokenizer, meta, prompts, settings, progress=False)`` on every rank. Greedy decoding alone does not
+keep the ranks on one path: an argmax tie, or a last-bit difference between the ranks' kernels, can pick another
+token on one rank, which then runs other forwards than the rest, and they wait on each other until the timeout.
+
+The test runs that call on 2 gloo ranks (torchrun) whose models differ slightly (rank 1 has noise on its output head
+and adapter, so its greedy tokens, drafts and draft confidences are not rank 0's) and whose decoder forwards are
+collective (a pre-hook all-reduces, as ZeRO-3 gathers weights): every rank must return rank 0's outputs, and the run
+must finish. This file is also the worker: ``python tests/test_lockstep.py OUT_DIR`` under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+NEW, PROMPTS, B = 12, 3, 4
+
+
+def test_every_rank_returns_rank_0s_outputs_and_the_run_finishes(tmp_path):
+    from test_distributed import ROOT, _free_port, dist_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(Path(__file__).resolve()), str(tmp_path)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as exc:  # the ranks waited on each other
+        raise AssertionError(f"the 2-rank eval hung:\n{(exc.stderr or b'')[-3000:]!r}") from None
+    assert proc.returncode == 0, f"the 2-rank eval failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["solo"] != r1["solo"], "rank 1's noise must change its own greedy output, or the test shows nothing"
+    assert r0["ar"] == r1["ar"] == r0["solo"]  # rank 0's greedy output on both ranks
+    assert r0["spec"] == r1["spec"] == r0["solo"]  # and both loops commit it (two-forward, then fused)
+    assert r0["other_loop_match"] is r1["other_loop_match"] is True
+    assert r0["forwards"] == r1["forwards"]  # the same forwards, so no rank waited on another
+    assert "lockstep" in r0["hf_baselines"] and "lockstep" in r1["hf_baselines"]  # refused, not left to hang
+
+
+def _worker(out: Path) -> None:
+    """One rank: the trainer's call of run_eval on a model whose decoder forward is collective."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from dflash_ds.evaluate import DRAFTER_OTHER_LOOP, EvalConfig, run_eval
+    from dflash_ds.lora import DraftMeta, lora_modules
+    from dflash_ds.speculative import FusedConfig, autoregressive_generate
+    from test_speculative import MASK, prompts, tiny_model
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    model = tiny_model("sdpa", seed=3)
+    if rank == 1:  # another rank's kernels, exaggerated: its argmaxes, drafts and confidences differ from rank 0's
+        gen = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.05)
+            for _, m in lora_modules(model):
+                m.lora_B.weight.add_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.05)
+    forwards = [0]
+
+    def collective(*_):  # as ZeRO-3's parameter gather: every rank must run this forward too
+        forwards[0] += 1
+        dist.all_reduce(torch.ones(1))
+
+    hook = model.model.register_forward_pre_hook(collective)
+    tokenizer = SimpleNamespace(eos_token_id=None, pad_token_id=0)  # token-id prompts need no vocabulary
+    meta = DraftMeta(B, MASK, "block")
+    prompt_ids = prompts(PROMPTS - 1, length=9, seed=5)
+    settings = EvalConfig(max_new_tokens=NEW, baselines="none", repeats=1, loop="both", block_size=B,
+                          fused=FusedConfig(groups=2))  # anchors chosen by the drafter's (float) confidence
+    report = run_eval(model, tokenizer, meta, prompt_ids, settings, progress=False)
+    try:
+        run_eval(model, tokenizer, meta, prompt_ids, EvalConfig(max_new_tokens=NEW, repeats=1), progress=False)
+        hf_baselines = "ran"
+    except ValueError as exc:
+        hf_baselines = str(exc)
+    dist.barrier()
+    hook.remove()  # from here on this rank alone: its own greedy output
+    solo = [autoregressive_generate(model, p, max_new_tokens=NEW).output_ids for p in prompt_ids]
+    result = {"ar": [p["ar_ids"] for p in report["per_prompt"]], "spec": [p["spec_ids"] for p in report["per_prompt"]],
+              "other_loop_match": report["baselines"][DRAFTER_OTHER_LOOP]["greedy_match"], "solo": solo,
+              "forwards": forwards[0], "hf_baselines": hf_baselines}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared tiny models of test_speculative
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _worker(Path(sys.argv[1]))
