@@ -173,7 +173,7 @@ def autotp_size(ds: dict) -> int:
 
 def resolve_ds_config(ds: dict, cfg: TrainConfig, dp_size: int, use_bf16: bool) -> dict:
     """Fill ``"auto"`` values from the flags and check that batch sizes add up. Returns the dict DeepSpeed gets
-    (its ``tensor_parallel`` section removed: dflash-ds shards the model itself, see dflash_ds/lora.py)."""
+    (its ``tensor_parallel`` section removed: dflash-ds shards the model itself, see dflash_ds/lora/)."""
     ds = json.loads(json.dumps(ds))
     micro = _fill(ds, "train_micro_batch_size_per_gpu", cfg.optim.micro_batch_size, 1, "--micro-batch-size",
                   "train_micro_batch_size_per_gpu")

@@ -465,7 +465,7 @@ def test_build_dataset_cache_reuse_and_invalidation(tok, tmp_path, monkeypatch):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(data, "tokenize_conversation", counting)
+    monkeypatch.setattr(data.chat, "tokenize_conversation", counting)  # check_template_roundtrip calls it
 
     first = build_dataset(tok, DataConfig(paths=paths, cache_dir=str(cache)))
     assert len(calls) > 0
