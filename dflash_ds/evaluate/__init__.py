@@ -1,0 +1,100 @@
+"""``dflash-ds eval``: speculative decoding against the baselines a user would pick instead.
+
+On the same model, prompts and engine, in the same run, this measures
+
+* the trained drafter through dflash-ds's verify loop (:mod:`dflash_ds.speculative`): τ, its histogram, acceptance
+  by block position, forwards per token, tokens/s and speedup over the autoregressive baseline;
+* the autoregressive baseline on the same engine (one adapter-off forward per token);
+* baselines (``--baselines none|fast|all``): ``fast`` = prompt lookup through transformers'
+  ``generate(prompt_lookup_num_tokens=K)`` + the untrained adapter (the floor); ``all`` adds the same n-gram
+  drafter through dflash-ds's own loop (engine vs drafter effects) and transformers' plain greedy ``generate``;
+* how much the target loops: the repetition rate of its greedy output and τ over the first 32 generated tokens
+  versus the rest;
+* spread: per-prompt τ with median and 95% bootstrap intervals, and the speedup's interval over ``--repeats``
+  timing runs;
+* on a standard set (``--benchmark humaneval|mt-bench|question.jsonl``, :mod:`dflash_ds.benchmarks`): τ, speedup
+  and acceptance by position per category, per turn and overall, with intervals, for every method; ``--plot DIR``
+  draws the report (:mod:`dflash_ds.plots`).
+
+Modules: :mod:`.config` (:class:`EvalConfig`, method keys), :mod:`.prompts` (prompt files, rendering),
+:mod:`.methods` (the decoders compared), :mod:`.harness` (:func:`run_eval`: timing rounds, shards, benchmark
+turns), :mod:`.report` (statistics, the report and its tables: pure functions of the runs), :mod:`.cli`
+(:func:`main`). :func:`run_eval` is the reusable entry point (the trainer calls it with its in-memory model).
+"""
+
+from ..speculative import eos_ids_of
+from .cli import build_parser, main
+from .config import (
+    AR,
+    BASELINE_CHOICES,
+    COMPILE_CHOICES,
+    DRAFTER,
+    DRAFTER_OTHER_LOOP,
+    FLOOR,
+    HF_GREEDY,
+    LOOP_CHOICES,
+    LOOP_LABELS,
+    NGRAM,
+    PROMPT_LOOKUP,
+    SPLIT_AT,
+    TABLE_ORDER,
+    EvalConfig,
+    compile_mode,
+    default_loop,
+)
+from .harness import benchmark_prompts, run_eval
+from .methods import (
+    Autoregressive,
+    DecodeSetup,
+    FusedLoop,
+    Generation,
+    HFGenerate,
+    Method,
+    TwoForwardLoop,
+    build_methods,
+)
+from .prompts import PromptFileError, load_prompts, read_prompts, render_prompt
+from .report import LOOP_STATS, Runs, benchmark_section, build_report, format_benchmark, format_table, spec_stats
+
+__all__ = [
+    "AR",
+    "Autoregressive",
+    "BASELINE_CHOICES",
+    "COMPILE_CHOICES",
+    "DRAFTER",
+    "DRAFTER_OTHER_LOOP",
+    "DecodeSetup",
+    "EvalConfig",
+    "FLOOR",
+    "FusedLoop",
+    "Generation",
+    "HFGenerate",
+    "HF_GREEDY",
+    "LOOP_CHOICES",
+    "LOOP_LABELS",
+    "LOOP_STATS",
+    "Method",
+    "NGRAM",
+    "PROMPT_LOOKUP",
+    "PromptFileError",
+    "Runs",
+    "SPLIT_AT",
+    "TABLE_ORDER",
+    "TwoForwardLoop",
+    "benchmark_prompts",
+    "benchmark_section",
+    "build_methods",
+    "build_parser",
+    "build_report",
+    "compile_mode",
+    "default_loop",
+    "eos_ids_of",
+    "format_benchmark",
+    "format_table",
+    "load_prompts",
+    "main",
+    "read_prompts",
+    "render_prompt",
+    "run_eval",
+    "spec_stats",
+]
