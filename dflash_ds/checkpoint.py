@@ -8,7 +8,9 @@ Layout of ``OUTPUT/checkpoints``::
         COMPLETE
     latest                    name of the newest complete checkpoint (replaced atomically)
 
-A crash during a save leaves only a ``.partial`` directory, which resume ignores. Resuming on the same parallel
+A crash during a save leaves only a ``.partial`` directory, which resume ignores. Saving a step that already has a
+checkpoint renames the old one aside (``step_00000010.old``) before the new one moves in, so a crash between the
+renames still leaves a complete checkpoint of that step, which resume finds. Resuming on the same parallel
 layout uses DeepSpeed's files (bit-exact); on a different number of ranks the rank-independent state is loaded
 into the new layout through DeepSpeed's ``safe_set_full_*`` API.
 """
@@ -38,6 +40,7 @@ from .lora import (
 )
 
 STATE_FILE = "dflash_state.pt"
+ASIDE = ".old"  # a complete checkpoint renamed aside while a new save of the same step replaces it
 COMPLETE = "COMPLETE"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -51,14 +54,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def gather_optimizer_state(model) -> dict[str, dict[str, torch.Tensor]]:
-    """Full fp32 master weights and Adam moments per PEFT key, gathered over ZeRO and TP (collective)."""
+def gather_optimizer_state(model, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """Full fp32 master weights and Adam moments per PEFT key, gathered over ZeRO and TP (collective), on the CPU.
+
+    The TP all-gather runs on ``device`` (the compute device): ZeRO-Offload keeps these states on the CPU, and a
+    collective's tensor must be on a device its group has a backend for (NCCL has no CPU one)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, module, factor, p in lora_factors(model):
         entry = {"fp32": safe_get_full_fp32_param(p), **{k: safe_get_full_optimizer_state(p, k) for k in ADAM_KEYS}}
-        out[name] = {k: tp_gather_factor(module, factor, v.detach().float().cpu()) for k, v in entry.items()
+        out[name] = {k: tp_gather_factor(module, factor, v.detach().float().to(device)).cpu() for k, v in entry.items()
                      if v is not None}
     return out
 
@@ -107,15 +113,13 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, kee
     model = engine.module.model
     state = dict(client_state)
     state["adapter"] = _gathered_adapter(engine)
-    state["optimizer"] = gather_optimizer_state(model)
+    state["optimizer"] = gather_optimizer_state(model, engine.device)
     state["lr_scheduler"] = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
     faults.at("IN_SAVE", step)  # tests: die mid-save, before the rename
     if _rank() == 0:
         torch.save(state, partial / STATE_FILE)
         (partial / COMPLETE).write_text(f"{step}\n")
-        final = root / tag
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        publish(partial, root / tag)
         tmp = root / "latest.tmp"
         tmp.write_text(tag + "\n")
         os.replace(tmp, root / "latest")
@@ -123,6 +127,44 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, kee
         print(f"checkpoint {root / tag} written", flush=True)
     _barrier()
     return root / tag
+
+
+def publish(partial: Path, final: Path) -> None:
+    """Rename the complete checkpoint ``partial`` to ``final`` so that a complete checkpoint of that step exists at
+    every moment, even when ``final`` already holds one (a step saved again, e.g. by a run resumed from its final
+    checkpoint): the old one is renamed aside to ``final.old`` (which :func:`find_checkpoint` also accepts), the new
+    one renamed in, and only then the old one deleted. Each rename is atomic."""
+    aside = final.with_name(final.name + ASIDE)
+    if final.exists():
+        if aside.exists():  # left by a crash after its replacement was in place: final is complete
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+    os.replace(partial, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def complete_or_aside(path: Path) -> Path:
+    """``path``, or its ``.old`` twin where only that one is complete (a re-save interrupted between renames)."""
+    aside = path.with_name(path.name + ASIDE)
+    return aside if not (path / COMPLETE).exists() and (aside / COMPLETE).exists() else path
+
+
+def _step_of(path: Path) -> int | None:
+    """The step of a checkpoint directory ``step_XXXXXXXX`` or ``step_XXXXXXXX.old``; None for anything else."""
+    name = path.name[: -len(ASIDE)] if path.name.endswith(ASIDE) else path.name
+    digits = name[len("step_") :]
+    return int(digits) if name.startswith("step_") and digits.isdigit() else None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root``, one per step, oldest first: ``step_XXXXXXXX``, or its ``.old``
+    twin where a re-save of that step was interrupted between its renames (:func:`publish`)."""
+    found: dict[int, Path] = {}
+    for path in sorted(Path(root).glob("step_*")):  # "step_N" sorts before "step_N.old": the plain one wins
+        step = _step_of(path)
+        if step is not None and step not in found and path.is_dir() and (path / COMPLETE).exists():
+            found[step] = path
+    return [found[step] for step in sorted(found)]
 
 
 def _gathered_adapter(engine) -> dict[str, torch.Tensor]:
@@ -139,21 +181,26 @@ def _gathered_adapter(engine) -> dict[str, torch.Tensor]:
 def _prune(root: Path, keep_last: int) -> None:
     if keep_last < 1:
         return
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).exists())
-    for old in done[:-keep_last]:
+    for old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.with_name(old.name.removesuffix(ASIDE) + ASIDE), ignore_errors=True)
 
 
 def find_checkpoint(spec: str, output_dir: str | Path) -> Path | None:
     """``auto`` -> newest complete checkpoint under OUTPUT/checkpoints (None if there is none); else a path."""
     if spec == "auto":
-        root = Path(output_dir) / "checkpoints"
-        done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial") and (p / COMPLETE).exists())
+        done = complete_checkpoints(Path(output_dir) / "checkpoints")
         return done[-1] if done else None
-    path = Path(spec)
+    path = complete_or_aside(Path(spec))
     if not (path / COMPLETE).exists() or not (path / STATE_FILE).exists():
         raise ValueError(f"--resume {spec}: not a complete dflash-ds checkpoint (no {COMPLETE} / {STATE_FILE})")
     return path
+
+
+def read_client_state(path: Path) -> dict:
+    """The saved client state of a checkpoint (step, samples, layout...), without its tensors' owners."""
+    state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    return {k: v for k, v in state.items() if k not in ("adapter", "optimizer", "lr_scheduler")}
 
 
 def load_checkpoint(engine, path: Path, layout_now: dict) -> dict:
@@ -214,7 +261,7 @@ def main_export(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ckpt = Path(args.checkpoint)
     if (ckpt / "latest").exists() and not (ckpt / STATE_FILE).exists():
-        ckpt = ckpt / (ckpt / "latest").read_text().strip()
+        ckpt = complete_or_aside(ckpt / (ckpt / "latest").read_text().strip())
     try:
         out = export_checkpoint(ckpt, args.out)
     except ValueError as exc:

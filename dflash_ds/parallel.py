@@ -45,7 +45,9 @@ def check_parallel_sizes(world_size: int, tp_size: int) -> None:
 
 
 def build_parallel_layout(tp_size: int) -> ParallelLayout:
-    """Create the TP and DP groups (every rank must call this, in the same order)."""
+    """Create the TP and DP groups (every rank must call this, in the same order). They are made without a backend,
+    so they inherit the world group's backend string (``"cpu:gloo,cuda:nccl"`` on a GPU,
+    dflash_ds/collectives.py): a CPU tensor has a backend on them too."""
     if not dist.is_initialized():
         return ParallelLayout(1, 0, TPGroup(), 0, 1, None)
     world, rank = dist.get_world_size(), dist.get_rank()

@@ -26,7 +26,9 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from . import collectives
 from .blocks import BlockConfig, BlockLayout, build_block_layout
+from .collectives import process_group_backend
 from .config import TrainConfig, autotp_size, load_ds_config, parse_train_args, resolve_ds_config
 from .data import build_dataset, collate_batch, sequence_lengths
 from .faults import faults
@@ -51,18 +53,29 @@ from .parallel import (
 # set-up helpers
 
 
+def accelerator_device_type() -> str:
+    """The device type this process computes on: ``"cuda"`` where a GPU is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def init_distributed(dist_timeout: float) -> None:
     """Join the launcher's process group (deepspeed, torchrun) or make a group of one. Set-up collectives wait
-    ``max(dist_timeout, SETUP_TIMEOUT_S)``; :func:`setup` tightens every group to ``dist_timeout`` before step 1."""
+    ``max(dist_timeout, SETUP_TIMEOUT_S)``; :func:`setup` tightens every group to ``dist_timeout`` before step 1.
+
+    The group gets a backend for every device its tensors may be on (:func:`process_group_backend`: on a GPU,
+    ``"cpu:gloo,cuda:nccl"``): some collectives here run on CPU tensors on purpose, and NCCL alone has no CPU
+    backend. deepspeed.init_distributed passes the string to ``torch.distributed.init_process_group`` unchanged
+    (deepspeed/comm/torch.py ``TorchBackend.init_process_group``), and ``new_group`` inherits it."""
     import deepspeed
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=setup_timeout(dist_timeout))
-    if torch.cuda.is_available():
+    device_type = accelerator_device_type()
+    if device_type == "cuda":  # before the group exists: NCCL binds each rank to its current device
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=process_group_backend(device_type), auto_mpi_discovery=False,
+                               timeout=setup_timeout(dist_timeout))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -119,6 +132,43 @@ class StepBatches:
             start = base + (i * self.dp + self.rank) * self.micro
             out.append((epoch, self._perm[start : start + self.micro]))
         return out
+
+
+def exact_batch_flags(global_batch: int, micro: int, dp: int) -> str | None:
+    """Flags that give ``global_batch`` sequences per step on ``dp`` data-parallel ranks, keeping the micro-batch
+    where possible (else the largest one that divides); None when ``dp`` does not divide ``global_batch``."""
+    if global_batch % dp:
+        return None
+    per_rank = global_batch // dp
+    if per_rank % micro == 0:
+        return f"--grad-accum {per_rank // micro} (ds_config gradient_accumulation_steps)"
+    m = max(d for d in range(1, min(micro, per_rank) + 1) if per_rank % d == 0)
+    return (f"--micro-batch-size {m} --grad-accum {per_rank // m} (ds_config train_micro_batch_size_per_gpu, "
+            "gradient_accumulation_steps)")
+
+
+def resume_step(saved: dict, micro: int, accum: int, dp: int, where: str) -> int:
+    """The step a run resumed from a checkpoint with client state ``saved`` starts at: the saved step, where this
+    run's global batch (``micro x accum x dp``) is the one the checkpoint was trained with.
+
+    A step is a global batch of the data order, and ``--max-steps``/``--epochs``, the schedule and the saved
+    scheduler count steps: with another global batch the same step would start at another sample (some data
+    skipped or seen twice) and the schedule would stretch or shrink. That is refused with the flags that resume
+    exactly (``saved["samples"]`` is the position in sequences)."""
+    step, samples = int(saved["step"]), saved.get("samples")
+    global_batch = micro * accum * dp
+    if samples is None or step == 0 or samples == step * global_batch:
+        return step
+    saved_batch = samples // step
+    fix = exact_batch_flags(saved_batch, micro, dp)
+    how = (f"resume with {fix} to continue exactly at sample {samples}" if fix else
+           f"resume on a number of data-parallel ranks that divides {saved_batch}")
+    raise ValueError(
+        f"--resume {where}: the checkpoint is at step {step} of global batch {saved_batch} (sequence {samples} of "
+        f"the data order); this run's global batch is {global_batch} (micro-batch {micro} x grad-accum {accum} x "
+        f"{dp} data-parallel ranks), so it would restart at sequence {step * global_batch} and count "
+        f"--max-steps/--epochs and the learning-rate schedule in other steps; {how}"
+    )
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
@@ -198,9 +248,14 @@ class MetricsLog:
 
 class StepMetrics:
     """What one optimizer step logs. Sums and counts while the micro-batches run (so ranks can add them up), then
-    :meth:`reduce` gives the record: loss, ce, kl (means over micro-batches), acc (top-1 over supervised block
-    positions), sim_tau (simulated acceptance over fully supervised blocks), tokens_per_s, skipped_samples (samples
-    with no valid anchor), and the accuracy by block position for TensorBoard."""
+    :meth:`reduce` gives the record: loss, ce, kl (means over the micro-batches that counted), acc (top-1 over
+    supervised block positions), sim_tau (simulated acceptance over fully supervised blocks), tokens_per_s,
+    skipped_samples (samples with no valid anchor), nonfinite_micro_batches, and the accuracy by block position for
+    TensorBoard.
+
+    A micro-batch whose loss was non-finite (skipped: it added no gradient) adds nothing to the loss, ce, kl and
+    accuracy sums: its NaN would make the step's means NaN, and its zero stand-in loss would pull them down. It
+    still counts in tokens_per_s (its forward ran). A step with no micro-batch left logs NaN means."""
 
     def __init__(self, step: int, block_size: int) -> None:
         self.step, self.t0 = step, time.perf_counter()
@@ -208,12 +263,20 @@ class StepMetrics:
         self.sums = {
             "loss": z(()), "ce": z(()), "kl": z(()), "correct": z(block_size), "count": z(block_size),
             "accept_sum": z(()), "accept_count": z(()), "tokens": z(()), "skipped_samples": z(()),
+            "counted": z(()), "nonfinite": z(()),
         }
         self.record: dict[str, Any] = {}
         self.per_position: list[float] = []
 
-    def add(self, out: ObjectiveOutput, loss: torch.Tensor, batch: dict, blocks: BlockLayout) -> None:
+    def add(self, out: ObjectiveOutput, loss: torch.Tensor, batch: dict, blocks: BlockLayout, *,
+            skipped: bool = False) -> None:
+        """One micro-batch's numbers; ``skipped``: its loss was non-finite on some rank (see the class docstring)."""
         s = self.sums
+        s["tokens"] += float(batch["attention_mask"].sum() + blocks.block_valid.sum() * blocks.block_size)
+        if skipped:
+            s["nonfinite"] += 1
+            return
+        s["counted"] += 1
         s["loss"] += loss.detach().float().cpu()
         s["ce"] += out.ce.float().cpu()
         s["kl"] += out.kl.float().cpu()
@@ -221,29 +284,35 @@ class StepMetrics:
         s["count"] += out.count_by_pos.cpu()
         s["accept_sum"] += out.accept_sum.cpu()
         s["accept_count"] += out.accept_count.cpu()
-        s["tokens"] += float(batch["attention_mask"].sum() + blocks.block_valid.sum() * blocks.block_size)
         s["skipped_samples"] += blocks.num_skipped
 
     def reduce(self, parallel: ParallelLayout, accum: int, **extra) -> dict[str, Any]:
-        """Sum over data-parallel ranks (TP ranks hold the same numbers) and turn sums into means (collective)."""
+        """Sum over data-parallel ranks (TP ranks hold the same numbers) and turn sums into means (collective).
+        ``accum``: the micro-batches each rank ran this step (counted or skipped)."""
         flat = torch.cat([v.reshape(-1) for v in self.sums.values()])
         if parallel.dp_size > 1:
-            dist.all_reduce(flat, group=parallel.dp_group)
+            collectives.all_reduce(flat, group=parallel.dp_group)  # CPU sums: the group's gloo backend
         parts, offset = {}, 0
         for k, v in self.sums.items():
             parts[k] = flat[offset : offset + v.numel()].reshape(v.shape)
             offset += v.numel()
-        micro_steps = accum * parallel.dp_size
+        counted = float(parts["counted"])  # micro-batches over all data-parallel ranks
+        if counted + float(parts["nonfinite"]) != accum * parallel.dp_size:
+            raise RuntimeError(f"step {self.step}: {counted:g} counted + {float(parts['nonfinite']):g} skipped "
+                               f"micro-batches, expected {accum} on each of {parallel.dp_size} ranks")
+        mean = (lambda key: float(parts[key]) / counted) if counted else (lambda key: float("nan"))
         self.per_position = (parts["correct"] / parts["count"].clamp(min=1)).tolist()
         accepted = parts["accept_count"] > 0
         self.record = {
             "step": self.step,
-            "loss": float(parts["loss"]) / micro_steps,
-            "ce": float(parts["ce"]) / micro_steps,
-            "kl": float(parts["kl"]) / micro_steps,
-            "acc": float(parts["correct"].sum() / parts["count"].sum().clamp(min=1)),
+            "loss": mean("loss"),
+            "ce": mean("ce"),
+            "kl": mean("kl"),
+            "acc": float(parts["correct"].sum() / parts["count"].sum().clamp(min=1)) if counted else float("nan"),
             "sim_tau": float(parts["accept_sum"] / parts["accept_count"]) if accepted else float("nan"),
             "skipped_samples": int(parts["skipped_samples"]),
+            # every rank skips the same micro-batches: count each once
+            "nonfinite_micro_batches": int(parts["nonfinite"]) // parallel.dp_size,
             **extra,
             "tokens_per_s": float(parts["tokens"]) / max(time.perf_counter() - self.t0, 1e-9),
         }
@@ -299,7 +368,7 @@ def setup(cfg: TrainConfig) -> Run:
     import deepspeed
     from transformers import AutoConfig, AutoTokenizer
 
-    from .checkpoint import find_checkpoint, load_checkpoint
+    from .checkpoint import find_checkpoint, load_checkpoint, read_client_state
 
     cfg.validate()
     ds_raw = load_ds_config(cfg.deepspeed_config)
@@ -334,6 +403,10 @@ def setup(cfg: TrainConfig) -> Run:
                           sequence_lengths(dataset) if cfg.optim.group_by_length else None,
                           cfg.optim.group_by_length)
     total_steps = cfg.optim.max_steps or batches.steps_per_epoch * cfg.optim.epochs
+    # resume: the data position must mean the same sample in this layout (checked before any model loads)
+    ckpt = find_checkpoint(cfg.resume, cfg.output_dir) if cfg.resume else None
+    if ckpt is not None:
+        resume_step(read_client_state(ckpt), micro, accum, parallel.dp_size, str(ckpt))
 
     # model: frozen target + adapter, wrapped in the objective, handed to DeepSpeed
     model = load_target(cfg, ds, parallel, dtype)
@@ -359,10 +432,10 @@ def setup(cfg: TrainConfig) -> Run:
     )
 
     # resume: adapter, optimizer, schedule, data position, RNG
-    ckpt = find_checkpoint(cfg.resume, cfg.output_dir) if cfg.resume else None
     if ckpt is not None:
         client = load_checkpoint(engine, ckpt, run.layout_key)
-        run.start_step, run.nonfinite = client["step"], client.get("nonfinite", 0)
+        run.start_step = resume_step(client, micro, accum, parallel.dp_size, str(ckpt))
+        run.nonfinite = client.get("nonfinite", 0)
         torch.set_rng_state(client["rng"])
         if is_main:
             print(f"resumed from {ckpt} at step {run.start_step}", flush=True)
@@ -393,7 +466,8 @@ def train_step(run: Run, step: int) -> StepMetrics:
         blocks = build_block_layout(batch["input_ids"], batch["loss_mask"], batch["attention_mask"], run.blocks, seeds)
         out = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device), blocks.to(device))
         loss = faults.loss(step + 1, out.loss)
-        if not _all_finite(loss):
+        skipped = not _all_finite(loss)  # the same on every rank
+        if skipped:
             run.nonfinite += 1
             if run.is_main:
                 print(f"step {step + 1}: non-finite loss skipped ({run.nonfinite}/{cfg.optim.max_nonfinite})", flush=True)
@@ -409,7 +483,7 @@ def train_step(run: Run, step: int) -> StepMetrics:
             for group in engine.optimizer.param_groups:
                 group["lr"] = 0.0
         engine.step()
-        metrics.add(out, loss, batch, blocks)
+        metrics.add(out, loss, batch, blocks, skipped=skipped)
     metrics.reduce(run.parallel, len(micro_batches), lr=lr_used, grad_norm=_float(engine.get_global_grad_norm()))
     return metrics
 
@@ -482,9 +556,10 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
-    flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device="cpu")
+    """Whether ``loss`` is finite on every rank (collective): one rank's NaN makes every rank skip the micro-batch."""
+    flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)  # on the loss's device
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        collectives.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
 

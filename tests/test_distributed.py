@@ -4,6 +4,7 @@ Each run is a real launcher run (torchrun, 2 processes) of ``python -m dflash_ds
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -150,9 +151,17 @@ def test_sigkill_after_checkpoint_then_resume_matches(assets, reference, tmp_pat
 
 
 def test_resume_two_rank_checkpoint_on_one_rank(assets, reference, tmp_path):
+    """Saved at 2 ranks (global batch 2), resumed on 1: without --grad-accum 2 a step would be one sequence, so
+    step 2 would restart at sequence 2 instead of 4 and --max-steps would count other steps. That is refused,
+    naming the flag, before anything is written; with the flag the run matches the uninterrupted one."""
     extra = ["--save-interval", "2"]
     run_train(assets, tmp_path, nproc=2, config="zero2.json", extra=extra,
               env_extra={"DFLASH_DS_TEST_KILL_AFTER_STEP": "3"}, check=False)
+    shifted = run_train(assets, tmp_path, nproc=1, config="zero2.json", extra=[*extra, "--resume", "auto"],
+                        check=False)
+    assert shifted.returncode == 2, shifted.stderr[-3000:]
+    assert "global batch 2" in shifted.stderr and "resume with --grad-accum 2" in shifted.stderr, shifted.stderr
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]  # refused before the resume touched the run
     run_train(assets, tmp_path, nproc=1, config="zero2.json", extra=[*extra, "--grad-accum", "2", "--resume", "auto"])
     assert_same_run(reference, tmp_path)
 
@@ -293,6 +302,26 @@ def test_nonfinite_loss_is_skipped_then_aborts_past_the_limit(assets, tmp_path):
     proc = run_train(assets, tmp_path / "b", nproc=1, extra=["--max-nonfinite", "1"],
                      env_extra={"DFLASH_DS_TEST_NAN_AT_STEP": "2"}, check=False)
     assert proc.returncode != 0 and "aborting: 1 non-finite losses (--max-nonfinite 1)" in proc.stderr
+
+
+def test_poisoned_micro_batch_is_left_out_of_the_step_metrics(assets, tmp_path):
+    """Micro-batch 0 of step 2 gets a NaN loss (tests/guarded_train.py), micro-batch 1 trains: the step's logged
+    loss, ce, kl and acc are those of micro-batch 1 alone (before: NaN ce/kl, and a loss halved by the skipped
+    micro-batch's zero stand-in)."""
+    losses, out = tmp_path / "losses.jsonl", tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "tests" / "guarded_train.py"),
+           *train_args(assets, out, extra=["--grad-accum", "2", "--max-steps", "2"])]
+    env = dist_env({"DFLASH_DS_TEST_NAN_MICRO": "2:0", "DFLASH_DS_TEST_LOSS_LOG": str(losses)})
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 2: non-finite loss skipped (1/10)" in proc.stdout
+    seen = {(r["step"], r["micro"]): r["loss"] for r in map(json.loads, losses.read_text().splitlines())}
+    first, second = metrics(out)
+    assert first["loss"] == pytest.approx((seen[1, 0] + seen[1, 1]) / 2, rel=1e-5)  # the log reads the losses
+    assert second["loss"] == pytest.approx(seen[2, 1], rel=1e-5)
+    for key in ("ce", "kl", "acc", "sim_tau"):
+        assert math.isfinite(second[key]), (key, second)
+    assert (first["nonfinite_micro_batches"], second["nonfinite_micro_batches"]) == (0, 1)
 
 
 @pytest.mark.parametrize("nproc,config", [(1, None), (2, "zero3.json")])
