@@ -33,6 +33,9 @@ class BlockConfig:
     gamma: float | None = setting(7.0, "loss decay exp(-(k-1)/gamma) over block positions; none = uniform")
     mask_token_id: int | None = setting(None, "MASK id (default: <|mask|>, else an unused embedding row, else an "
                                         "unused special token; dflash.json records which)")
+    allow_ordinary_mask_token: bool = setting(False, "accept an ordinary vocabulary token as --mask-token-id (only "
+                                              "for a tokenizer with no spare embedding row and no unused special "
+                                              "token; training lines containing it are reported per --bad-lines)")
 
     def __post_init__(self) -> None:
         check_choices(self)

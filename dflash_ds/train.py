@@ -13,30 +13,27 @@ In named steps, as :func:`train` reads::
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from . import collectives
-from .blocks import BlockConfig, BlockLayout, build_block_layout
+from .blocks import BlockConfig, build_block_layout
 from .collectives import process_group_backend
 from .config import TrainConfig, autotp_size, load_ds_config, parse_train_args, resolve_ds_config
 from .data import build_dataset, collate_batch, sequence_lengths
 from .faults import faults
-from .files import write_text_atomic
 from .families import check_max_length, check_tp_compatible, family_of
 from .lora import DraftMeta, apply_lora, lora_parameters
 from .mask_token import resolve_mask_token
-from .model import DFlashObjective, ObjectiveOutput
+from .metrics import MetricsLog, StepMetrics
+from .model import DFlashObjective
 from .parallel import (
     ModelParallelUnit,
     ParallelLayout,
@@ -46,6 +43,7 @@ from .parallel import (
     set_dist_timeout,
     setup_timeout,
 )
+from .sampler import StepBatches, lr_lambda, resume_step, sample_seed
 
 
 
@@ -78,115 +76,6 @@ def init_distributed(dist_timeout: float) -> None:
                                timeout=setup_timeout(dist_timeout))
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Per-example seed for anchors/noise: the same example gets the same blocks on any rank layout."""
-    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729 + 12_345) % (2**62)
-
-
-class StepBatches:
-    """Deterministic global batches: step ``g`` of epoch ``e`` takes ``order_e[g*GB:(g+1)*GB]``; data-parallel rank
-    ``r`` gets micro-batch ``i`` as the slice ``[(i*dp + r)*micro, +micro)`` of it. TP ranks share ``r``.
-
-    ``order_e`` is a random permutation of the examples (seeded by ``seed + e``). With ``group_by_length = G > 0``
-    and the examples' ``lengths``, each run of ``G`` global batches of it is then sorted by length, longest first:
-    the ranks of one step (and the rows of one micro-batch) get neighbouring lengths, so no rank idles at the
-    step's gradient all-reduce while another finishes a longer sequence, and micro-batches carry little padding.
-    Which examples an epoch uses, and in which group, stays random."""
-
-    def __init__(self, num_examples: int, micro: int, accum: int, dp_size: int, dp_rank: int, seed: int,
-                 lengths: Sequence[int] | None = None, group_by_length: int = 0) -> None:
-        self.n, self.micro, self.accum, self.dp, self.rank, self.seed = num_examples, micro, accum, dp_size, dp_rank, seed
-        self.global_batch = micro * accum * dp_size
-        self.steps_per_epoch = num_examples // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the data has {num_examples} usable conversations, fewer than one global batch "
-                f"({self.global_batch} = micro x accum x data-parallel ranks); add data or shrink the batch"
-            )
-        if group_by_length and (lengths is None or len(lengths) != num_examples):
-            raise ValueError("group_by_length needs one length per example")
-        self.lengths, self.group = (list(lengths) if group_by_length else None), group_by_length
-        self._perm_epoch, self._perm = -1, None
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        """Every example index once, in the order epoch ``epoch`` takes them (its last ``n % GB`` go unused)."""
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        if not self.group:
-            return order
-        used = self.steps_per_epoch * self.global_batch  # the tail is unused: keep it out of the groups
-        span = self.group * self.global_batch
-        grouped = []
-        for start in range(0, used, span):
-            grouped += sorted(order[start : min(start + span, used)], key=lambda i: -self.lengths[i])
-        return grouped + order[used:]
-
-    def micro_batches(self, step: int) -> list[tuple[int, list[int]]]:
-        """``[(epoch, example indices)]`` for each micro-step of optimizer step ``step`` on this rank."""
-        epoch, local = divmod(step, self.steps_per_epoch)
-        if epoch != self._perm_epoch:
-            self._perm, self._perm_epoch = self.epoch_order(epoch), epoch
-        base = local * self.global_batch
-        out = []
-        for i in range(self.accum):
-            start = base + (i * self.dp + self.rank) * self.micro
-            out.append((epoch, self._perm[start : start + self.micro]))
-        return out
-
-
-def exact_batch_flags(global_batch: int, micro: int, dp: int) -> str | None:
-    """Flags that give ``global_batch`` sequences per step on ``dp`` data-parallel ranks, keeping the micro-batch
-    where possible (else the largest one that divides); None when ``dp`` does not divide ``global_batch``."""
-    if global_batch % dp:
-        return None
-    per_rank = global_batch // dp
-    if per_rank % micro == 0:
-        return f"--grad-accum {per_rank // micro} (ds_config gradient_accumulation_steps)"
-    m = max(d for d in range(1, min(micro, per_rank) + 1) if per_rank % d == 0)
-    return (f"--micro-batch-size {m} --grad-accum {per_rank // m} (ds_config train_micro_batch_size_per_gpu, "
-            "gradient_accumulation_steps)")
-
-
-def resume_step(saved: dict, micro: int, accum: int, dp: int, where: str) -> int:
-    """The step a run resumed from a checkpoint with client state ``saved`` starts at: the saved step, where this
-    run's global batch (``micro x accum x dp``) is the one the checkpoint was trained with.
-
-    A step is a global batch of the data order, and ``--max-steps``/``--epochs``, the schedule and the saved
-    scheduler count steps: with another global batch the same step would start at another sample (some data
-    skipped or seen twice) and the schedule would stretch or shrink. That is refused with the flags that resume
-    exactly (``saved["samples"]`` is the position in sequences)."""
-    step, samples = int(saved["step"]), saved.get("samples")
-    global_batch = micro * accum * dp
-    if samples is None or step == 0 or samples == step * global_batch:
-        return step
-    saved_batch = samples // step
-    fix = exact_batch_flags(saved_batch, micro, dp)
-    how = (f"resume with {fix} to continue exactly at sample {samples}" if fix else
-           f"resume on a number of data-parallel ranks that divides {saved_batch}")
-    raise ValueError(
-        f"--resume {where}: the checkpoint is at step {step} of global batch {saved_batch} (sequence {samples} of "
-        f"the data order); this run's global batch is {global_batch} (micro-batch {micro} x grad-accum {accum} x "
-        f"{dp} data-parallel ranks), so it would restart at sequence {step * global_batch} and count "
-        f"--max-steps/--epochs and the learning-rate schedule in other steps; {how}"
-    )
-
-
-def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
-    warmup = math.ceil(warmup_ratio * total_steps)
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return fn
-
-
 def load_target(cfg: TrainConfig, ds: dict, parallel: ParallelLayout, dtype: torch.dtype):
     """The frozen target, partitioned at load time under ZeRO-3 (without TP), fitted with the adapter."""
     from transformers import AutoModelForCausalLM
@@ -203,120 +92,6 @@ def load_target(cfg: TrainConfig, ds: dict, parallel: ParallelLayout, dtype: tor
         model.activation_checkpointing_enable({"use_reentrant": False})
     model.config.use_cache = False
     return model
-
-
-def _step_of(line: str) -> int | None:
-    """The step of a metrics line; None for a blank or torn one (a run killed while appending it)."""
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return None
-
-
-class MetricsLog:
-    """``OUTPUT/metrics.jsonl`` (one object per optimizer step) and TensorBoard through DeepSpeed's monitor."""
-
-    def __init__(self, output_dir: str, engine, resume_step: int, is_main: bool) -> None:
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self.engine, self.is_main = engine, is_main
-        if is_main:
-            self._truncate_after(resume_step)
-
-    def _truncate_after(self, step: int) -> None:
-        # a resumed run rewrites the steps after its checkpoint, so the file reads like an uninterrupted run
-        if not self.path.exists():
-            return
-        keep = [l for l in self.path.read_text().splitlines() if _step_of(l) is not None and _step_of(l) <= step]
-        write_text_atomic(self.path, "".join(l + "\n" for l in keep))
-
-    def write(self, record: dict, per_position: list[float] | None = None) -> None:
-        if not self.is_main:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        monitor = getattr(self.engine, "monitor", None)
-        if monitor is not None and getattr(monitor, "enabled", False):
-            step = record["step"]
-            events = [(f"train/{k}", float(v), step) for k, v in record.items() if k != "step" and isinstance(v, (int, float))]
-            events += [(f"train/acc_pos_{k}", v, step) for k, v in enumerate(per_position or []) if k > 0]
-            monitor.write_events(events)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# step metrics: summed over micro-batches and data-parallel ranks, then turned into means, in one place
-
-
-class StepMetrics:
-    """What one optimizer step logs. Sums and counts while the micro-batches run (so ranks can add them up), then
-    :meth:`reduce` gives the record: loss, ce, kl (means over the micro-batches that counted), acc (top-1 over
-    supervised block positions), sim_tau (simulated acceptance over fully supervised blocks), tokens_per_s,
-    skipped_samples (samples with no valid anchor), nonfinite_micro_batches, and the accuracy by block position for
-    TensorBoard.
-
-    A micro-batch whose loss was non-finite (skipped: it added no gradient) adds nothing to the loss, ce, kl and
-    accuracy sums: its NaN would make the step's means NaN, and its zero stand-in loss would pull them down. It
-    still counts in tokens_per_s (its forward ran). A step with no micro-batch left logs NaN means."""
-
-    def __init__(self, step: int, block_size: int) -> None:
-        self.step, self.t0 = step, time.perf_counter()
-        z = torch.zeros
-        self.sums = {
-            "loss": z(()), "ce": z(()), "kl": z(()), "correct": z(block_size), "count": z(block_size),
-            "accept_sum": z(()), "accept_count": z(()), "tokens": z(()), "skipped_samples": z(()),
-            "counted": z(()), "nonfinite": z(()),
-        }
-        self.record: dict[str, Any] = {}
-        self.per_position: list[float] = []
-
-    def add(self, out: ObjectiveOutput, loss: torch.Tensor, batch: dict, blocks: BlockLayout, *,
-            skipped: bool = False) -> None:
-        """One micro-batch's numbers; ``skipped``: its loss was non-finite on some rank (see the class docstring)."""
-        s = self.sums
-        s["tokens"] += float(batch["attention_mask"].sum() + blocks.block_valid.sum() * blocks.block_size)
-        if skipped:
-            s["nonfinite"] += 1
-            return
-        s["counted"] += 1
-        s["loss"] += loss.detach().float().cpu()
-        s["ce"] += out.ce.float().cpu()
-        s["kl"] += out.kl.float().cpu()
-        s["correct"] += out.correct_by_pos.cpu()
-        s["count"] += out.count_by_pos.cpu()
-        s["accept_sum"] += out.accept_sum.cpu()
-        s["accept_count"] += out.accept_count.cpu()
-        s["skipped_samples"] += blocks.num_skipped
-
-    def reduce(self, parallel: ParallelLayout, accum: int, **extra) -> dict[str, Any]:
-        """Sum over data-parallel ranks (TP ranks hold the same numbers) and turn sums into means (collective).
-        ``accum``: the micro-batches each rank ran this step (counted or skipped)."""
-        flat = torch.cat([v.reshape(-1) for v in self.sums.values()])
-        if parallel.dp_size > 1:
-            collectives.all_reduce(flat, group=parallel.dp_group)  # CPU sums: the group's gloo backend
-        parts, offset = {}, 0
-        for k, v in self.sums.items():
-            parts[k] = flat[offset : offset + v.numel()].reshape(v.shape)
-            offset += v.numel()
-        counted = float(parts["counted"])  # micro-batches over all data-parallel ranks
-        if counted + float(parts["nonfinite"]) != accum * parallel.dp_size:
-            raise RuntimeError(f"step {self.step}: {counted:g} counted + {float(parts['nonfinite']):g} skipped "
-                               f"micro-batches, expected {accum} on each of {parallel.dp_size} ranks")
-        mean = (lambda key: float(parts[key]) / counted) if counted else (lambda key: float("nan"))
-        self.per_position = (parts["correct"] / parts["count"].clamp(min=1)).tolist()
-        accepted = parts["accept_count"] > 0
-        self.record = {
-            "step": self.step,
-            "loss": mean("loss"),
-            "ce": mean("ce"),
-            "kl": mean("kl"),
-            "acc": float(parts["correct"].sum() / parts["count"].sum().clamp(min=1)) if counted else float("nan"),
-            "sim_tau": float(parts["accept_sum"] / parts["accept_count"]) if accepted else float("nan"),
-            "skipped_samples": int(parts["skipped_samples"]),
-            # every rank skips the same micro-batches: count each once
-            "nonfinite_micro_batches": int(parts["nonfinite"]) // parallel.dp_size,
-            **extra,
-            "tokens_per_s": float(parts["tokens"]) / max(time.perf_counter() - self.t0, 1e-9),
-        }
-        return self.record
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -388,15 +163,16 @@ def setup(cfg: TrainConfig) -> Run:
 
     # data: rank 0 tokenises into the cache first, the others then read it
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-    mask = resolve_mask_token(tokenizer, model_config.vocab_size, cfg.blocks.mask_token_id)
+    mask = resolve_mask_token(tokenizer, model_config.vocab_size, cfg.blocks.mask_token_id,
+                              allow_ordinary=cfg.blocks.allow_ordinary_mask_token)
     if is_main:
         print(f"MASK token: id {mask.token_id} ({mask.token!r}, rule: {mask.rule})", flush=True)
     data_cfg = replace(cfg.data, cache_dir=str(Path(cfg.output_dir) / "data_cache"))
     if is_main:
-        dataset = build_dataset(tokenizer, data_cfg)
+        dataset = build_dataset(tokenizer, data_cfg, mask_token_id=mask.token_id)
     dist.barrier()
     if not is_main:
-        dataset = build_dataset(tokenizer, data_cfg)
+        dataset = build_dataset(tokenizer, data_cfg, mask_token_id=mask.token_id)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     batches = StepBatches(len(dataset), micro, accum, parallel.dp_size, parallel.dp_rank, cfg.optim.seed,

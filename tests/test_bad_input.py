@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import write_conversations, write_tiny_target
-from dflash_ds import checkpoint, evaluate, regenerate, train
+from dflash_ds import checkpoint, evaluate, metrics, regenerate, sampler, train
 from dflash_ds.lora import DraftMeta, LoRAConfig, apply_lora, gather_full_lora_state, save_adapter_dir
 
 BLOCK = 4
@@ -145,7 +145,7 @@ def test_data_empty_after_truncation_or_under_one_batch(target):
     with pytest.raises(ValueError, match=r"no training examples left in .*data.jsonl.* \(max_length=4\)"):
         build_dataset(tok, DataConfig(paths=[str(target / "data.jsonl")], max_length=4))
     with pytest.raises(ValueError, match="4 usable conversations, fewer than one global batch \\(6 ="):
-        train.StepBatches(4, micro=1, accum=3, dp_size=2, dp_rank=0, seed=0)
+        sampler.StepBatches(4, micro=1, accum=3, dp_size=2, dp_rank=0, seed=0)
 
 
 def test_mask_token_in_training_text_is_a_bad_line(tmp_path, capsys):
@@ -193,7 +193,7 @@ def test_resume_drops_a_torn_metrics_line(tmp_path):
     """A run killed while appending to metrics.jsonl leaves a torn last line; resuming must not choke on it."""
     lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)] + ['{"step": 4, "lo']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
-    train.MetricsLog(str(tmp_path), engine=None, resume_step=2, is_main=True)
+    metrics.MetricsLog(str(tmp_path), engine=None, resume_step=2, is_main=True)
     assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\n"
 
 

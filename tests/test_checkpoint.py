@@ -115,7 +115,7 @@ def test_pruning_and_the_newest_step_see_one_checkpoint_per_step(tmp_path):
 
 
 def test_resume_same_global_batch_continues_at_the_saved_step():
-    from dflash_ds.train import resume_step
+    from dflash_ds.sampler import resume_step
 
     saved = {"step": 2, "samples": 8}  # global batch 4
     assert resume_step(saved, micro=1, accum=2, dp=2, where="ckpt") == 2  # the layout it was saved on
@@ -133,7 +133,7 @@ def test_resume_same_global_batch_continues_at_the_saved_step():
     ],
 )
 def test_resume_other_global_batch_names_the_exact_flags(micro, accum, dp, fix):
-    from dflash_ds.train import resume_step
+    from dflash_ds.sampler import resume_step
 
     with pytest.raises(ValueError) as err:
         resume_step({"step": 2, "samples": 8}, micro=micro, accum=accum, dp=dp, where="out/step_00000002")

@@ -55,9 +55,6 @@ def test_collective_device_moves_only_what_the_group_cannot_take():
 #: device every group has a backend for. A new direct call fails the test below: route it through
 #: dflash_ds.collectives instead (and drop an entry here once its function does).
 ALLOWED_DIRECT = {
-    "_CopyToTP.backward": "a gradient of an activation: on the compute device",
-    "_ReduceFromTP.forward": "an activation: on the compute device",
-    "tp_gather_factor": "weights and optimizer states, which checkpoint.py moves to the compute device first",
     "Lockstep.agree": "a buffer made on the model's device",
 }
 

@@ -1,4 +1,4 @@
-"""The recipe's step metrics (dflash_ds.train.StepMetrics) against hand-computed means."""
+"""The recipe's step metrics (dflash_ds.metrics.StepMetrics) against hand-computed means."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 from dflash_ds.blocks import BlockLayout
 from dflash_ds.model import ObjectiveOutput
 from dflash_ds.parallel import ParallelLayout, TPGroup
-from dflash_ds.train import StepBatches, StepMetrics
+from dflash_ds.metrics import StepMetrics
+from dflash_ds.sampler import StepBatches
 
 
 def _out(loss, correct, count, accept_sum, accept_count):

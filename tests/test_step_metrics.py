@@ -1,4 +1,4 @@
-"""A skipped (non-finite) micro-batch adds nothing to a step's logged means (dflash_ds.train.StepMetrics)."""
+"""A skipped (non-finite) micro-batch adds nothing to a step's logged means (dflash_ds.metrics.StepMetrics)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from dflash_ds.blocks import BlockLayout
 from dflash_ds.model import ObjectiveOutput
 from dflash_ds.parallel import ParallelLayout, TPGroup
-from dflash_ds.train import StepMetrics
+from dflash_ds.metrics import StepMetrics
 
 SINGLE = ParallelLayout(world_size=1, rank=0, tp=TPGroup(), dp_rank=0, dp_size=1)
 

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .. import collectives
 from ..parallel import TPGroup
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
+        collectives.all_reduce(grad, group=ctx.group)
         return grad, None
 
 
@@ -78,7 +78,7 @@ class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
         x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
+        collectives.all_reduce(x, group=group)
         return x
 
     @staticmethod

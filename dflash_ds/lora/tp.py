@@ -4,9 +4,9 @@ factor is split across the TP group (gathered to the full tensor, sliced back to
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .. import collectives
 from ..parallel import TPGroup
 from .layers import LoRALinear
 
@@ -48,9 +48,7 @@ def tp_gather_factor(module: LoRALinear, factor: str, t: torch.Tensor) -> torch.
     dim = _sharded_dim(module, factor)
     if dim is None:
         return t
-    parts = [torch.empty_like(t) for _ in range(module.tp.size)]
-    dist.all_gather(parts, t.contiguous(), group=module.tp.group)
-    return torch.cat(parts, dim=dim)
+    return torch.cat(collectives.all_gather(t, group=module.tp.group), dim=dim)
 
 
 def tp_slice_factor(module: LoRALinear, factor: str, t: torch.Tensor) -> torch.Tensor:
