@@ -44,10 +44,8 @@ def test_train_step_variants_run_and_naive_computes_the_same_loss(tmp_path):
         assert case[variant]["status"] == "ok", (variant, case[variant])
     assert case["naive_minus_dflash_loss_abs"] < 1e-4
     assert case["dflash_joint"]["loss_first_step"] == pytest.approx(case["dflash"]["loss_first_step"], abs=1e-5)
-    ratios = case["ratios"]
-    for name, num, den in (("a_over_b", "dflash", "ar"), ("a_gc_over_b_gc", "dflash_gc", "ar_gc"),
-                           ("c_over_a", "naive", "dflash"), ("cached_over_joint", "dflash", "dflash_joint")):
-        assert ratios[f"{name}_time"] == pytest.approx(case[num]["median_s"] / case[den]["median_s"]), name
+    # checkpointing recomputes the same forward: the first step's loss must not move
+    assert case["dflash_gc"]["loss_first_step"] == pytest.approx(case["dflash"]["loss_first_step"], abs=1e-5)
 
 
 def test_spec_decode_is_lossless_and_reports_a_bound(tmp_path):
@@ -59,13 +57,8 @@ def test_spec_decode_is_lossless_and_reports_a_bound(tmp_path):
     for b in report["blocks"]:
         assert b["lossless_outputs_equal"], b  # both loops reproduced the AR output
         for loop in ("two_forward", "fused"):
-            e = b[loop]
-            assert e["bound"] > 0 and e["speedup"] > 0
-            # one round, so the medians are that round's figures; the fused loop's default refill never drafts alone
-            cost = b["t_draft_s"] + b["t_verify_s"] if loop == "two_forward" else b["t_fused_s"]
-            assert e["bound"] == pytest.approx(e["tau"] * b["t_ar_s"] / cost)
+            assert 1.0 <= b[loop]["tau"] <= b["block_size"], (loop, b[loop])  # a bonus token per step at least
         assert b["fused_rows"] == (b["block_size"] - 1) * (b["block_size"] + 1)  # all groups: k+1 = B-1 of them
-        assert b["adapter_overhead"] == pytest.approx(b["t_draft_s"] / b["t_verify_s"] - 1)
 
 
 def test_gpu_bench_cpu_smoke_runs_every_case(tmp_path):
@@ -74,7 +67,7 @@ def test_gpu_bench_cpu_smoke_runs_every_case(tmp_path):
     for name in ("dflash_gc", "dflash_gc_joint", "dflash", "naive", "long_dflash_gc", "long_naive_gc", "dflash_gc_deepspeed", "ar_gc", "ar"):
         assert cases[name]["status"] == "ok", (name, cases[name])
     for name in ("dflash_gc_flex", "long_dflash_gc_flex"):  # torch has no FlexAttention backward on the CPU
-        assert cases[name]["status"] == "ok" or "FlexAttention" in cases[name]["error"], cases[name]
+        assert cases[name]["status"] == "error" and "FlexAttention" in cases[name]["error"], cases[name]
     decode = report["decode_1p7b"]
     assert sorted(int(b) for b in decode["at_context_32"]["per_block"]) == [4, 8, 16]
 
@@ -143,4 +136,3 @@ def test_rank_balance_times_both_orders_on_two_ranks(tmp_path):
         for rank in case["per_rank"]:
             assert rank["forward"] > 0 and rank["backward"] > 0 and rank["all_reduce"] > 0
             assert rank["train_step"] >= rank["forward"] + rank["backward"]
-    assert report["cases"][0]["speed_vs_first"] == 1.0
