@@ -18,6 +18,7 @@ after an interruption resumes (regeneration answer by answer, training from its 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -28,6 +29,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+class LauncherNotFound(RuntimeError):
+    """DeepSpeed's launcher cannot run from this interpreter."""
+
+
+def deepspeed_launcher() -> list[str]:
+    """The ``deepspeed`` launcher as this interpreter runs it: ``python -m deepspeed.launcher.runner`` is what the
+    ``deepspeed`` script runs, and it needs nothing on PATH, so a virtual environment used without being activated
+    (``venv/bin/dflash-ds demo``) launches its own DeepSpeed, and its ranks the same interpreter. Raises
+    :class:`LauncherNotFound`, saying what to do, when this interpreter cannot import DeepSpeed."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise LauncherNotFound(
+            f"DeepSpeed is not installed for this Python ({sys.executable}), and the demo trains through its "
+            "launcher: run the demo with the interpreter dflash-ds was installed into (activate that virtual "
+            "environment, or call its bin/dflash-ds), or install it here: pip install -e '.[cpu]' "
+            "(after pip install torch==2.13.0)")
+    return [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
 def _free_port() -> int:
@@ -146,7 +165,7 @@ def prepare_data(target: Path, prompts: Path, workdir: Path, args) -> Path:
     common = ["--model-path", str(target), "--in", str(prompts), "--out", str(out), "--limit", str(args.num_train),
               "--max-new-tokens", str(args.distill_tokens), "--batch-size", str(args.regen_batch)]
     if args.regen_ranks > 1:
-        cmd = ["deepspeed", "--num_gpus", str(args.regen_ranks), "--master_port", str(_free_port()),
+        cmd = [*deepspeed_launcher(), "--num_gpus", str(args.regen_ranks), "--master_port", str(_free_port()),
                "--module", "dflash_ds.regenerate", *common]
         print("$ " + " ".join(cmd), flush=True)
         subprocess.run(cmd, env=_rank_env(), check=True)
@@ -168,7 +187,7 @@ def launch_training(target: Path, data: Path, run_dir: Path, args) -> None:
     """Two CPU ranks through the DeepSpeed launcher (the same command a cluster run uses, minus --hostfile).
     ``--resume auto``: a rerun continues from the last checkpoint."""
     cmd = [
-        "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dflash_ds.train",
+        *deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dflash_ds.train",
         "--deepspeed_config", str(_ds_config(args.zero_stage, run_dir.parent)),
         "--model-path", str(target), "--train-data", str(data), "--output-dir", str(run_dir),
         "--block-size", str(args.block_size), "--gamma", str(args.gamma), "--max-length", str(args.max_length),
@@ -192,7 +211,7 @@ def evaluate(target: Path, adapter: Path, prompts: Path, args) -> dict:
                         floor_tokens=args.floor_tokens or None)
     if args.eval_ranks > 1:
         report_path = adapter.parent / "eval_report.json"
-        cmd = ["deepspeed", "--num_gpus", str(args.eval_ranks), "--master_port", str(_free_port()),
+        cmd = [*deepspeed_launcher(), "--num_gpus", str(args.eval_ranks), "--master_port", str(_free_port()),
                "--module", "dflash_ds.evaluate", "--model-path", str(target), "--adapter", str(adapter),
                "--prompts", str(prompts), "--limit", str(args.eval_prompts), "--report", str(report_path),
                "--threads", "1", "--max-new-tokens", str(config.max_new_tokens), "--repeats", str(config.repeats),
@@ -258,6 +277,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # up front, not after minutes of target building and self-distillation
+        deepspeed_launcher()
+    except LauncherNotFound as exc:
+        print(f"dflash-ds demo: error: {exc}", file=sys.stderr)
+        return 2
     from .tiny import ensure_tiny_target
 
     t0 = time.perf_counter()

@@ -13,9 +13,15 @@ SMALL_TARGET = TinyTargetConfig(
 )
 
 
-def test_reduced_demo_trains_and_decodes_losslessly(tmp_path, capsys):
+def test_reduced_demo_trains_and_decodes_losslessly(tmp_path, capsys, monkeypatch):
+    """Also without ``deepspeed`` on PATH (a virtual environment used without activating it): the demo launches
+    DeepSpeed from its own interpreter."""
+    import shutil
+
     from dflash_ds.demo import main
 
+    monkeypatch.setenv("PATH", _without_deepspeed_on_path())
+    assert shutil.which("deepspeed") is None
     target = tmp_path / "target"
     build_tiny_target(target, SMALL_TARGET, progress=False)
     rc = main([
@@ -98,3 +104,165 @@ def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
     assert flags == {"--num_gpus": "2", "--module": "dflash_ds.evaluate", "--threads": "1", "--loop": "two_forward",
                      "--floor-tokens": "32", "--max-new-tokens": "128", "--limit": "16",
                      "--report": str(tmp_path / "run" / "eval_report.json")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers: the demo's, launch/*.sh and the README's cluster commands work as printed
+
+
+def _without_deepspeed_on_path() -> str:
+    """PATH less every directory that holds a ``deepspeed`` script (an environment that is not activated)."""
+    import os
+
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and not (Path(d) / "deepspeed").exists()]
+    return os.pathsep.join(dirs)
+
+
+def test_demo_launches_deepspeed_from_its_own_interpreter_without_deepspeed_on_path(tmp_path, monkeypatch):
+    """An unactivated venv has no ``deepspeed`` on PATH: the demo runs the launcher as ``python -m`` from the
+    interpreter it runs in, for training, regeneration and eval alike."""
+    import shutil
+    import sys
+
+    from dflash_ds import demo
+
+    monkeypatch.setenv("PATH", _without_deepspeed_on_path())
+    assert shutil.which("deepspeed") is None
+    assert demo.deepspeed_launcher() == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    commands = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: commands.append(cmd))
+    demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", demo.parse_args([]))
+    args = demo.parse_args(["--regen-ranks", "2"])
+    demo.prepare_data(tmp_path, tmp_path / "prompts.jsonl", tmp_path, args)
+    for cmd in commands:
+        assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"], cmd
+    assert [c[c.index("--module") + 1] for c in commands] == ["dflash_ds.train", "dflash_ds.regenerate"]
+
+
+def test_demo_without_deepspeed_says_what_to_do_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from dflash_ds import demo, tiny
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a))
+    monkeypatch.setattr(tiny, "ensure_tiny_target", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+    assert demo.main(["--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "dflash-ds demo: error: DeepSpeed is not installed for this Python" in err
+    assert "activate" in err and "pip install -e '.[cpu]'" in err
+    assert "Traceback" not in err
+
+
+def _stub_bin(tmp_path, gpus: int | None = None) -> tuple[Path, Path]:
+    """A ``deepspeed`` that prints its arguments and DS_ACCELERATOR, and a stand-in ``torch`` package whose
+    ``cuda.device_count()`` is ``FAKE_GPUS`` (so a CPU machine can play one with GPUs)."""
+    import os
+    import stat
+
+    bin_dir, fake = tmp_path / "bin", tmp_path / "fake_torch"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(
+        "import os\n\nclass cuda:\n    @staticmethod\n    def device_count():\n"
+        "        return int(os.environ['FAKE_GPUS'])\n")
+    bin_dir.mkdir()
+    stub = bin_dir / "deepspeed"
+    stub.write_text('#!/usr/bin/env bash\necho "DS_ACCELERATOR=${DS_ACCELERATOR:-}"\necho "ARGS $*"\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    return bin_dir, fake
+
+
+def _run_script(script: str, env_extra: dict, cwd=None):
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "NUM_GPUS", "CUDA_VISIBLE_DEVICES")}
+    env.update({"MODEL": "/m", "DATA": "/d.jsonl", "OUT": "/o", **env_extra})
+    return subprocess.run(["bash", str(root / "launch" / script), "--lr", "1e-4"], cwd=cwd or root, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_single_node_uses_the_gpu_count_and_two_cpu_ranks_only_without_gpus(tmp_path):
+    import os
+    import sys
+
+    bin_dir, fake = _stub_bin(tmp_path)
+    base = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(fake), "PYTHON": sys.executable}
+    cases = [  # (environment, expected rank flags, expected DS_ACCELERATOR seen by deepspeed)
+        ({"FAKE_GPUS": "1"}, ["--num_gpus", "1"], ""),  # a 1-GPU machine: one rank (was forced to 2)
+        ({"FAKE_GPUS": "8"}, ["--num_gpus", "8"], ""),
+        ({"FAKE_GPUS": "2", "CUDA_VISIBLE_DEVICES": "1,3"}, [], ""),  # deepspeed maps CUDA_VISIBLE_DEVICES itself
+        ({"FAKE_GPUS": "0"}, ["--num_gpus", "2"], "cpu"),  # no GPU: 2 CPU ranks, and deepspeed told so
+        ({"FAKE_GPUS": "8", "DS_ACCELERATOR": "cpu"}, ["--num_gpus", "2"], "cpu"),
+        ({"FAKE_GPUS": "8", "NUM_GPUS": "3"}, ["--num_gpus", "3"], ""),
+    ]
+    for env, ranks, accel in cases:
+        proc = _run_script("single_node.sh", {**base, **env})
+        assert proc.returncode == 0, (env, proc.stdout, proc.stderr)
+        lines = proc.stdout.splitlines()
+        assert lines[0] == f"DS_ACCELERATOR={accel}", (env, lines)
+        args = lines[1].split()[1:]
+        assert args[: args.index("--master_port")] == ranks, (env, args)
+        assert args[args.index("--module") + 1] == "dflash_ds.train" and args[-2:] == ["--lr", "1e-4"]
+        assert ["--model-path", "/m"] == args[args.index("--model-path") : args.index("--model-path") + 2]
+
+
+def test_launch_scripts_fall_back_to_python_m_deepspeed_and_say_what_to_do_without_it(tmp_path):
+    """No ``deepspeed`` on PATH: the scripts run ``$PYTHON -m deepspeed.launcher.runner``; when that interpreter
+    cannot import deepspeed either, one line says what to do (exit 2), not 'command not found'."""
+    import os
+    import stat
+    import sys
+
+    _, fake = _stub_bin(tmp_path)
+    py_dir = tmp_path / "py"
+    py_dir.mkdir()
+    python = py_dir / "python3"  # runs the real interpreter, except that the launcher only prints its arguments
+    python.write_text(f'#!/usr/bin/env bash\nif [[ "$1 $2" == "-m deepspeed.launcher.runner" ]]; then\n'
+                      f'  shift 2; echo "PYTHON-M-DEEPSPEED $*"; exit 0\nfi\nexec {sys.executable} "$@"\n')
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    path = f"{py_dir}{os.pathsep}{_without_deepspeed_on_path()}"
+    host = tmp_path / "hostfile"
+    host.write_text("localhost slots=1\n")
+
+    proc = _run_script("single_node.sh", {"PATH": path, "PYTHONPATH": str(fake), "FAKE_GPUS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("PYTHON-M-DEEPSPEED --num_gpus 1 "), proc.stdout
+    proc = _run_script("multi_node.sh", {"PATH": path, "HOSTFILE": str(host)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"PYTHON-M-DEEPSPEED --hostfile {host} --launcher pdsh "), proc.stdout
+
+    for script in ("single_node.sh", "multi_node.sh"):
+        proc = _run_script(script, {"PATH": path, "PYTHON": "false", "HOSTFILE": str(host), "FAKE_GPUS": "1"})
+        assert proc.returncode == 2, (script, proc.stdout, proc.stderr)
+        assert "cannot import deepspeed: activate the environment" in proc.stderr, proc.stderr
+        assert proc.stdout == ""
+
+
+def test_multi_node_without_a_hostfile_says_how_to_make_one(tmp_path):
+    bin_dir, _ = _stub_bin(tmp_path)
+    import os
+
+    proc = _run_script("multi_node.sh", {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert "no hostfile at launch/hostfile: cp launch/hostfile.example launch/hostfile" in proc.stderr
+
+
+def test_readme_cluster_commands_create_the_hostfile_they_use():
+    """Every README command block that passes ``--hostfile launch/hostfile`` (or HOSTFILE=launch/hostfile) first
+    copies the example there, and every launch/ path the README names exists."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    using = [b for b in blocks if re.search(r"(--hostfile |HOSTFILE=)launch/hostfile\b", b)]
+    assert using, "the README's cluster commands are gone?"
+    for block in using:
+        copy = block.find("cp launch/hostfile.example launch/hostfile")
+        first_use = re.search(r"(--hostfile |HOSTFILE=)launch/hostfile\b", block).start()
+        assert 0 <= copy < first_use, block
+    for path in set(re.findall(r"\blaunch/[\w./-]+", readme)) - {"launch/hostfile"}:
+        assert (root / path.rstrip(".")).exists(), path

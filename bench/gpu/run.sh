@@ -10,15 +10,19 @@
 #      mkdir -p bench/gpu/wheels
 #      pip wheel --no-deps --no-build-isolation -w bench/gpu/wheels deepspeed==0.19.8   # sdist only on PyPI: a py3-none-any wheel, no ops compiled
 #      pip download --no-deps -d bench/gpu/wheels peft==0.21.2 transformers==5.24.0 hjson==3.1.0 \
-#          pydantic==2.13.4 annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0
+#          pydantic==2.13.4 annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0 \
+#          datasets==5.2.0 dill==0.4.1
 #      pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #          --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d bench/gpu/wheels pydantic-core==2.46.4 \
-#          regex==2026.5.9
+#          regex==2026.5.9 multiprocess==0.70.19
 #
 #    The device image (Python 3.12, torch 2.11, transformers 5.17) lacks deepspeed and deepspeed's hjson/pydantic;
 #    transformers 5.24 and peft 0.21.2 are carried so the GPU runs the versions the project is tested with; regex
-#    because transformers 5.24 checks regex >= 2025.10.22 at import and the image's version is not on record.
-#    About 19 MiB. bench/gpu/wheels/ must not be committed (add it to .gitignore).
+#    because transformers 5.24 checks regex >= 2025.10.22 at import and the image's version is not on record;
+#    datasets (with dill and multiprocess, which the image lacks; its pyarrow, pandas, xxhash and fsspec are used)
+#    because the trainer tokenises its data through it (--smoke). About 20 MiB. They travel as wheels, installed on
+#    the device with `pip install --no-index --no-deps --target /tmp/site` (see below; the device can fetch
+#    nothing). bench/gpu/wheels/ must not be committed (it is in .gitignore).
 #
 # 2. Run on the device (one call, about 4-6 minutes of device time; the script stops itself at 470 s):
 #
@@ -45,7 +49,21 @@
 #
 #      bash bench/gpu/run.sh --cpu-smoke
 #
-# Exit codes: 2 no wheels, 3 no GPU / torch sees no CUDA, 4 wheel install failed, else gpu_bench.py's own.
+# 4. GPU acceptance in one command (bench/gpu/smoke.py): ZeRO-2 and ZeRO-3 training through the deepspeed launcher
+#    (NCCL), resume, export, dflash-ds eval with --compile none|static|compile and both loops, greedy outputs
+#    against transformers' generate; one PASS/FAIL line per check, exit status 1 if any failed; stops itself
+#    within 8 minutes (smoke.py --time-budget-s 400 after the wheels install). Needs the wheels of step 1
+#    (deepspeed, and datasets for the trainer's data):
+#
+#      run(command="bash bench/gpu/run.sh --smoke", carry=["bench/gpu/wheels"], timeout_s=540)
+#
+#    It writes $OUT/smoke.log and $OUT/smoke.json. The same checks on a CPU (2 gloo ranks, tiny shapes; no wheels,
+#    the local Python; CI runs it: tests/test_gpu_smoke.py):
+#
+#      bash bench/gpu/run.sh --smoke --device cpu
+#
+# Exit codes: 2 no wheels, 3 no GPU / torch sees no CUDA, 4 wheel install failed, else gpu_bench.py's own
+# (smoke.py's with --smoke: 1 when a check failed).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 WHEELS=bench/gpu/wheels
@@ -55,10 +73,11 @@ if [[ "${1:-}" == "--prepare" ]]; then
     mkdir -p "$WHEELS"
     pip wheel --no-deps --no-build-isolation -w "$WHEELS" deepspeed==0.19.8
     pip download --no-deps -d "$WHEELS" peft==0.21.2 transformers==5.24.0 hjson==3.1.0 \
-        pydantic==2.13.4 annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0
+        pydantic==2.13.4 annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0 \
+        datasets==5.2.0 dill==0.4.1
     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" pydantic-core==2.46.4 \
-        regex==2026.5.9
+        regex==2026.5.9 multiprocess==0.70.19
     ls -la "$WHEELS"; du -sh "$WHEELS"
     exit 0
 fi
@@ -103,9 +122,26 @@ if [[ "${1:-}" == "--cpu-smoke" ]]; then
     exec python3 bench/gpu/gpu_bench.py --cpu-smoke --out "${OUT:-/tmp}/gpu_bench_smoke.json" "$@"
 fi
 
+smoke=""
+if [[ "${1:-}" == "--smoke" ]]; then
+    shift
+    smoke=1
+    smoke_device=cuda prev=""
+    for a in "$@"; do
+        [[ "$prev" == --device ]] && smoke_device=$a
+        [[ "$a" == --device=* ]] && smoke_device=${a#--device=}
+        prev=$a
+    done
+    if [[ "$smoke_device" == cpu ]]; then  # anywhere, with the local Python (PYTHON, default python3)
+        export PYTHONUNBUFFERED=1
+        exec "${PYTHON:-python3}" bench/gpu/smoke.py "$@"
+    fi
+fi
+
 # ---- on the lent GPU machine: fail fast and clearly
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-    echo "run.sh: nvidia-smi not found: this is not a GPU machine (use --cpu-smoke to test the code path)" >&2
+    echo "run.sh: nvidia-smi not found: this is not a GPU machine (use $([[ -n "$smoke" ]] && echo \
+          "--smoke --device cpu" || echo --cpu-smoke) to test the code path)" >&2
     exit 3
 fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.mem --format=csv || exit 3
@@ -123,6 +159,11 @@ python3 - <<'EOF' || exit 3
 import torch, transformers, peft
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
       f"peft {peft.__version__}")
+try:  # the trainer's data pipeline (--smoke); not needed by the benchmarks
+    import datasets, pyarrow
+    print(f"datasets {datasets.__version__}, pyarrow {pyarrow.__version__}")
+except Exception as exc:
+    print(f"run.sh: WARNING: datasets does not import ({type(exc).__name__}: {exc}); training will fail")
 if not torch.cuda.is_available():
     raise SystemExit("run.sh: torch sees no CUDA device")
 print("device:", torch.cuda.get_device_name(0))
@@ -134,6 +175,12 @@ except Exception as exc:
 EOF
 OUTDIR="${OUT:-bench/results}"
 mkdir -p "$OUTDIR"
+if [[ -n "$smoke" ]]; then
+    # 400 s of checks after the ~30 s above: the whole call stays under 8 minutes
+    timeout --signal=INT --kill-after=20 450 python3 bench/gpu/smoke.py --device cuda --time-budget-s 400 \
+        --json "$OUTDIR/smoke.json" "$@" 2>&1 | tee "$OUTDIR/smoke.log"
+    exit "${PIPESTATUS[0]}"
+fi
 if [[ "${1:-}" == "--spec-decode" ]]; then
     shift
     # parts, in order (SPEC_DECODE_PARTS, default "1p7b 1p7b_compiled tiny", at most 590 s;
