@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from dflash_ds.lora import LoRAConfig, LoRALinear, apply_lora, load_adapter_dir, lora_modules, stack_projections
     from dflash_ds.speculative import DecodeSession
-    from dflash_ds.tiny import _is_complete, default_cache_dir
+    from dflash_ds.recipes.tiny_target import default_tiny_target_dir, is_tiny_target
 
     torch.set_num_threads(args.threads)
-    target = default_cache_dir()
-    if not _is_complete(target):
+    target = default_tiny_target_dir()
+    if not is_tiny_target(target):
         print(f"no cached tiny target at {target}: run `dflash-ds tiny-target` first", file=sys.stderr)
         return 2
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()

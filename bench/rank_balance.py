@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     model_path = args.model_path
     if model_path is None:
-        from dflash_ds.real_target import ensure_real_target
+        from dflash_ds.recipes.real_target import ensure_real_target
 
         model_path = str(ensure_real_target())
     groups = [int(g) for g in args.groups.split(",")]

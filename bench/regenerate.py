@@ -36,7 +36,7 @@ BASELINE_BATCH = 8  # the SmolLM2 recipe's batch before continuous batching
 
 def _prompts(tokenizer, num: int) -> list[list[int]]:
     from dflash_ds.data import read_conversations, render_chat
-    from dflash_ds.demo import write_function_prompts
+    from dflash_ds.recipes.corpus import write_function_prompts
     from dflash_ds.regenerate import prompt_messages
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.model_path is None:
-        from dflash_ds.real_target import ensure_real_target
+        from dflash_ds.recipes.real_target import ensure_real_target
 
         args.model_path = str(ensure_real_target())
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = M.utc_now()
     if args.model_path is None:
-        from dflash_ds.tiny import ensure_tiny_target
+        from dflash_ds.recipes.tiny_target import ensure_tiny_target
 
         model_path = ensure_tiny_target()
     else:

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from dflash_ds.settings import from_args
     from dflash_ds.speculative import (FusedConfig, LoRABlockDrafter, autoregressive_generate, fused_generate,
                                        speculative_generate)
-    from dflash_ds.tiny import _is_complete, default_cache_dir
+    from dflash_ds.recipes.tiny_target import default_tiny_target_dir, is_tiny_target
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         model_path, adapter = Path(args.model_path), Path(args.adapter)
         source = "given"
     else:
-        cached = default_cache_dir()
-        use_cached = not args.no_tiny_cache and _is_complete(cached)
+        cached = default_tiny_target_dir()
+        use_cached = not args.no_tiny_cache and is_tiny_target(cached)
         model_path, adapter = _random_model_dirs(tmp, args, cached if use_cached else None)
         source = ("cached tiny target + random adapter" if use_cached
                   else "random Qwen3-shaped target + random adapter (temp dir)")

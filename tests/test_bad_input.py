@@ -155,7 +155,7 @@ def test_mask_token_in_training_text_is_a_bad_line(tmp_path, capsys):
     import sysconfig
 
     from dflash_ds.data import BadLineError, DataConfig, build_dataset
-    from dflash_ds.tiny import train_tokenizer
+    from dflash_ds.recipes.tokenizer import train_tokenizer
 
     tok = train_tokenizer([(Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()], vocab_size=300)
     mask = tok.convert_tokens_to_ids("<|mask|>")

@@ -4,7 +4,7 @@
 import json
 from pathlib import Path
 
-from dflash_ds.tiny import TinyTargetConfig, build_tiny_target
+from dflash_ds.recipes.tiny_target import TinyTargetConfig, build_tiny_target
 
 SMALL_TARGET = TinyTargetConfig(
     vocab_size=384, max_functions=300, eval_fraction=0.2, hidden_size=64, num_layers=2, num_heads=2,
@@ -16,9 +16,10 @@ SMALL_TARGET = TinyTargetConfig(
 def test_reduced_demo_trains_and_decodes_losslessly(tmp_path, capsys, monkeypatch):
     """Also without ``deepspeed`` on PATH (a virtual environment used without activating it): the demo launches
     DeepSpeed from its own interpreter."""
+    import importlib.util
     import shutil
 
-    from dflash_ds.demo import main
+    from dflash_ds.recipes.demo import main
 
     monkeypatch.setenv("PATH", _without_deepspeed_on_path())
     assert shutil.which("deepspeed") is None
@@ -38,12 +39,16 @@ def test_reduced_demo_trains_and_decodes_losslessly(tmp_path, capsys, monkeypatc
     assert "prompt lookup" in out and "untrained" in out.lower()  # the table shows the baselines
     assert (tmp_path / "work" / "run" / "adapter" / "adapter_model.safetensors").exists()
     assert any((tmp_path / "work" / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    if importlib.util.find_spec("matplotlib") is not None:  # the plots, by default, their paths printed at the end
+        pngs = sorted(str(p) for p in (tmp_path / "work" / "plots").glob("*.png"))
+        assert pngs and sorted(summary["plots"]) == pngs, summary["plots"]
+        assert all(f"plot: {p}" in out for p in pngs)
 
 
 def test_recipe_flags_default_per_target_and_bad_values_name_their_flag(capsys):
     import pytest
 
-    from dflash_ds.demo import RECIPES, parse_args
+    from dflash_ds.recipes.demo import RECIPES, parse_args
 
     smol = parse_args(["--target", "smollm2"])
     assert (smol.num_anchors, smol.loop, smol.floor_tokens) == (None, "two_forward", 32) == (
@@ -59,7 +64,8 @@ def test_recipe_flags_default_per_target_and_bad_values_name_their_flag(capsys):
 
 def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
     """--num-anchors goes to the training command only when set; --loop and --floor-tokens to the eval config."""
-    from dflash_ds import demo, evaluate
+    from dflash_ds import evaluate
+    from dflash_ds.recipes import demo
 
     commands = []
     monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: commands.append(cmd))
@@ -106,6 +112,65 @@ def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
                      "--report": str(tmp_path / "run" / "eval_report.json")}
 
 
+def test_demo_writes_plots_by_default_and_goes_on_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """The demo's plots (the pipeline's stages stubbed): WORKDIR/plots by default, their paths at the end of the summary
+    and in demo_report.json; --no-plots draws none; without matplotlib one line says how to install it and the demo
+    goes on; a plot that fails to draw is one line, never the demo's failure."""
+    import sys
+
+    from dflash_ds import plots
+    from dflash_ds.recipes import demo
+
+    report = {"tau": 2.0, "speedup": 1.5, "greedy_match": True, "baselines": {}}
+    target, work = tmp_path / "target", tmp_path / "work"
+    (target / "data").mkdir(parents=True)
+
+    def train(target, data, run_dir, args):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text('{"loss": 3.0}\n{"loss": 2.0}\n')
+
+    drawn = []
+
+    def write_plots(rep, out_dir):
+        drawn.append((rep, out_dir))
+        return [out_dir / "acceptance_by_position.png", out_dir / "speedup.png"]
+
+    monkeypatch.setattr(demo, "deepspeed_launcher", lambda: [])
+    monkeypatch.setattr(demo, "prepare_data", lambda *a: tmp_path / "data.jsonl")
+    monkeypatch.setattr(demo, "launch_training", train)
+    monkeypatch.setattr(demo, "evaluate", lambda *a: report)
+    monkeypatch.setattr(plots, "require_matplotlib", lambda: None)
+    monkeypatch.setattr(plots, "write_plots", write_plots)
+    argv = ["--workdir", str(work), "--target", str(target)]
+
+    assert demo.main(argv) == 0
+    assert drawn == [(report, work / "plots")]
+    paths = [str(work / "plots" / "acceptance_by_position.png"), str(work / "plots" / "speedup.png")]
+    assert capsys.readouterr().out.splitlines()[-2:] == [f"plot: {p}" for p in paths]
+    assert json.loads((work / "demo_report.json").read_text())["plots"] == paths
+
+    drawn.clear()
+    assert demo.main([*argv, "--no-plots"]) == 0
+    assert drawn == [] and "plot: " not in capsys.readouterr().out
+    assert json.loads((work / "demo_report.json").read_text())["plots"] == []
+
+    monkeypatch.undo()  # the real require_matplotlib, with matplotlib made unimportable
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    for name, value in (("deepspeed_launcher", lambda: []), ("prepare_data", lambda *a: tmp_path / "data.jsonl"),
+                        ("launch_training", train), ("evaluate", lambda *a: report)):
+        monkeypatch.setattr(demo, name, value)
+    monkeypatch.setattr(plots, "write_plots", write_plots)
+    assert demo.main(argv) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "matplotlib" in line]
+    assert drawn == [] and len(said) == 1 and "pip install 'dflash-ds[plots]'" in said[0], said
+
+    monkeypatch.setattr(plots, "require_matplotlib", lambda: None)
+    monkeypatch.setattr(plots, "write_plots", lambda *a: 1 / 0)
+    assert demo.main(argv) == 0
+    assert "no plots: ZeroDivisionError" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers: the demo's, launch/*.sh and the README's cluster commands work as printed
 
@@ -124,11 +189,11 @@ def test_demo_launches_deepspeed_from_its_own_interpreter_without_deepspeed_on_p
     import shutil
     import sys
 
-    from dflash_ds import demo
+    from dflash_ds.recipes import demo, launcher
 
     monkeypatch.setenv("PATH", _without_deepspeed_on_path())
     assert shutil.which("deepspeed") is None
-    assert demo.deepspeed_launcher() == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert launcher.deepspeed_launcher() == [sys.executable, "-m", "deepspeed.launcher.runner"]
     commands = []
     monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: commands.append(cmd))
     demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", demo.parse_args([]))
@@ -142,7 +207,8 @@ def test_demo_launches_deepspeed_from_its_own_interpreter_without_deepspeed_on_p
 def test_demo_without_deepspeed_says_what_to_do_before_any_work(tmp_path, monkeypatch, capsys):
     import importlib.util
 
-    from dflash_ds import demo, tiny
+    from dflash_ds.recipes import demo
+    from dflash_ds.recipes import tiny_target as tiny
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import CODE_SPECIALS
 from dflash_ds.mask_token import MaskChoice, mask_candidates, resolve_mask_token
-from dflash_ds.tiny import CHAT_TEMPLATE, train_tokenizer
+from dflash_ds.recipes.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 TEXT = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
 

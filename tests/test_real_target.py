@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from conftest import CODE_SPECIALS, tiny_model
-from dflash_ds import real_target
-from dflash_ds.real_target import GgufSource, RealTargetError, build_real_target, convert_gguf
+from dflash_ds.recipes import commands, real_target
+from dflash_ds.recipes.real_target import GgufSource, RealTargetError, build_real_target, convert_gguf
 
 SOURCE = GgufSource(package="tiny-gguf", version="0.0.1", member="tiny_gguf/tiny.gguf", name="tiny")
 # Hugging Face Llama parameter -> GGUF tensor name (llama.cpp's convention; transformers maps them back)
@@ -33,7 +33,7 @@ def write_tiny_gguf(path: Path) -> Path:
     """A SmolLM2-shaped GGUF file: tiny random Llama (tied embeddings, F32 tensors) and a byte-level BPE
     tokenizer with ChatML and code specials (every id used)."""
     gguf = pytest.importorskip("gguf")
-    from dflash_ds.tiny import CHAT_TEMPLATE, train_tokenizer
+    from dflash_ds.recipes.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
     text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
     tok = train_tokenizer([text], vocab_size=300, special_tokens=CODE_SPECIALS)
@@ -151,5 +151,5 @@ def test_missing_gguf_package_names_the_extra(monkeypatch, tmp_path):
 def test_cli_refuses_a_non_empty_out_dir(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "f").write_text("keep me")
-    assert real_target.main_real_target(["--out", str(tmp_path / "x")]) == 1
+    assert commands.main_real_target(["--out", str(tmp_path / "x")]) == 1
     assert "exists and is not an empty directory" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import torch
 
 from dflash_ds import regenerate
 from dflash_ds.data import DataConfig, build_dataset, render_chat, tokenize_conversation
-from dflash_ds.tiny import train_tokenizer
+from dflash_ds.recipes.tokenizer import train_tokenizer
 
 TEXT = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
 _CPU = type("CpuModel", (), {"device": torch.device("cpu")})()  # regenerate reads nothing else of the model here

@@ -1,4 +1,5 @@
-"""Tests for dflash_ds.tiny: stdlib extraction, module split, tokenizer, chat template, tiny build, metrics."""
+"""Tests for the tiny target (dflash_ds.recipes: corpus, tokenizer, pretrain, tiny_target, cache, commands): stdlib
+extraction, module split, tokenizer, chat template, tiny build, metrics, the cache and the commands."""
 
 from __future__ import annotations
 
@@ -10,20 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from dflash_ds import tiny
-from dflash_ds.tiny import (
-    CHAT_TEMPLATE,
+from dflash_ds.recipes import cache, commands
+from dflash_ds.recipes import tiny_target as tiny
+from dflash_ds.recipes.corpus import (
     FunctionSample,
-    TinyTargetConfig,
-    build_tiny_target,
     extract_stdlib_functions,
     split_by_module,
     to_conversation,
     to_prompt_conversation,
-    train_tokenizer,
     write_jsonl,
     write_prompts_jsonl,
 )
+from dflash_ds.recipes.tiny_target import TinyTargetConfig, build_tiny_target
+from dflash_ds.recipes.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer
 
 CODE = (
     "def f(x, *, y=1):\n"
@@ -158,7 +158,7 @@ def test_tokenizer_round_trips_code(tokenizer, samples):
 
 def test_tokenizer_special_tokens(tokenizer):
     assert len(tokenizer) == 512
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     assert ids == {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<|mask|>": 3}
     assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 2 and tokenizer.mask_token_id == 3
     # Each special token in text is one id, never split into bytes.
@@ -300,16 +300,16 @@ def test_ensure_and_cli(built, tmp_path: Path, monkeypatch, capsys):
     # ensure_tiny_target returns a complete cache without rebuilding it.
     monkeypatch.setattr(tiny, "build_tiny_target", lambda *a, **k: pytest.fail("must not rebuild"))
     assert tiny.ensure_tiny_target(out) == out.resolve()
-    monkeypatch.setenv(tiny.CACHE_ENV, str(tmp_path / "cache"))
-    assert tiny.default_cache_dir() == tmp_path / "cache" / tiny.CACHE_NAME
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    assert tiny.default_tiny_target_dir() == tmp_path / "cache" / tiny.CACHE_NAME
     # tiny-target copies the cache; a non-empty destination is an error.
     dst = tmp_path / "copy"
-    assert tiny.main_tiny_target(["--out", str(dst), "--cache-dir", str(out), "--quiet"]) == 0
+    assert commands.main_tiny_target(["--out", str(dst), "--cache-dir", str(out), "--quiet"]) == 0
     assert (dst / "model.safetensors").is_file() and (dst / "data" / "train.jsonl").is_file()
-    assert tiny.main_tiny_target(["--out", str(dst), "--cache-dir", str(out), "--quiet"]) == 1
+    assert commands.main_tiny_target(["--out", str(dst), "--cache-dir", str(out), "--quiet"]) == 1
     assert "not an empty directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        tiny.main_build([])  # --out is required
+        commands.main_build([])  # --out is required
 
 
 def test_ensure_builds_once_when_missing(tmp_path: Path, monkeypatch):
@@ -323,7 +323,7 @@ def test_ensure_builds_once_when_missing(tmp_path: Path, monkeypatch):
         return {}
 
     monkeypatch.setattr(tiny, "build_tiny_target", fake_build)
-    monkeypatch.setenv(tiny.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
     assert tiny.ensure_tiny_target() == tmp_path / tiny.CACHE_NAME
     assert tiny.ensure_tiny_target() == tmp_path / tiny.CACHE_NAME
     assert calls == [tmp_path / tiny.CACHE_NAME]

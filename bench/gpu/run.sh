@@ -85,7 +85,7 @@ fi
 if [[ "${1:-}" == "--prepare-spec-decode" ]]; then
     set -e
     workdir="${2:?usage: run.sh --prepare-spec-decode DEMO_WORKDIR}"
-    target=$(python3 -c "from dflash_ds.tiny import default_cache_dir; print(default_cache_dir())")
+    target=$(python3 -c "from dflash_ds.recipes.tiny_target import default_tiny_target_dir; print(default_tiny_target_dir())")
     adapter=$(ls -d "$workdir"/run/adapter 2>/dev/null || true)
     [[ -f "$adapter/dflash.json" ]] || { echo "no trained adapter at $workdir/run/adapter (run dflash-ds demo)" >&2; exit 2; }
     rm -rf bench/gpu/carry && mkdir -p bench/gpu/carry

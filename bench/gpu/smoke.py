@@ -148,7 +148,7 @@ class Smoke:
         import torch
         from transformers import AutoModelForCausalLM, Qwen3Config
 
-        from dflash_ds.tiny import train_tokenizer
+        from dflash_ds.recipes.tokenizer import train_tokenizer
 
         self.target = self.work / "target"
         src = stdlib_lines()
@@ -217,7 +217,7 @@ class Smoke:
     # ------------------------------------------------------------------------------------------------- training
 
     def train_cmd(self, out: Path, config: Path, steps: int, save: int, *extra: str) -> list[str]:
-        from dflash_ds.demo import deepspeed_launcher
+        from dflash_ds.recipes.launcher import deepspeed_launcher
 
         return [*deepspeed_launcher(), "--num_gpus", str(self.args.ranks), "--master_port", str(free_port()),
                 "--module", "dflash_ds.train", "--deepspeed_config", str(config),
@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("FAIL cuda: torch sees no CUDA device (use --device cpu for the CPU smoke)", flush=True)
             return 1
-    from dflash_ds.demo import LauncherNotFound, deepspeed_launcher
+    from dflash_ds.recipes.launcher import LauncherNotFound, deepspeed_launcher
 
     try:
         deepspeed_launcher()

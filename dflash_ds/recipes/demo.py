@@ -9,7 +9,8 @@
    the ``deepspeed`` launcher exactly as on a cluster;
 4. lossless speculative decoding on held-out prompts (tiny: held-out stdlib modules; smollm2: another code base,
    the source of tqdm and datasets.utils): tau, acceptance by position, AR vs speculative tokens/s, next to prompt
-   lookup and the untrained-adapter floor.
+   lookup and the untrained-adapter floor, as a table and as PNG plots in ``WORKDIR/plots`` (:mod:`dflash_ds.plots`;
+   ``--no-plots`` to skip them; without matplotlib the demo says how to install it and goes on without plots).
 
 Every stage leaves its result in ``--workdir`` and is skipped when it is there, so running the same command again
 after an interruption resumes (regeneration answer by answer, training from its last checkpoint).
@@ -18,41 +19,19 @@ after an interruption resumes (regeneration answer by answer, training from its 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+from .corpus import EVAL_CODE_BASES, write_function_prompts
+from .launcher import LauncherNotFound, deepspeed_launcher, launch_command, rank_env
 
-
-class LauncherNotFound(RuntimeError):
-    """DeepSpeed's launcher cannot run from this interpreter."""
-
-
-def deepspeed_launcher() -> list[str]:
-    """The ``deepspeed`` launcher as this interpreter runs it: ``python -m deepspeed.launcher.runner`` is what the
-    ``deepspeed`` script runs, and it needs nothing on PATH, so a virtual environment used without being activated
-    (``venv/bin/dflash-ds demo``) launches its own DeepSpeed, and its ranks the same interpreter. Raises
-    :class:`LauncherNotFound`, saying what to do, when this interpreter cannot import DeepSpeed."""
-    if importlib.util.find_spec("deepspeed") is None:
-        raise LauncherNotFound(
-            f"DeepSpeed is not installed for this Python ({sys.executable}), and the demo trains through its "
-            "launcher: run the demo with the interpreter dflash-ds was installed into (activate that virtual "
-            "environment, or call its bin/dflash-ds), or install it here: pip install -e '.[cpu]' "
-            "(after pip install torch==2.13.0)")
-    return [sys.executable, "-m", "deepspeed.launcher.runner"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 @dataclass(frozen=True)
@@ -98,12 +77,6 @@ RECIPES = {
                       regen_ranks=2, regen_batch=32, truncated="keep", loop="two_forward",
                       floor_tokens=32, group_by_length=32, eval_ranks=2),
 }
-#: The "write this function" prompt of the SmolLM2 recipe (the tiny target was trained on bare signatures). "Reply
-#: with the code only": SmolLM2 otherwise explains the code after it, and more answers run into the token limit
-#: (docs/benchmarks.md).
-WRITE_FUNCTION = "Complete this Python function. Reply with the code only.\n\n```python\n{prompt}\n```"
-#: Held-out code for the SmolLM2 recipe: other code bases than the stdlib it is trained on (installed dependencies).
-EVAL_CODE_BASES = ("tqdm", "datasets.utils")
 
 
 def _ds_config(stage: int, workdir: Path) -> Path:
@@ -111,7 +84,7 @@ def _ds_config(stage: int, workdir: Path) -> Path:
     repo = REPO_CONFIGS / f"zero{stage}.json"
     if repo.exists():
         return repo
-    from .config import DEFAULT_DS_CONFIG
+    from ..config import DEFAULT_DS_CONFIG
 
     cfg = json.loads(json.dumps(DEFAULT_DS_CONFIG))
     cfg["zero_optimization"] = {"stage": stage, "overlap_comm": False}
@@ -122,38 +95,11 @@ def _ds_config(stage: int, workdir: Path) -> Path:
     return path
 
 
-def write_function_prompts(workdir: Path, num_train: int, num_eval: int) -> tuple[Path, Path]:
-    """SmolLM2 recipe prompts: ``num_train`` stdlib functions (spread over the train-side modules) and
-    ``num_eval`` functions of :data:`EVAL_CODE_BASES`, each as a "complete this function" user turn. Written once
-    (deterministic; kept for a rerun)."""
-    import importlib
-
-    from .tiny import _spread, extract_stdlib_functions, split_by_module, write_jsonl
-
-    train_path, eval_path = workdir / "data" / "train_prompts.jsonl", workdir / "data" / "eval_prompts.jsonl"
-    if train_path.exists() and eval_path.exists():
-        return train_path, eval_path
-
-    def conv(sample) -> dict:
-        return {"conversations": [{"role": "user", "content": WRITE_FUNCTION.format(prompt=sample.prompt)},
-                                  {"role": "assistant", "content": sample.body}]}
-
-    train, _ = split_by_module(extract_stdlib_functions(max_per_module=100), eval_fraction=0.1, seed=0)
-    held_out = []
-    for name in EVAL_CODE_BASES:
-        root = Path(importlib.import_module(name).__file__).parent
-        held_out += extract_stdlib_functions(root, max_per_module=4)
-    write_jsonl(train_path, [conv(train[i]) for i in _spread(len(train), num_train)])
-    records = [conv(held_out[i]) for i in _spread(len(held_out), num_eval)]
-    write_jsonl(eval_path, [{"conversations": r["conversations"][:1]} for r in records])
-    return train_path, eval_path
-
-
 def prepare_data(target: Path, prompts: Path, workdir: Path, args) -> Path:
     """Regenerate ``args.num_train`` training conversations with the target (``args.regen_ranks`` processes).
     Cached next to the prompts when that directory is writable (the tiny target's cache), so later demos skip
     this step; else in the workdir. An interrupted run resumes where it stopped."""
-    from .regenerate import regenerate_file
+    from ..regenerate import regenerate_file
 
     # v2: records carry "truncated" (a cache from before would silently train on cut-off answers' end-of-turn)
     name = f"train_selfdistill_v2_{args.num_train}_{args.distill_tokens}.jsonl"
@@ -165,10 +111,9 @@ def prepare_data(target: Path, prompts: Path, workdir: Path, args) -> Path:
     common = ["--model-path", str(target), "--in", str(prompts), "--out", str(out), "--limit", str(args.num_train),
               "--max-new-tokens", str(args.distill_tokens), "--batch-size", str(args.regen_batch)]
     if args.regen_ranks > 1:
-        cmd = [*deepspeed_launcher(), "--num_gpus", str(args.regen_ranks), "--master_port", str(_free_port()),
-               "--module", "dflash_ds.regenerate", *common]
+        cmd = launch_command(args.regen_ranks, "dflash_ds.regenerate", common)
         print("$ " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, env=_rank_env(), check=True)
+        subprocess.run(cmd, env=rank_env(), check=True)
     else:
         stats = regenerate_file(str(target), str(prompts), str(out), max_new_tokens=args.distill_tokens,
                                 batch_size=args.regen_batch, limit=args.num_train)
@@ -176,18 +121,10 @@ def prepare_data(target: Path, prompts: Path, workdir: Path, args) -> Path:
     return out
 
 
-def _rank_env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("OMP_NUM_THREADS", "1")  # two ranks share the cores; oversubscription slows both
-    return env
-
-
 def launch_training(target: Path, data: Path, run_dir: Path, args) -> None:
     """Two CPU ranks through the DeepSpeed launcher (the same command a cluster run uses, minus --hostfile).
     ``--resume auto``: a rerun continues from the last checkpoint."""
-    cmd = [
-        *deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dflash_ds.train",
+    cmd = launch_command(2, "dflash_ds.train", [
         "--deepspeed_config", str(_ds_config(args.zero_stage, run_dir.parent)),
         "--model-path", str(target), "--train-data", str(data), "--output-dir", str(run_dir),
         "--block-size", str(args.block_size), "--gamma", str(args.gamma), "--max-length", str(args.max_length),
@@ -195,38 +132,38 @@ def launch_training(target: Path, data: Path, run_dir: Path, args) -> None:
         "--group-by-length", str(args.group_by_length),
         "--lr", str(args.lr), "--warmup-ratio", "0.05", "--seed", str(args.seed), "--truncated", args.truncated,
         "--save-interval", str(max(args.steps // 4, 1)), "--log-interval", "1", "--resume", "auto",
-    ]
+    ])
     if args.num_anchors:
         cmd += ["--num-anchors", str(args.num_anchors)]
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, env=_rank_env(), check=True)
+    subprocess.run(cmd, env=rank_env(), check=True)
 
 
 def evaluate(target: Path, adapter: Path, prompts: Path, args) -> dict:
     """Speculative decoding on the held-out prompts: in this process, or with ``args.eval_ranks > 1`` as
     ``dflash-ds eval`` under the launcher, the ranks sharing the prompts (its report is kept in the run dir)."""
-    from .evaluate import EvalConfig
+    from ..evaluate import EvalConfig
 
     config = EvalConfig(max_new_tokens=args.max_new_tokens, repeats=args.repeats, baselines="fast", loop=args.loop,
                         floor_tokens=args.floor_tokens or None)
     if args.eval_ranks > 1:
         report_path = adapter.parent / "eval_report.json"
-        cmd = [*deepspeed_launcher(), "--num_gpus", str(args.eval_ranks), "--master_port", str(_free_port()),
-               "--module", "dflash_ds.evaluate", "--model-path", str(target), "--adapter", str(adapter),
-               "--prompts", str(prompts), "--limit", str(args.eval_prompts), "--report", str(report_path),
-               "--threads", "1", "--max-new-tokens", str(config.max_new_tokens), "--repeats", str(config.repeats),
-               "--baselines", config.baselines, "--loop", config.loop]
+        cmd = launch_command(args.eval_ranks, "dflash_ds.evaluate", [
+            "--model-path", str(target), "--adapter", str(adapter), "--prompts", str(prompts),
+            "--limit", str(args.eval_prompts), "--report", str(report_path), "--threads", "1",
+            "--max-new-tokens", str(config.max_new_tokens), "--repeats", str(config.repeats),
+            "--baselines", config.baselines, "--loop", config.loop])
         if config.floor_tokens:
             cmd += ["--floor-tokens", str(config.floor_tokens)]
         print("$ " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, env=_rank_env(), check=True)
+        subprocess.run(cmd, env=rank_env(), check=True)
         return json.loads(report_path.read_text())
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluate import format_table, load_prompts, run_eval
-    from .lora import load_adapter_dir
+    from ..evaluate import format_table, load_prompts, run_eval
+    from ..lora import load_adapter_dir
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     tokenizer = AutoTokenizer.from_pretrained(target)
@@ -238,6 +175,29 @@ def evaluate(target: Path, adapter: Path, prompts: Path, args) -> dict:
     return report
 
 
+def plots_available() -> bool:
+    """matplotlib is importable; else one line says how to install it (the demo goes on without plots)."""
+    from ..plots import require_matplotlib
+
+    try:
+        require_matplotlib()
+    except ImportError as exc:  # MissingExtra, whose message names the pip command
+        print(f"no plots ({exc}); the demo goes on without them", flush=True)
+        return False
+    return True
+
+
+def write_demo_plots(report: dict[str, Any], plot_dir: Path) -> list[Path]:
+    """The eval report's plots as PNGs in ``plot_dir``; a failure is one line, never the demo's failure."""
+    from ..plots import write_plots
+
+    try:
+        return write_plots(report, plot_dir)
+    except Exception as exc:  # noqa: BLE001 - plots are an extra: the demo's result is the report
+        print(f"no plots: {type(exc).__name__}: {exc}", flush=True)
+        return []
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Flags; every recipe default (:data:`RECIPES`) is a flag whose default comes from ``--target``."""
     p = argparse.ArgumentParser(prog="dflash-ds demo", description=__doc__.splitlines()[0])
@@ -246,6 +206,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="'tiny' (the cached tiny Qwen3), 'smollm2' (SmolLM2-135M-Instruct, see dflash-ds real-target) "
                         "or a target directory with data/train.jsonl and data/eval_prompts.jsonl (tiny defaults)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plots", action="store_true",
+                   help="do not write the eval's PNG plots (default: WORKDIR/plots, when matplotlib is installed)")
     helps = {"steps": "optimizer steps of drafter training", "num_train": "training prompts to self-distil",
              "distill_tokens": "max tokens per regenerated answer", "zero_stage": "ZeRO stage of drafter training",
              "regen_ranks": "processes regenerating in parallel", "truncated": "drop or keep cut-off answers",
@@ -268,7 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--eval-ranks must be >= 1, got {args.eval_ranks}")
     if args.truncated not in ("drop", "keep"):
         p.error(f"--truncated must be drop or keep, got {args.truncated!r}")
-    from .evaluate import LOOP_CHOICES
+    from ..evaluate import LOOP_CHOICES
 
     if args.loop not in LOOP_CHOICES:
         p.error(f"--loop must be one of {', '.join(LOOP_CHOICES)}, got {args.loop!r}")
@@ -282,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     except LauncherNotFound as exc:
         print(f"dflash-ds demo: error: {exc}", file=sys.stderr)
         return 2
-    from .tiny import ensure_tiny_target
+    from .tiny_target import ensure_tiny_target
 
     t0 = time.perf_counter()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    plot_dir = None if args.no_plots or not plots_available() else workdir / "plots"  # checked before the work
     if args.target == "smollm2":
         from .real_target import ensure_real_target
 
@@ -309,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     print(f"[4/4] speculative decoding on {held_out}", flush=True)
     report = evaluate(target, run_dir / "adapter", eval_prompts, args)
+    plots = write_demo_plots(report, plot_dir) if plot_dir is not None else []
     metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     train_losses = [m["loss"] for m in metrics if "loss" in m]
     summary = {
@@ -320,11 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         "floor_tau": (report.get("baselines", {}).get("untrained_floor") or {}).get("tau"),
         "wall_s": time.perf_counter() - t0,
         "settings": {k: v for k, v in vars(args).items()},
+        "plots": [str(p) for p in plots],
         "report": report,
     }
     (workdir / "demo_report.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\ntraining loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; "
           f"demo took {summary['wall_s'] / 60:.1f} min; report: {workdir / 'demo_report.json'}", flush=True)
+    for path in plots:
+        print(f"plot: {path}", flush=True)
     return 0 if report["greedy_match"] else 1
 
 
