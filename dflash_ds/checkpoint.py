@@ -3,8 +3,9 @@
 Layout of ``OUTPUT/checkpoints``::
 
     step_00000010/            one complete checkpoint (renamed from step_00000010.partial once every rank wrote)
-        <DeepSpeed files>     engine.save_checkpoint(..., exclude_frozen_parameters=True): adapter + optimizer
-        dflash_state.pt       full (gathered) adapter, Adam moments, step, schedule, layout, drafting metadata
+        <DeepSpeed files>     engine.save_checkpoint(..., exclude_frozen_parameters=True): drafter + optimizer
+        dflash_state.pt       full (gathered) drafter weights, Adam moments, step, schedule, layout, drafter kind and
+                              drafting metadata (enough to export it without a model)
         COMPLETE
     latest                    name of the newest complete checkpoint (replaced atomically)
 
@@ -13,6 +14,10 @@ checkpoint renames the old one aside (``step_00000010.old``) before the new one 
 renames still leaves a complete checkpoint of that step, which resume finds. Resuming on the same parallel
 layout uses DeepSpeed's files (bit-exact); on a different number of ranks the rank-independent state is loaded
 into the new layout through DeepSpeed's ``safe_set_full_*`` API.
+
+What the drafter's trainable tensors are, under which keys, and how each is gathered over tensor parallelism and
+sliced back, is the drafter kind's (:mod:`dflash_ds.drafters`): PEFT-keyed LoRA factors split with their
+projections, or the standalone drafter's published state-dict names, replicated.
 """
 
 from __future__ import annotations
@@ -27,21 +32,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .drafters import DraftKind, draft_kind, export_state, kind_class, state_kind
 from .faults import faults
-from .lora import (
-    DraftMeta,
-    LoRAConfig,
-    gather_full_lora_state,
-    lora_factors,
-    lora_parameters,
-    save_adapter_dir,
-    tp_gather_factor,
-    tp_slice_factor,
-)
 
 STATE_FILE = "dflash_state.pt"
 ASIDE = ".old"  # a complete checkpoint renamed aside while a new save of the same step replaces it
 COMPLETE = "COMPLETE"
+TENSOR_KEYS = ("adapter", "drafter", "optimizer", "lr_scheduler")  # a state's parts that are not client state
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -54,44 +51,48 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def gather_optimizer_state(model, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
-    """Full fp32 master weights and Adam moments per PEFT key, gathered over ZeRO and TP (collective), on the CPU.
+def gather_optimizer_state(kind: DraftKind, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """Full fp32 master weights and Adam moments per key of the drafter ``kind``'s entries (PEFT keys for LoRA),
+    gathered over ZeRO and TP (collective), on the CPU.
 
     The TP all-gather runs on ``device`` (the compute device): ZeRO-Offload keeps these states on the CPU, and a
     collective's tensor must be on a device its group has a backend for (NCCL has no CPU one)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, module, factor, p in lora_factors(model):
+    for e in kind.entries():
+        p = e.param
         entry = {"fp32": safe_get_full_fp32_param(p), **{k: safe_get_full_optimizer_state(p, k) for k in ADAM_KEYS}}
-        out[name] = {k: tp_gather_factor(module, factor, v.detach().float().to(device)).cpu() for k, v in entry.items()
-                     if v is not None}
+        out[e.key] = {k: e.gather(v.detach().float().to(device)).cpu() for k, v in entry.items() if v is not None}
     return out
 
 
-def restore_optimizer_state(model, optimizer, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+def restore_optimizer_state(kind: DraftKind, optimizer, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
     """Load gathered master weights and Adam moments into this rank's (possibly differently sharded) layout."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     _materialise_adam_state(optimizer, step)
-    for name, module, factor, p in lora_factors(model):
-        entry = state[name]
-        safe_set_full_fp32_param(p, tp_slice_factor(module, factor, entry["fp32"]).to(p.device))
+    for e in kind.entries():
+        entry, p = state[e.key], e.param
+        safe_set_full_fp32_param(p, e.slice(entry["fp32"]).to(p.device))
         for key in ADAM_KEYS:
             if key in entry:
-                safe_set_full_optimizer_state(p, tp_slice_factor(module, factor, entry[key]).to(p.device), key)
+                safe_set_full_optimizer_state(p, e.slice(entry[key]).to(p.device), key)
 
 
 def _materialise_adam_state(optimizer, step: int) -> None:
     """torch Adam creates its state lazily at the first step, and DeepSpeed links per-parameter views into it only
-    then; a resumed run has not stepped yet, so create the state (with the saved bias-correction step) and link."""
+    then; a resumed run has not stepped yet, so create the state (with the saved bias-correction step) and link.
+    ZeRO-3 keeps its flat fp32 partitions out of the inner optimizer's groups between steps (it puts each in for its
+    own step), so those get their state too."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    for group in inner.param_groups:
-        for p in group["params"]:
-            st = inner.state[p]
-            st["step"] = torch.tensor(float(step))
-            for key in ADAM_KEYS:
-                st.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+    params = [p for group in inner.param_groups for p in group["params"]]
+    params += [p for p in getattr(optimizer, "fp32_partitioned_groups_flat", None) or [] if p is not None]
+    for p in params:
+        st = inner.state[p]
+        st["step"] = torch.tensor(float(step))
+        for key in ADAM_KEYS:
+            st.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
     link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2: (re)point each parameter's fragment at the new state
         optimizer._hp_optimizer_states_linked = False
@@ -110,10 +111,10 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, kee
     engine.save_checkpoint(
         str(root), tag=partial.name, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
     )
-    model = engine.module.model
+    kind = draft_kind(engine.module)
     state = dict(client_state)
-    state["adapter"] = _gathered_adapter(engine)
-    state["optimizer"] = gather_optimizer_state(model, engine.device)
+    state[kind.weights_key] = _gathered_adapter(engine)
+    state["optimizer"] = gather_optimizer_state(kind, engine.device)
     state["lr_scheduler"] = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
     faults.at("IN_SAVE", step)  # tests: die mid-save, before the rename
     if _rank() == 0:
@@ -168,14 +169,15 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def _gathered_adapter(engine) -> dict[str, torch.Tensor]:
+    """The drafter's full trainable weights (the LoRA kind: its adapter), gathered over ZeRO-3 and TP (collective)."""
     import deepspeed
 
-    model = engine.module.model
-    params = lora_parameters(model)
+    kind = draft_kind(engine.module)
+    params = kind.trainable_parameters()
     zero3 = any(hasattr(p, "ds_id") for p in params)
     ctx = deepspeed.zero.GatheredParameters(params) if zero3 else contextlib.nullcontext()
     with ctx:
-        return gather_full_lora_state(model)
+        return kind.full_weights()
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -200,11 +202,11 @@ def find_checkpoint(spec: str, output_dir: str | Path) -> Path | None:
 def read_client_state(path: Path) -> dict:
     """The saved client state of a checkpoint (step, samples, layout...), without its tensors' owners."""
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
-    return {k: v for k, v in state.items() if k not in ("adapter", "optimizer", "lr_scheduler")}
+    return {k: v for k, v in state.items() if k not in TENSOR_KEYS}
 
 
 def load_checkpoint(engine, path: Path, layout_now: dict) -> dict:
-    """Restore adapter, optimizer, schedule; returns the saved client state (step, data position, RNG...)."""
+    """Restore drafter, optimizer, schedule; returns the saved client state (step, data position, RNG...)."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     if state.get("layout") == layout_now:
         _, client = engine.load_checkpoint(
@@ -215,7 +217,7 @@ def load_checkpoint(engine, path: Path, layout_now: dict) -> dict:
             raise RuntimeError(f"DeepSpeed could not load {path}")
         return client
     # different parallel layout: load the gathered state into this layout
-    restore_optimizer_state(engine.module.model, engine.optimizer, state["optimizer"], state["step"])
+    restore_optimizer_state(draft_kind(engine.module), engine.optimizer, state["optimizer"], state["step"])
     if state.get("lr_scheduler") is not None and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
         # a scheduler's state holds counters only; the optimizer's current lr must be set to match
@@ -224,7 +226,7 @@ def load_checkpoint(engine, path: Path, layout_now: dict) -> dict:
     engine.global_steps = state["step"]
     engine.global_samples = state.get("samples", 0)
     _sync_module_from_fp32(engine)
-    return {k: v for k, v in state.items() if k not in ("adapter", "optimizer", "lr_scheduler")}
+    return {k: v for k, v in state.items() if k not in TENSOR_KEYS}
 
 
 def _sync_module_from_fp32(engine) -> None:
@@ -233,16 +235,23 @@ def _sync_module_from_fp32(engine) -> None:
 
     import deepspeed
 
-    model = engine.module.model
-    for p in lora_parameters(model):
+    for p in draft_kind(engine.module).trainable_parameters():
         full = safe_get_full_fp32_param(p)
         zero3 = hasattr(p, "ds_id")
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None) if zero3 else contextlib.nullcontext():
+        # modifier_rank 0: what is written inside is re-partitioned (None would discard it)
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0) if zero3 else contextlib.nullcontext():
             p.data.copy_(full.to(p.dtype))
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
-    """Write the PEFT adapter directory of a checkpoint (no DeepSpeed, no model needed), atomically."""
+    """Write the drafter of a checkpoint (no DeepSpeed, no model needed), atomically: a PEFT adapter directory +
+    ``dflash.json`` (LoRA kind) or a DFlash draft model directory, ``config.json`` + ``model.safetensors`` (dflash
+    kind)."""
+    return _export(path, out_dir)[0]
+
+
+def _export(path: str | Path, out_dir: str | Path) -> tuple[Path, str]:
+    """:func:`export_checkpoint`, and the kind it exported."""
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise ValueError(f"{path}: no {STATE_FILE}; pass a checkpoint directory such as OUTPUT/checkpoints/step_00000100")
@@ -250,12 +259,13 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
         raise ValueError(f"{path}: a half-written checkpoint (no {COMPLETE}: its save was interrupted); "
                          "export a complete one, e.g. OUTPUT/checkpoints for the latest")
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    save_adapter_dir(out_dir, state["adapter"], LoRAConfig(**state["lora_config"]), DraftMeta(**state["draft_meta"]))
-    return Path(out_dir)
+    return export_state(state, out_dir), state_kind(state)
 
 
 def main_export(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflash-ds export", description="Export a checkpoint as a PEFT adapter directory")
+    p = argparse.ArgumentParser(prog="dflash-ds export", description="Export a checkpoint's drafter: a PEFT adapter "
+                                "directory (--drafter lora) or a DFlash draft model directory in the published format "
+                                "(--drafter dflash)")
     p.add_argument("checkpoint", help="OUTPUT/checkpoints/step_XXXXXXXX (or OUTPUT/checkpoints for the latest)")
     p.add_argument("out")
     args = p.parse_args(argv)
@@ -263,11 +273,9 @@ def main_export(argv: list[str] | None = None) -> int:
     if (ckpt / "latest").exists() and not (ckpt / STATE_FILE).exists():
         ckpt = complete_or_aside(ckpt / (ckpt / "latest").read_text().strip())
     try:
-        out = export_checkpoint(ckpt, args.out)
+        out, kind = _export(ckpt, args.out)
     except ValueError as exc:
         print(f"dflash-ds export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"adapter written to {out}")
+    print(f"{kind_class(kind).artifact_dir} written to {out}")
     return 0
-
-

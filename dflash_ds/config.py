@@ -25,6 +25,53 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 CLEAN_PASSES = ("auto", "cached", "joint")
 
 
+LORA, DFLASH = "lora", "dflash"
+KINDS = (LORA, DFLASH)
+DRAFT_INITS = ("target", "random")
+
+
+@dataclass
+class DrafterConfig:
+    """Drafter kind: lora (the target + a gated LoRA adapter) or dflash (a standalone DFlash draft model)."""
+
+    kind: str = setting(LORA, "lora: the target itself with a gated LoRA adapter (exported to OUTPUT/adapter); "
+                        "dflash: a standalone DFlash draft model of a few layers reading the frozen target's hidden "
+                        "states (exported to OUTPUT/drafter in the published SGLang/vLLM format)", flag="drafter",
+                        choices=KINDS)
+    layers: int = setting(1, "dflash: number of draft (decoder) layers; each costs about one target layer per "
+                          "draft forward", flag="draft-layers", metavar="N")
+    target_layer_ids: tuple[int, ...] | None = setting(
+        None, "dflash: the target layers whose outputs feed the drafter (default: the published rule, "
+        "round(1 + i*(N-4)/(L-1)) for L draft layers, [N//2] for one)", flag="target-layer-ids", metavar="ID")
+    init: str = setting("target", "dflash: draft layers copied from the target's last layers (fc = the mean of the "
+                        "features, norms from the target), or random (the reference's post_init)",
+                        flag="draft-init", choices=DRAFT_INITS)
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.layers < 1:
+            raise ValueError(f"--draft-layers must be >= 1, got {self.layers}")
+        if self.target_layer_ids is not None:
+            self.target_layer_ids = tuple(int(i) for i in self.target_layer_ids)
+
+    def draft_config(self, target_config, block_size: int, mask_token_id: int | None):
+        """The draft model's config for ``target_config`` (:func:`dflash_ds.dflash_model.make_draft_config`);
+        ValueError naming the flags when the target cannot take it."""
+        from .dflash_model import make_draft_config
+
+        N = int(target_config.num_hidden_layers)
+        if self.init == "target" and self.layers > N:
+            raise ValueError(f"--draft-init target copies the target's last --draft-layers layers: "
+                             f"{self.layers} > the target's {N}; use fewer layers or --draft-init random")
+        try:
+            return make_draft_config(target_config, self.layers, self.target_layer_ids, block_size=block_size,
+                                     mask_token_id=mask_token_id)
+        except ValueError as exc:
+            raise ValueError(f"--drafter dflash (--draft-layers {self.layers}, --target-layer-ids "
+                             f"{'default' if self.target_layer_ids is None else list(self.target_layer_ids)}): "
+                             f"{exc}") from None
+
+
 @dataclass
 class OptimConfig:
     """Optimisation (values the ds_config may also set must agree with it)."""
@@ -38,7 +85,7 @@ class OptimConfig:
     max_steps: int | None = setting(None, "optimizer steps (overrides --epochs)")
     micro_batch_size: int | None = setting(None, "sequences per rank per micro-step (default 1)")
     grad_accum: int | None = setting(None, "micro-steps per optimizer step (default 1)")
-    seed: int = setting(0, "seed of the data order, the anchors and noise, and the adapter's initialisation")
+    seed: int = setting(0, "seed of the data order, the anchors and noise, and the drafter's initialisation")
     group_by_length: int = setting(0, "sort each run of N global batches of the shuffled data by length, so the "
                                    "ranks of a step get similar lengths and none waits for another at the gradient "
                                    "all-reduce (and micro-batches carry little padding); 0: plain shuffled order",
@@ -63,7 +110,8 @@ class TrainConfig:
     (:mod:`dflash_ds.settings`)."""
 
     model_path: str = setting(REQUIRED, "target model directory (from_pretrained)")
-    output_dir: str = setting(REQUIRED, "checkpoints, metrics.jsonl, TensorBoard and the exported adapter")
+    output_dir: str = setting(REQUIRED, "checkpoints, metrics.jsonl, TensorBoard and the exported drafter "
+                              "(OUTPUT/adapter or OUTPUT/drafter)")
     deepspeed_config: str | None = setting(None, "ds_config JSON (default: ZeRO-2)", aliases=("deepspeed-config",),
                                            flag="deepspeed_config")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward (non-reentrant)")
@@ -86,6 +134,7 @@ class TrainConfig:
     local_rank: int = setting(-1, None, aliases=("local-rank",), flag="local_rank")  # set by the deepspeed launcher
     blocks: BlockConfig = field(default_factory=BlockConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = setting(REQUIRED)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -121,7 +170,8 @@ class TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dflash-ds train",
-        description="Train a one-step block-diffusion drafter as a LoRA adapter on the target model (DeepSpeed).",
+        description="Train a one-step block-diffusion drafter (DeepSpeed): a LoRA adapter on the target model "
+                    "(--drafter lora) or a standalone DFlash draft model (--drafter dflash).",
     )
     add_flags(parser, TrainConfig)
     return parser

@@ -64,6 +64,8 @@ class DFlashDraftObjective(nn.Module):
     ``requires_grad=False`` here and it is kept in eval mode); ``drafter``: a :class:`DFlashDraftModel` for it.
     Trainable parameters: :meth:`trainable_parameters` (the drafter's)."""
 
+    drafter_kind = "dflash"  # dflash_ds.drafters: how checkpoints gather and export what this objective trains
+
     def __init__(self, target: nn.Module, drafter: DFlashDraftModel, loss_config: LossConfig,
                  gradient_checkpointing: bool = False) -> None:
         super().__init__()

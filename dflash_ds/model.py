@@ -101,6 +101,8 @@ class DFlashObjective(nn.Module):
     ``[clean | blocks]`` (``clean_pass``: see the module docstring) and the fused loss.
     ``forward(input_ids [b, S], attention_mask [b, S], layout)`` returns an :class:`ObjectiveOutput`."""
 
+    drafter_kind = "lora"  # dflash_ds.drafters: how checkpoints gather and export what this objective trains
+
     def __init__(
         self,
         model: nn.Module,

@@ -1,6 +1,6 @@
 """PNG plots of a ``dflash-ds eval`` report (``--plot DIR``, the demo): acceptance by draft position per method, τ
 per prompt (or per category, for a benchmark run) per method with intervals, and speedup per method with its 95%
-interval.
+interval. Every drafter of the eval (``--drafter`` repeated) is a method: one series each.
 
 Figures are drawn on matplotlib's Agg canvas directly (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``, no
 pyplot): nothing touches the user's interactive backend or pyplot's global figure list. matplotlib is an optional
@@ -51,17 +51,19 @@ def _figure(width: float = 7.0, height: float = 4.0):
 
 
 def methods(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(key, label, entry)`` of every method but the AR baseline, in the report table's order; the drafter's
-    entry is the report's top level, a baseline's is ``report["baselines"][key]``."""
+    """``(key, label, entry)`` of every method but the AR baseline, in the report table's order: one per drafter row
+    (``report["drafters"][key]``; in a report from before several drafters, the first drafter's entry is the top
+    level) and per baseline (``report["baselines"][key]``). Every figure draws one series per entry."""
+    drafters = report.get("drafters") or {}
     order = [(r["method"], r["label"]) for r in report.get("table", ())]
     if not order:
-        order = [(DRAFTER, report.get("label", DRAFTER))] + [(k, b.get("label", k))
-                                                                for k, b in report.get("baselines", {}).items()]
+        first = [(k, e.get("label", k)) for k, e in drafters.items()] or [(DRAFTER, report.get("label", DRAFTER))]
+        order = first + [(k, b.get("label", k)) for k, b in report.get("baselines", {}).items() if k not in drafters]
     out = []
     for key, label in order:
         if key == AR:
             continue
-        entry = report if key == DRAFTER else report.get("baselines", {}).get(key)
+        entry = drafters.get(key) or (report if key == DRAFTER else report.get("baselines", {}).get(key))
         if entry is not None:
             out.append((key, label, entry))
     return out
@@ -192,7 +194,7 @@ def figure_speedup(report: dict[str, Any]):
         return None
     fig, ax = _figure(max(6.0, 1.2 * len(series)), 4.0)
     errs = [_err(v, ci) for _, v, ci in series]
-    bars = ax.bar(range(len(series)), [_num(v) for _, v, _ in series],
+    ax.bar(range(len(series)), [_num(v) for _, v, _ in series],
                   yerr=[[e[0] for e in errs], [e[1] for e in errs]], capsize=4,
                   color=[f"C{i}" for i in range(len(series))])
     for i, ((_, v, _), (_, up)) in enumerate(zip(series, errs)):  # above the bar's interval, not on it

@@ -2,13 +2,16 @@
 
 In named steps, as :func:`train` reads::
 
-    run = setup(cfg)                       # flags + ds_config checked, data, frozen target + adapter, DeepSpeed, resume
+    run = setup(cfg)                       # flags + ds_config checked, data, frozen target + drafter, DeepSpeed, resume
     for step in range(run.start_step, run.total_steps):
-        metrics = train_step(run, step)    # per micro-batch: blocks, one forward over [clean | blocks], fused loss
+        metrics = train_step(run, step)    # per micro-batch: blocks, the drafter's forward, fused loss
         maybe_eval(run, step, metrics)     # real speculative decoding on held-out prompts
         log(run, metrics)                  # metrics.jsonl, TensorBoard, progress bar
         maybe_save(run, step)              # crash-safe checkpoint
-    finish(run)                            # final checkpoint, exported PEFT adapter
+    finish(run)                            # final checkpoint, exported drafter
+
+What the drafter is (``--drafter lora``: the target + a gated LoRA adapter; ``--drafter dflash``: a standalone DFlash
+draft model) is behind :mod:`dflash_ds.drafters`; everything here is shared by both kinds.
 """
 
 from __future__ import annotations
@@ -28,12 +31,11 @@ from .blocks import BlockConfig, build_block_layout
 from .collectives import process_group_backend
 from .config import TrainConfig, autotp_size, load_ds_config, parse_train_args, resolve_ds_config
 from .data import build_dataset, collate_batch, sequence_lengths
+from .drafters import DFLASH, DraftKind, build_objective, check_resume, draft_kind
 from .faults import faults
 from .families import check_max_length, check_tp_compatible, family_of
-from .lora import DraftMeta, apply_lora, lora_parameters
 from .mask_token import resolve_mask_token
 from .metrics import MetricsLog, StepMetrics
-from .model import DFlashObjective
 from .parallel import (
     ModelParallelUnit,
     ParallelLayout,
@@ -77,7 +79,8 @@ def init_distributed(dist_timeout: float) -> None:
 
 
 def load_target(cfg: TrainConfig, ds: dict, parallel: ParallelLayout, dtype: torch.dtype):
-    """The frozen target, partitioned at load time under ZeRO-3 (without TP), fitted with the adapter."""
+    """The target as loaded, partitioned at load time under ZeRO-3 (without TP); the drafter kind then freezes and
+    shards it and fits its drafter (:func:`dflash_ds.drafters.build_objective`)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -87,10 +90,6 @@ def load_target(cfg: TrainConfig, ds: dict, parallel: ParallelLayout, dtype: tor
         keep_alive = HfDeepSpeedConfig(ds)  # must stay referenced until from_pretrained returns
     model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype, attn_implementation=cfg.attn_implementation)
     del keep_alive
-    apply_lora(model, cfg.lora, tp=parallel.tp, seed=cfg.optim.seed)
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    model.config.use_cache = False
     return model
 
 
@@ -100,8 +99,10 @@ def load_target(cfg: TrainConfig, ds: dict, parallel: ParallelLayout, dtype: tor
 
 @dataclass
 class Run:
-    """Everything :func:`setup` builds and the loop uses. ``engine`` is DeepSpeed's; ``model`` the Hugging Face
-    model with the adapter inside it; ``blocks`` the block config with its MASK id resolved."""
+    """Everything :func:`setup` builds and the loop uses. ``engine`` is DeepSpeed's (its module the kind's
+    objective); ``model`` the Hugging Face target (with the adapter inside it for the LoRA kind); ``kind`` the
+    drafter kind around the objective; ``meta`` its drafting metadata; ``blocks`` the block config with its MASK id
+    resolved."""
 
     cfg: TrainConfig
     parallel: ParallelLayout
@@ -111,7 +112,8 @@ class Run:
     dataset: Any
     batches: StepBatches
     blocks: BlockConfig
-    meta: DraftMeta
+    kind: DraftKind
+    meta: Any
     pad_id: int
     total_steps: int
     start_step: int = 0
@@ -132,14 +134,13 @@ class Run:
             "nonfinite": self.nonfinite,
             "rng": torch.get_rng_state(),
             "layout": self.layout_key,
-            "lora_config": self.cfg.lora.__dict__,
-            "draft_meta": self.meta.__dict__,
+            **type(self.kind).client_state(self.cfg, self.meta),
         }
 
 
 def setup(cfg: TrainConfig) -> Run:
     """Check everything that can be wrong before any model loads, then build the run: process groups, data, the
-    frozen target with its adapter, DeepSpeed, and the state of a resumed run."""
+    frozen target with its drafter, DeepSpeed, and the state of a resumed run."""
     import deepspeed
     from transformers import AutoConfig, AutoTokenizer
 
@@ -152,6 +153,8 @@ def setup(cfg: TrainConfig) -> Run:
     family_of(model_config)  # an unsupported architecture fails here, naming the supported ones
     check_tp_compatible(model_config, tp_size)
     check_max_length(model_config, cfg.data.max_length)
+    if cfg.drafter.kind == DFLASH:  # the draft layers and target layer ids fit this target
+        cfg.drafter.draft_config(model_config, cfg.blocks.block_size, None)
     init_distributed(cfg.dist_timeout)
     check_parallel_sizes(dist.get_world_size(), tp_size)
     parallel = build_parallel_layout(tp_size)
@@ -182,18 +185,18 @@ def setup(cfg: TrainConfig) -> Run:
     # resume: the data position must mean the same sample in this layout (checked before any model loads)
     ckpt = find_checkpoint(cfg.resume, cfg.output_dir) if cfg.resume else None
     if ckpt is not None:
-        resume_step(read_client_state(ckpt), micro, accum, parallel.dp_size, str(ckpt))
+        saved = read_client_state(ckpt)
+        check_resume(saved, cfg, model_config, str(ckpt))  # the same drafter kind and shape
+        resume_step(saved, micro, accum, parallel.dp_size, str(ckpt))
 
-    # model: frozen target + adapter, wrapped in the objective, handed to DeepSpeed
+    # model: the frozen target and the kind's drafter, wrapped in its objective, handed to DeepSpeed
     model = load_target(cfg, ds, parallel, dtype)
-    objective = DFlashObjective(model, cfg.loss, cfg.lora.scope, cfg.clean_pass)
-    lm_head_weight = model.get_output_embeddings().weight
-    if hasattr(lm_head_weight, "ds_id"):  # ZeRO-3: gather lm_head for the loss module's forward only
-        deepspeed.zero.register_external_parameter(objective.loss_head, lm_head_weight)
+    objective, meta = build_objective(cfg, model, parallel, mask, dtype)
+    kind = draft_kind(objective)
     schedule = lr_lambda(total_steps, cfg.optim.warmup_ratio, cfg.optim.lr_schedule)
     engine, _, _, _ = deepspeed.initialize(
         model=objective,
-        model_parameters=[{"params": lora_parameters(model)}],
+        model_parameters=[{"params": kind.trainable_parameters()}],
         config=ds,
         mpu=ModelParallelUnit(parallel) if tp_size > 1 else None,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
@@ -201,13 +204,12 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(
         cfg=cfg, parallel=parallel, engine=engine, model=model, tokenizer=tokenizer, dataset=dataset, batches=batches,
         blocks=replace(cfg.blocks, mask_token_id=mask.token_id), pad_id=pad_id, total_steps=total_steps,
-        meta=DraftMeta(block_size=cfg.blocks.block_size, mask_token_id=mask.token_id, scope=cfg.lora.scope,
-                       base_model=cfg.model_path, mask_token=mask.token, mask_token_rule=mask.rule),
+        kind=kind, meta=meta,
         layout_key={"world_size": parallel.world_size, "tp": tp_size,
                     "zero_stage": ds.get("zero_optimization", {}).get("stage", 0)},
     )
 
-    # resume: adapter, optimizer, schedule, data position, RNG
+    # resume: drafter, optimizer, schedule, data position, RNG
     if ckpt is not None:
         client = load_checkpoint(engine, ckpt, run.layout_key)
         run.start_step = resume_step(client, micro, accum, parallel.dp_size, str(ckpt))
@@ -227,8 +229,8 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def train_step(run: Run, step: int) -> StepMetrics:
-    """Optimizer step ``step`` (0-based): for each micro-batch, blocks for every sequence, one forward over
-    ``[clean | blocks]`` with the fused loss, DeepSpeed's backward and step. A micro-batch whose loss is non-finite
+    """Optimizer step ``step`` (0-based): for each micro-batch, blocks for every sequence, the kind's objective
+    (the target and the drafter's forward) with the fused loss, DeepSpeed's backward and step. A micro-batch whose loss is non-finite
     on any rank adds a zero gradient and is counted; the run aborts past ``--max-nonfinite``."""
     engine, cfg, device = run.engine, run.cfg, run.engine.device
     lr_used = engine.lr_scheduler.get_last_lr()[0] if engine.lr_scheduler is not None else None
@@ -250,7 +252,7 @@ def train_step(run: Run, step: int) -> StepMetrics:
             if run.nonfinite >= cfg.optim.max_nonfinite:
                 raise RuntimeError(f"aborting: {run.nonfinite} non-finite losses (--max-nonfinite {cfg.optim.max_nonfinite})")
             # a zero loss with zero gradients keeps DeepSpeed's accumulation count; this micro-batch adds nothing
-            loss = sum(p.sum() for p in lora_parameters(run.model)) * 0.0
+            loss = sum(p.sum() for p in run.kind.trainable_parameters()) * 0.0
             poisoned += 1
         engine.backward(loss)
         if poisoned == len(micro_batches):
@@ -265,22 +267,31 @@ def train_step(run: Run, step: int) -> StepMetrics:
 
 
 def maybe_eval(run: Run, step: int, metrics: StepMetrics) -> None:
-    """Every ``--eval-interval`` steps: speculative decoding on held-out prompts with the in-memory model, its tau
+    """Every ``--eval-interval`` steps: speculative decoding on held-out prompts with the in-memory drafter, its tau
     and speedup added to the step's record. Every rank runs it in lockstep (ZeRO-3 and TP forwards are collective);
-    greedy decoding keeps the ranks' control flow identical."""
+    greedy decoding keeps the ranks' control flow identical. Either kind decodes in memory: the LoRA kind with the
+    adapter on ``run.model``, the standalone kind with :func:`dflash_ds.evaluate.standalone_drafter`."""
     cfg = run.cfg
     if not cfg.eval_interval or (step + 1) % cfg.eval_interval:
         return
-    from .evaluate import EvalConfig, load_prompts, run_eval
+    from .evaluate import EvalConfig, load_prompts, run_eval, standalone_drafter
 
-    model = run.model
-    was_training = model.training
-    model.eval()
+    drafter = None  # the standalone kind's draft model (the LoRA kind's drafter is inside run.model)
+    if run.kind.name == DFLASH:
+        drafter = run.engine.module.drafter
+    modules = [m for m in (run.model, drafter) if m is not None]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     prompts = load_prompts(cfg.eval_prompts, run.tokenizer, limit=cfg.eval_limit)
     settings = EvalConfig(max_new_tokens=cfg.eval_max_new_tokens, baselines="none", repeats=1,
                           loop="fused" if run.meta.scope == "block" else "two_forward")
-    report = run_eval(model, run.tokenizer, run.meta, prompts, settings, progress=False)
-    model.train(was_training)
+    what = run.meta if drafter is None else standalone_drafter(drafter, meta=run.meta)
+    try:
+        report = run_eval(run.model, run.tokenizer, what, prompts, settings, progress=False)
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
     metrics.record.update(eval_tau=report["tau"], eval_speedup=report["speedup"])
 
 
@@ -306,22 +317,24 @@ def maybe_save(run: Run, step: int) -> None:
 
 
 def finish(run: Run) -> Path:
-    """The final checkpoint and the exported PEFT adapter (``OUTPUT/adapter``)."""
+    """The final checkpoint and the exported drafter: ``OUTPUT/adapter`` (LoRA kind: a PEFT adapter directory +
+    ``dflash.json``) or ``OUTPUT/drafter`` (dflash kind: ``config.json`` + ``model.safetensors``, the published
+    format)."""
     from .checkpoint import export_checkpoint, save_checkpoint
 
     run.bar.close()
     final = save_checkpoint(run.engine, Path(run.cfg.output_dir) / "checkpoints", run.total_steps,
                             run.client_state(run.total_steps), run.cfg.keep_last)
-    adapter_dir = Path(run.cfg.output_dir) / "adapter"
+    out = Path(run.cfg.output_dir) / run.kind.artifact_dir
     if run.is_main:
-        export_checkpoint(final, adapter_dir)
-        print(f"adapter exported to {adapter_dir}", flush=True)
+        export_checkpoint(final, out)
+        print(f"{run.kind.artifact_dir} exported to {out}", flush=True)
     dist.barrier()
-    return adapter_dir
+    return out
 
 
 def train(cfg: TrainConfig) -> Path:
-    """The whole recipe; returns the exported adapter directory."""
+    """The whole recipe; returns the exported drafter's directory (``OUTPUT/adapter`` or ``OUTPUT/drafter``)."""
     run = setup(cfg)
     for step in range(run.start_step, run.total_steps):
         metrics = train_step(run, step)

@@ -159,17 +159,20 @@ def guarded_run(assets, out: Path, config: str, extra: list[str]) -> subprocess.
 
 
 @pytest.mark.parametrize(
-    "config,callers",
+    "config,extra,callers",
     [
         # two data-parallel ranks: the non-finite flag and the step metrics' sums (CPU) are all-reduced
-        ("zero2.json", {"_all_finite", "StepMetrics.reduce"}),
+        ("zero2.json", [], {"_all_finite", "StepMetrics.reduce"}),
         # tensor parallel x2: the activations' all-reduces and the checkpoint's gather of TP-split optimizer states
-        ("autotp2_zero1.json", {"_all_finite", "_ReduceFromTP.forward", "tp_gather_factor"}),
+        ("autotp2_zero1.json", [], {"_all_finite", "_ReduceFromTP.forward", "tp_gather_factor"}),
+        # the standalone drafter under TP x2: the sharded target's all-reduces, the replicated drafter's gradient mean
+        ("autotp2_zero1.json", ["--drafter", "dflash", "--target-layer-ids", "0"],
+         {"_all_finite", "_ReduceFromTP.forward", "average_gradients_over_tp.<locals>.mean"}),
     ],
-    ids=["zero2", "autotp2"],
+    ids=["zero2", "autotp2", "autotp2_dflash"],
 )
-def test_emulated_gpu_world_runs_every_collective_on_a_backend_of_its_device(assets, tmp_path, config, callers):
-    proc = guarded_run(assets, tmp_path, config, [])
+def test_emulated_gpu_world_runs_every_collective_on_a_backend_of_its_device(assets, tmp_path, config, extra, callers):
+    proc = guarded_run(assets, tmp_path, config, extra)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
     for rank in (0, 1):

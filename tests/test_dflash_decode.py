@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from test_speculative import _chi_square_pvalue
 from dflash_ds.blocks import BlockConfig, build_block_layout
 from dflash_ds.dflash_model import DFlashDraftModel, init_from_target, make_draft_config
 from dflash_ds.dflash_objective import DFlashDraftObjective
@@ -231,21 +232,6 @@ def test_trained_drafter_reaches_a_higher_tau():
 # sampling is lossless
 
 
-def _chi_square_pvalue(counts, probs, min_expected=5.0):
-    """Pearson chi-square of ``counts`` against ``probs`` (cells with expected count < 5 pooled), as
-    tests/test_speculative.py."""
-    n = counts.sum()
-    expected = probs * n
-    small = expected < min_expected
-    obs = torch.cat([counts[~small], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    obs, exp = obs[keep], exp[keep]
-    stat = ((obs - exp) ** 2 / exp).sum()
-    df = obs.numel() - 1
-    return float(stat), float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2.0))
-
-
 def _exact_two_token_distribution(target, prompt, temperature):
     V = target.config.vocab_size
     with torch.no_grad():
@@ -287,3 +273,36 @@ def test_sampling_is_lossless():
                     step_callback=lambda st: first.setdefault("q", torch.softmax(st.draft_logits[0].double() / T, -1)))
     p1 = exact.reshape(V, V).sum(1)
     assert 1000 * float(((first["q"] - p1) ** 2 / p1).sum()) > 200
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the engine the LoRA loops use: a static KV cache and compiled verify forwards give the same tokens and drafts
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["static", "compiled"])
+def test_static_and_compiled_target_forwards_are_exact(compile, models):
+    """dflash_generate on a StaticDecoding (padded verify forwards, the feature tap traced into the compiled
+    decoder): the same output and acceptance as the dynamic cache, the AR baseline on the same static cache too."""
+    import torch._dynamo
+
+    from dflash_ds.speculative import FeatureTap, StaticDecoding, autoregressive_generate
+
+    target, _, drafter = copy.deepcopy(models["qwen3"])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    static = StaticDecoding(target, 160, compile=compile)
+    tap = FeatureTap.of(target, drafter.target_layer_ids)  # before the first compiled forward
+    # the copy has a tap of its own (the module's earlier tests tapped the original's layers)
+    assert tap is not FeatureTap.of(models["qwen3"][0]) and tap.layers is target.model.layers
+    for prompt in prompts():
+        for B in (4, 8):
+            want = dflash_generate(target, drafter, prompt, 20, block_size=B)
+            got = dflash_generate(target, drafter, prompt, 20, block_size=B, static=static)
+            assert got.output_ids == want.output_ids == hf_greedy(target, prompt, 20)
+            assert got.accepted_per_step == want.accepted_per_step and got.rows == want.rows
+        ar = autoregressive_generate(target, prompt, max_new_tokens=20, static=static)
+        assert ar.output_ids == want.output_ids
+    assert not tap.active and not tap.out  # off between generations, nothing held
+    if compile:  # one graph per kind of forward: AR (tap off), verify B=4 and B=8 (tap on)
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert frames <= 5, frames

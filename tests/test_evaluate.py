@@ -412,7 +412,10 @@ def test_benchmark_file_end_to_end_with_plots(saved_target, tmp_path, capsys):
     head, table = out.split("\n\n", 1)[1].split("\n", 1)
     assert head.startswith(f"{questions}: 3 questions, 4 prompts, 2 turns;")
     assert table.splitlines()[0].split() == ["writing", "coding", "overall"]
-    assert "drafter (two-forward loop)" in table and "autoregressive" not in table
+    # the row of a drafter loaded from its directory: its name, kind, layers and parameters
+    label = report["drafters"]["drafter"]["label"]
+    assert label.startswith("adapter [lora, r4 over 2 target layers, ") and label.endswith("(two-forward loop)")
+    assert label in table and "autoregressive" not in table
     names = ["acceptance_by_position.png", "tau_per_category.png", "speedup.png", "speedup_per_category.png"]
     assert sorted(p.name for p in plot_dir.iterdir()) == sorted(names)
     for name in names:

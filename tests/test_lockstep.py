@@ -22,17 +22,52 @@ from pathlib import Path
 NEW, PROMPTS, B = 12, 3, 4
 
 
-def test_every_rank_returns_rank_0s_outputs_and_the_run_finishes(tmp_path):
+def run_two_ranks(worker: str, out: Path) -> tuple[dict, dict]:
+    """Run ``worker`` (a test file that is also a torchrun worker) on 2 gloo ranks; each writes ``out/rank{r}.json``.
+    A hang (the ranks waiting on each other) or a failure is an AssertionError with the ranks' output."""
     from test_distributed import ROOT, _free_port, dist_env
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(Path(__file__).resolve()), str(tmp_path)]
+           str(_free_port()), str(Path(worker).resolve()), str(out)]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as exc:  # the ranks waited on each other
         raise AssertionError(f"the 2-rank eval hung:\n{(exc.stderr or b'')[-3000:]!r}") from None
     assert proc.returncode == 0, f"the 2-rank eval failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+
+
+def perturb_on_rank_1(model, *extra) -> None:
+    """Another rank's kernels, exaggerated: noise on the output head, the adapter's B factors and ``extra``
+    weights, so this rank's argmaxes, drafts and draft confidences differ from rank 0's."""
+    import torch
+
+    from dflash_ds.lora import lora_modules
+
+    gen = torch.Generator().manual_seed(11)
+    weights = [model.lm_head.weight] + [m.lora_B.weight for _, m in lora_modules(model)] + list(extra)
+    with torch.no_grad():
+        for w in weights:
+            w.add_(torch.randn(w.shape, generator=gen) * 0.05)
+
+
+def count_collective_forwards(model) -> tuple[list[int], object]:
+    """A pre-hook on the decoder that all-reduces, as ZeRO-3's parameter gather does (every rank must run each
+    forward too); returns ``(counter, hook handle)``."""
+    import torch
+    import torch.distributed as dist
+
+    forwards = [0]
+
+    def collective(*_):
+        forwards[0] += 1
+        dist.all_reduce(torch.ones(1))
+
+    return forwards, model.model.register_forward_pre_hook(collective)
+
+
+def test_every_rank_returns_rank_0s_outputs_and_the_run_finishes(tmp_path):
+    r0, r1 = run_two_ranks(__file__, tmp_path)
     assert r0["solo"] != r1["solo"], "rank 1's noise must change its own greedy output, or the test shows nothing"
     assert r0["ar"] == r1["ar"] == r0["solo"]  # rank 0's greedy output on both ranks
     assert r0["spec"] == r1["spec"] == r0["solo"]  # and both loops commit it (two-forward, then fused)
@@ -46,30 +81,19 @@ def _worker(out: Path) -> None:
     from datetime import timedelta
     from types import SimpleNamespace
 
-    import torch
     import torch.distributed as dist
 
     from dflash_ds.evaluate import DRAFTER_OTHER_LOOP, EvalConfig, run_eval
-    from dflash_ds.lora import DraftMeta, lora_modules
+    from dflash_ds.lora import DraftMeta
     from dflash_ds.speculative import FusedConfig, autoregressive_generate
     from test_speculative import MASK, prompts, tiny_model
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
     model = tiny_model("sdpa", seed=3)
-    if rank == 1:  # another rank's kernels, exaggerated: its argmaxes, drafts and confidences differ from rank 0's
-        gen = torch.Generator().manual_seed(11)
-        with torch.no_grad():
-            model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=gen) * 0.05)
-            for _, m in lora_modules(model):
-                m.lora_B.weight.add_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.05)
-    forwards = [0]
-
-    def collective(*_):  # as ZeRO-3's parameter gather: every rank must run this forward too
-        forwards[0] += 1
-        dist.all_reduce(torch.ones(1))
-
-    hook = model.model.register_forward_pre_hook(collective)
+    if rank == 1:
+        perturb_on_rank_1(model)
+    forwards, hook = count_collective_forwards(model)
     tokenizer = SimpleNamespace(eos_token_id=None, pad_token_id=0)  # token-id prompts need no vocabulary
     meta = DraftMeta(B, MASK, "block")
     prompt_ids = prompts(PROMPTS - 1, length=9, seed=5)

@@ -109,3 +109,43 @@ def test_stacked_projections_give_the_same_logits(family):
     for want, got in zip(before, logits()):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(before[0], before[1])  # the adapter changes the logits: the comparison means something
+
+
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_shard_target_splits_the_frozen_projections_and_apply_lora_adds_the_same_adapter(tp_rank):
+    """shard_target (both drafter kinds) wraps every column/row-parallel projection in an adapter-less LoRALinear
+    holding this rank's slice; apply_lora on top adapts the targeted ones with the factors it would have made on the
+    unsharded model, sliced (row-parallel A by input columns), and leaves the others bare. Built only: a forward of
+    a sharded layer is collective (tests/test_distributed.py runs them)."""
+    from conftest import tiny_model
+    from dflash_ds.lora import LoRAConfig, apply_lora, lora_modules, shard_target
+    from dflash_ds.parallel import TPGroup
+
+    full = tiny_model("qwen3")
+    tp = TPGroup(rank=tp_rank, size=2)
+    sharded = tiny_model("qwen3")
+    shard_target(sharded, tp)
+    assert not any(p.requires_grad for p in sharded.parameters())
+    assert not hasattr(sharded, "dflash_adapter")  # only apply_lora marks a model as adapted
+    layer, ref = sharded.model.layers[0], full.model.layers[0]
+    for name, kind in (("self_attn.q_proj", "column"), ("self_attn.o_proj", "row"), ("mlp.down_proj", "row")):
+        wrapped, linear = layer.get_submodule(name), ref.get_submodule(name)
+        assert isinstance(wrapped, LoRALinear) and wrapped.parallel == kind and not wrapped.has_adapter
+        w = linear.weight
+        want = w.chunk(2, dim=0 if kind == "column" else 1)[tp_rank]
+        assert torch.equal(wrapped.base_layer.weight, want)
+    assert isinstance(sharded.lm_head, nn.Linear)  # not a decoder projection: whole
+
+    config = LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "o_proj"))
+    apply_lora(full, config, seed=5)
+    apply_lora(sharded, config, tp=tp, seed=5)
+    ours, theirs = dict(lora_modules(sharded)), dict(lora_modules(full))
+    assert ours.keys() == theirs.keys() and len(ours) == 4  # q and o of 2 layers
+    for name, m in ours.items():
+        a_full = theirs[name].lora_A.weight
+        want = a_full.chunk(2, dim=1)[tp_rank] if m.parallel == "row" else a_full
+        assert torch.equal(m.lora_A.weight, want), name
+        assert m.lora_B.weight.shape[0] == theirs[name].lora_B.weight.shape[0] // (2 if m.parallel == "column" else 1)
+    assert not sharded.model.layers[0].mlp.up_proj.has_adapter  # sharded, not a target
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        sharded.model.layers[0].self_attn.q_proj.add_adapter(4, 8.0, 0.0)

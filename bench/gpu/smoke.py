@@ -401,7 +401,7 @@ class Smoke:
             self.write_inputs()
             detail = self.self_distil()
             self.report("PASS", "target", f"random Qwen3 ({a.shape}) in {self.work}; {detail}")
-        except Exception as exc:  # noqa: BLE001 - nothing else can run
+        except Exception:  # noqa: BLE001 - nothing else can run
             import traceback
 
             self.report("FAIL", "target", traceback.format_exc())

@@ -2,9 +2,12 @@
 
 On the same model, prompts and engine, in the same run, this measures
 
-* the trained drafter through dflash-ds's verify loop (:mod:`dflash_ds.speculative`): τ, its histogram, acceptance
-  by block position, forwards per token, tokens/s and speedup over the autoregressive baseline;
-* the autoregressive baseline on the same engine (one adapter-off forward per token);
+* one or several trained drafters of either kind (``--drafter DIR``, repeatable; ``--adapter DIR`` for LoRA
+  adapters), each a row labelled with its kind, layers and parameters: a dflash-ds LoRA adapter through
+  dflash-ds's verify loops, a standalone DFlash drafter through its own (:mod:`dflash_ds.speculative`): τ, its
+  histogram, acceptance by block position, forwards per token, tokens/s and speedup over the autoregressive
+  baseline (:mod:`.drafters`: the LoRA adapters share the one model, factors swapped in per generation);
+* the autoregressive baseline on the same engine (one adapter-off forward per token), once for every row;
 * baselines (``--baselines none|fast|all``): ``fast`` = prompt lookup through transformers'
   ``generate(prompt_lookup_num_tokens=K)`` + the untrained adapter (the floor); ``all`` adds the same n-gram
   drafter through dflash-ds's own loop (engine vs drafter effects) and transformers' plain greedy ``generate``;
@@ -16,7 +19,8 @@ On the same model, prompts and engine, in the same run, this measures
   and acceptance by position per category, per turn and overall, with intervals, for every method; ``--plot DIR``
   draws the report (:mod:`dflash_ds.plots`).
 
-Modules: :mod:`.config` (:class:`EvalConfig`, method keys), :mod:`.prompts` (prompt files, rendering),
+Modules: :mod:`.config` (:class:`EvalConfig`, method keys), :mod:`.drafters` (:class:`EvalDrafter`: the drafters
+of one eval, loaded through :func:`dflash_ds.speculative.open_drafter`), :mod:`.prompts` (prompt files, rendering),
 :mod:`.methods` (the decoders compared), :mod:`.harness` (:func:`run_eval`: timing rounds, shards, benchmark
 turns), :mod:`.report` (statistics, the report and its tables: pure functions of the runs), :mod:`.cli`
 (:func:`main`). :func:`run_eval` is the reusable entry point (the trainer calls it with its in-memory model).
@@ -28,6 +32,7 @@ from .config import (
     AR,
     BASELINE_CHOICES,
     COMPILE_CHOICES,
+    DFLASH_LOOP,
     DRAFTER,
     DRAFTER_OTHER_LOOP,
     FLOOR,
@@ -42,6 +47,7 @@ from .config import (
     compile_mode,
     default_loop,
 )
+from .drafters import EvalDrafter, as_drafters, in_memory_lora, load_drafters, open_drafters, standalone_drafter
 from .harness import benchmark_prompts, run_eval
 from .methods import (
     Autoregressive,
@@ -50,6 +56,7 @@ from .methods import (
     Generation,
     HFGenerate,
     Method,
+    StandaloneLoop,
     TwoForwardLoop,
     build_methods,
 )
@@ -61,10 +68,12 @@ __all__ = [
     "Autoregressive",
     "BASELINE_CHOICES",
     "COMPILE_CHOICES",
+    "DFLASH_LOOP",
     "DRAFTER",
     "DRAFTER_OTHER_LOOP",
     "DecodeSetup",
     "EvalConfig",
+    "EvalDrafter",
     "FLOOR",
     "FusedLoop",
     "Generation",
@@ -79,8 +88,10 @@ __all__ = [
     "PromptFileError",
     "Runs",
     "SPLIT_AT",
+    "StandaloneLoop",
     "TABLE_ORDER",
     "TwoForwardLoop",
+    "as_drafters",
     "benchmark_prompts",
     "benchmark_section",
     "build_methods",
@@ -91,10 +102,14 @@ __all__ = [
     "eos_ids_of",
     "format_benchmark",
     "format_table",
+    "in_memory_lora",
+    "load_drafters",
     "load_prompts",
     "main",
+    "open_drafters",
     "read_prompts",
     "render_prompt",
     "run_eval",
     "spec_stats",
+    "standalone_drafter",
 ]

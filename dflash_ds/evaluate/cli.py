@@ -22,11 +22,18 @@ from .report import format_benchmark, format_table
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dflash-ds eval",
-        description="Speculative decoding with a dflash-ds adapter against the autoregressive baseline, prompt "
-        "lookup and the untrained-adapter floor, on the same model and engine, in one run.",
+        description="Speculative decoding with one or several drafters (dflash-ds LoRA adapters, standalone DFlash "
+        "drafters) side by side, against the autoregressive baseline, prompt lookup and the untrained-adapter "
+        "floor, on the same model and engine, in one run.",
     )
     p.add_argument("--model-path", required=True, help="the target model directory (from_pretrained)")
-    p.add_argument("--adapter", required=True, help="an adapter directory exported by dflash-ds (dflash.json)")
+    p.add_argument("--drafter", dest="drafters", action="append", type=lambda v: (None, v), default=[],
+                   metavar="DIR", help="a drafter directory of either kind: a dflash-ds LoRA adapter (dflash.json) or "
+                   "a standalone DFlash drafter (config.json with architectures [\"DFlashDraftModel\"]); repeat it "
+                   "for several, each one a row (the first is the report's headline)")
+    p.add_argument("--adapter", dest="drafters", action="append", type=lambda v: ("lora", v), metavar="DIR",
+                   help="a LoRA adapter directory exported by dflash-ds (dflash.json): --drafter for LoRA adapters "
+                   "only; repeatable, in order with --drafter")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompts", help="JSONL conversations, last turn user")
     what.add_argument("--benchmark", metavar="SET",
@@ -59,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``--benchmark``/``--plot`` needs and is not installed: exit 2 with the reason (and the pip command)."""
     from ..parallel import exit_on_dist_failure
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.drafters:
+        parser.error("one of the arguments --drafter --adapter is required")
     try:
         with exit_on_dist_failure("dflash-ds eval", hint="run it again"):  # another rank died or hangs: exit 3
             return _main(args)
@@ -71,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..lora import load_adapter_dir, stack_projections
+    from ..lora import stack_projections
+    from .drafters import load_drafters, open_drafters
 
     config = from_args(EvalConfig, args, "decoding.")
     if args.limit is not None and args.limit < 1:
@@ -89,6 +100,7 @@ def _main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not Path(args.model_path).is_dir():
         raise FileNotFoundError(f"{args.model_path}: model directory not found")
+    artifacts = open_drafters(args.drafters)  # every drafter's kind and metadata, before any model loads
     if args.benchmark is not None:  # the questions (and a missing wheel) before the model loads
         from ..benchmarks import benchmark_source, load_questions
 
@@ -110,11 +122,10 @@ def _main(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype,
                                                  attn_implementation=args.attn_implementation)
-    meta = load_adapter_dir(model, args.adapter)
-    if not 0 <= meta.mask_token_id < model.config.vocab_size:
-        raise ValueError(f"{args.adapter}: MASK id {meta.mask_token_id} is outside this model's vocabulary "
-                         f"({model.config.vocab_size}): an adapter trained on another base model?")
     model.to(device).eval()
+    # one model for every row: the LoRA adapters share it (factors swapped in per generation), the standalone
+    # drafters load beside it on its device and dtype
+    drafters = load_drafters(model, artifacts)
     if config.compile != "compile":  # compiled graphs fuse on their own
         stack_projections(model)  # after the move: the stack is then built once, where it computes
     if world > 1:
@@ -129,14 +140,16 @@ def _main(args: argparse.Namespace) -> int:
                                   shard=(rank, world), progress=not args.no_progress)
         prompts = [p.prompt for p in bench]
         benchmark = (args.benchmark, bench, source)
-    report = run_eval(model, tokenizer, meta, prompts, config, progress=not args.no_progress, shard=(rank, world),
+    report = run_eval(model, tokenizer, drafters, prompts, config, progress=not args.no_progress, shard=(rank, world),
                       benchmark=benchmark)
     if world > 1:
         dist.destroy_process_group()
     if report is None:  # another rank's share: rank 0 writes the report
         return 0
     report["config"].update(
-        model_path=str(args.model_path), adapter=str(args.adapter), prompts=args.prompts, benchmark=args.benchmark,
+        model_path=str(args.model_path), drafters=[str(a.path) for a in artifacts],
+        adapter=next((str(a.path) for a in artifacts if a.kind == "lora"), None), prompts=args.prompts,
+        benchmark=args.benchmark,
         limit=args.limit, max_turns=args.max_turns, device=str(device), dtype=str(dtype).replace("torch.", ""),
         attn_implementation=args.attn_implementation,
     )

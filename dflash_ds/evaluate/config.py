@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from ..settings import check_choices, setting
-from ..speculative import FusedConfig
+from ..speculative import DFLASH, FusedConfig, kind_of
 
 BASELINE_CHOICES = ("none", "fast", "all")
 SPLIT_AT = 32  # tau is split into steps that start within the first 32 generated tokens and the rest
@@ -24,7 +25,8 @@ HF_GREEDY = "hf_greedy"
 AR = "autoregressive"
 TABLE_ORDER = (DRAFTER, DRAFTER_OTHER_LOOP, NGRAM, PROMPT_LOOKUP, FLOOR, HF_GREEDY)
 LOOP_CHOICES = ("auto", "fused", "two_forward", "both")
-LOOP_LABELS = {"fused": "fused loop", "two_forward": "two-forward loop"}
+DFLASH_LOOP = "dflash"  # a standalone drafter's loop: the two-forward loop with the drafter's own forward
+LOOP_LABELS = {"fused": "fused loop", "two_forward": "two-forward loop", DFLASH_LOOP: "dflash loop"}
 COMPILE_CHOICES = ("none", "static", "compile")
 
 
@@ -52,13 +54,15 @@ class EvalConfig:
     baselines: str = setting("fast", "none; fast: prompt lookup (transformers) and the untrained-adapter floor; all: "
                              "also the same n-gram drafter through dflash-ds's loop and transformers' greedy generate",
                              choices=BASELINE_CHOICES)
-    loop: str = setting("auto", "the drafter's decoding loop: fused (one forward per step), two_forward (draft, "
+    loop: str = setting("auto", "a LoRA adapter's decoding loop: fused (one forward per step), two_forward (draft, "
                         "then verify), both side by side (the drafter row: two_forward on a CPU, fused on a GPU, as "
-                        "measured), or auto: both for scope block adapters, two_forward for scope all",
+                        "measured), or auto: both for scope block adapters, two_forward for scope all (a standalone "
+                        "DFlash drafter always drafts with its own forward, then verifies)",
                         choices=LOOP_CHOICES)
     fused: FusedConfig = dataclasses.field(default_factory=FusedConfig)
     compile: str = setting("none", "decode forwards on a static KV cache (static), and torch.compile-d (compile; CUDA "
-                           "graphs on a GPU): for dflash-ds's loops and the AR baseline alike, scope block only",
+                           "graphs on a GPU): the target's forwards of dflash-ds's loops and the AR baseline alike "
+                           "(LoRA adapters of scope block; a standalone drafter's own forward stays eager)",
                            choices=COMPILE_CHOICES)
     seed: int = setting(0, "seed of the sampled generations")
     prompt_lookup_tokens: int | None = setting(None, "K for prompt lookup (default B-1)")
@@ -77,21 +81,32 @@ class EvalConfig:
         if self.floor_tokens is not None and self.floor_tokens < 1:
             raise ValueError(f"--floor-tokens must be >= 1, got {self.floor_tokens}")
 
-    def resolved(self, meta) -> "EvalConfig":
-        """This config with ``auto``/None filled for an adapter ``meta``: the loop, the block size (checked against
-        the trained one) and prompt lookup's K."""
-        loop = self.loop if self.loop != "auto" else ("both" if meta.scope == "block" else "two_forward")
+    def resolved(self, meta, name: str | None = None) -> "EvalConfig":
+        """This config with ``auto``/None filled for a drafter's ``meta`` (a LoRA adapter's or a standalone
+        drafter's): the loop, the block size (checked against the trained one) and prompt lookup's K. ``name``
+        (the drafter's) goes into the errors."""
+        who = f"{name}: " if name else ""
+        standalone = kind_of(meta) == DFLASH
+        if standalone:
+            loop = DFLASH_LOOP
+        else:
+            loop = self.loop if self.loop != "auto" else ("both" if meta.scope == "block" else "two_forward")
         trained = int(meta.block_size)
         B = int(self.block_size or trained)
-        lowest = 2 if loop == "two_forward" else 3
+        lowest = 2 if loop in ("two_forward", DFLASH_LOOP) else 3
         if not lowest <= B <= trained:
-            raise ValueError(f"--block-size must be in [{lowest}, {trained}] (the adapter was trained with "
+            raise ValueError(f"{who}--block-size must be in [{lowest}, {trained}] (the "
+                             f"{'drafter' if standalone else 'adapter'} was trained with "
                              f"{trained}{'; the fused loop drafts positions 2 .. B-1' if lowest == 3 else ''})")
+        if standalone:  # not dataclasses.replace: "dflash" is no --loop choice (a standalone drafter has one loop)
+            out = copy.copy(self)
+            out.loop, out.block_size, out.prompt_lookup_tokens = loop, B, int(self.prompt_lookup_tokens or B - 1)
+            return out
         if loop != "two_forward" and meta.scope != "block":
-            raise ValueError(f"--loop {loop}: the fused loop needs a scope 'block' adapter (this one is "
+            raise ValueError(f"{who}--loop {loop}: the fused loop needs a scope 'block' adapter (this one is "
                              f"{meta.scope!r}); use --loop two_forward")
         if self.compile != "none" and meta.scope != "block":
-            raise ValueError("--compile static/compile needs a scope 'block' adapter (scope 'all' keeps a second "
+            raise ValueError(f"{who}--compile static/compile needs a scope 'block' adapter (scope 'all' keeps a second "
                              "cache)")
         return dataclasses.replace(self, loop=loop, block_size=B,
                                    prompt_lookup_tokens=int(self.prompt_lookup_tokens or B - 1))

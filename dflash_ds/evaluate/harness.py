@@ -12,8 +12,9 @@ from torch import nn
 from ..benchmarks import BenchPrompt
 from ..families import check_decode_length
 from ..lora import adapter_preserved
-from ..speculative import Lockstep, StaticDecoding, eos_ids_of, unwrap_model
+from ..speculative import DFLASH, FeatureTap, Lockstep, StaticDecoding, eos_ids_of, unwrap_model
 from .config import EvalConfig, compile_mode
+from .drafters import as_drafters
 from .methods import DecodeSetup, Method, build_methods
 from .prompts import render_prompt
 from .report import Runs, build_report
@@ -32,9 +33,15 @@ def run_eval(
     shard: tuple[int, int] | None = None,
     benchmark: tuple[str, Sequence[BenchPrompt], dict | None] | None = None,
 ) -> dict[str, Any] | None:
-    """Evaluate the adapter on ``model`` (fitted with :func:`dflash_ds.lora.apply_lora` / ``load_adapter_dir``).
+    """Evaluate one or several drafters on the target ``model``, side by side with the baselines.
 
-    ``meta`` is the adapter's :class:`dflash_ds.lora.DraftMeta` (block size, MASK id, scope); ``prompts`` are
+    ``meta``: the adapter's :class:`dflash_ds.lora.DraftMeta` (block size, MASK id, scope) for the adapter already
+    on ``model`` (:func:`dflash_ds.lora.apply_lora` / ``load_adapter_dir``: the trainer's call), or the drafters
+    (:class:`~dflash_ds.evaluate.drafters.EvalDrafter`, a list for several: :func:`~.drafters.load_drafters` fits
+    directories of either kind to ``model``, :func:`~.drafters.standalone_drafter` wraps an in-memory standalone
+    drafter). The first drafter is the report's headline (its top-level fields, as with one drafter), every
+    drafter has its entry in ``report["drafters"]`` and its rows in the table; the autoregressive baseline runs
+    once, on the same model and engine as every row, and every speedup is over it. ``prompts`` are
     conversations (last turn user), pre-formatted strings or token-id lists; ``config`` the decoding settings
     (:class:`EvalConfig`). Every method runs on every prompt in each of ``config.repeats`` timing rounds,
     interleaved prompt by prompt so drift hits all methods alike; τ and outputs come from the first round (the runs
@@ -58,8 +65,10 @@ def run_eval(
     every rank then, or pass ``shard=(0, 1)`` to decode in one process alone. transformers' ``generate`` cannot
     follow rank 0, so a lockstep eval refuses the baselines that use it (``baselines`` must be ``none``).
     """
-    cfg = (config or EvalConfig()).resolved(meta)
     hf_model = unwrap_model(model)
+    drafters = as_drafters(hf_model, meta)
+    configs = [(config or EvalConfig()).resolved(d.meta, d.name) for d in drafters]
+    cfg = configs[0]  # the headline drafter's: the baselines' block size and prompt lookup's K
     eos = sorted(set(eos_token_ids)) if eos_token_ids is not None else eos_ids_of(tokenizer, hf_model)
     pad = getattr(tokenizer, "pad_token_id", None)
     prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
@@ -72,24 +81,29 @@ def run_eval(
     rank, world = shard or (0, 1)
     if len(prompt_ids) < world:
         raise ValueError(f"{len(prompt_ids)} prompts for {world} eval ranks: every rank needs at least one")
-    B = cfg.block_size
+    B = max(c.block_size for c in configs)
     slots = max(map(len, prompt_ids)) + cfg.max_new_tokens + 2 * B * (B + 2)  # the longest decode, any loop
     # a sliding-window model: refused here, before any decoding, if the longest decode can reach the window
     check_decode_length(hf_model.config, slots,
                         f"--max-new-tokens {cfg.max_new_tokens} after the longest prompt with --block-size {B}")
+    for d in drafters:  # the feature tap before any (compiled) forward: a compiled decoder traces it once
+        if d.kind == DFLASH:
+            FeatureTap.of(hf_model, d.meta.target_layer_ids)
     static = None
     if cfg.compile != "none":
         static = StaticDecoding(hf_model, slots, compile=cfg.compile == "compile", mode=compile_mode(hf_model))
-    setup = DecodeSetup(hf_model, cfg, meta, eos, pad if pad is not None else (eos[0] if eos else 0), static,
-                        lockstep)
+    setup = DecodeSetup(hf_model, cfg, drafters[0].meta, eos, pad if pad is not None else (eos[0] if eos else 0),
+                        static, lockstep)
     was_training = hf_model.training
     hf_model.eval()
     try:
         with adapter_preserved(hf_model):
             bar = progress and rank == 0 and (lockstep is None or lockstep.leader)  # one progress bar per eval
             mine = list(range(rank, len(prompt_ids), world))
-            runs = _time_methods(build_methods(setup), [prompt_ids[i] for i in mine], mine, cfg, bar, warmup)
+            methods = build_methods(setup, drafters, configs)
+            runs = _time_methods(methods, [prompt_ids[i] for i in mine], mine, cfg, bar, warmup)
     finally:
+        drafters[0].activate()  # several LoRA adapters on one model: the first one's factors back in
         hf_model.train(was_training)
     if world > 1:
         import torch.distributed as dist
@@ -99,7 +113,7 @@ def run_eval(
         if rank != 0:
             return None
         runs = {name: Runs.interleave([r[name] for r in shards]) for name in runs}
-    report = build_report(runs, prompt_ids, cfg, meta, eos, benchmark=benchmark)
+    report = build_report(runs, prompt_ids, cfg, drafters, eos, benchmark=benchmark, configs=configs)
     report["config"]["eval_ranks"] = world
     report["config"]["torch_threads"] = torch.get_num_threads()
     return report
@@ -118,6 +132,7 @@ def _time_methods(methods: list[Method], prompt_ids: list[list[int]], indices: l
     if warmup:  # one-time costs (lazy init, mask functions, compiling every shape) stay out of the timings
         n = cfg.max_new_tokens if cfg.compile == "compile" else min(8, cfg.max_new_tokens)
         for m in methods:
+            m.activate()
             m.generate(prompt_ids[0], gen_for(indices[0]), n)
     runs = {m.name: Runs(m.label, m.max_new_tokens or cfg.max_new_tokens) for m in methods}
     bar = progress_bar(cfg.repeats * len(prompt_ids), progress)
@@ -127,6 +142,7 @@ def _time_methods(methods: list[Method], prompt_ids: list[list[int]], indices: l
                 run.new_repeat()
         for i, prompt in zip(indices, prompt_ids):
             for m in methods:
+                m.activate()  # a LoRA adapter's factors into the shared model: outside the timing
                 runs[m.name].add(rep, m.generate(prompt, gen_for(i), runs[m.name].max_new_tokens))
             bar.update(1)
     bar.close()

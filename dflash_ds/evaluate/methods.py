@@ -1,12 +1,14 @@
-"""The decoders compared: the autoregressive baseline, the drafter through dflash-ds's two loops, transformers'
-``generate`` (plain and prompt lookup), the untrained-adapter floor and the n-gram drafter. :func:`build_methods`
-picks them for an :class:`~dflash_ds.evaluate.config.EvalConfig`."""
+"""The decoders compared: the autoregressive baseline, every drafter (a LoRA adapter through dflash-ds's two loops,
+a standalone DFlash drafter through its loop), transformers' ``generate`` (plain and prompt lookup), the
+untrained-adapter floor and the n-gram drafter. :func:`build_methods` picks them for an
+:class:`~dflash_ds.evaluate.config.EvalConfig` and the eval's drafters (:mod:`.drafters`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,17 +20,16 @@ from ..speculative import (
     NgramDrafter,
     StaticDecoding,
     autoregressive_generate,
+    dflash_generate,
     fused_generate,
     speculative_generate,
     untrained_floor_drafter,
 )
 from .config import (
     AR,
-    DRAFTER,
-    DRAFTER_OTHER_LOOP,
+    DFLASH_LOOP,
     FLOOR,
     HF_GREEDY,
-    LOOP_LABELS,
     NGRAM,
     PROMPT_LOOKUP,
     EvalConfig,
@@ -63,14 +64,21 @@ class DecodeSetup:
 
 class Method:
     """One decoder in the comparison: ``name`` (its key in the report), ``label`` (its row in the table),
-    :meth:`generate`, and ``max_new_tokens`` when it generates fewer tokens per prompt than the others (the floor)."""
+    :meth:`generate`, and ``max_new_tokens`` when it generates fewer tokens per prompt than the others (the floor).
+    A drafter's method has its :class:`~dflash_ds.evaluate.drafters.EvalDrafter` (``drafter``), made the model's by
+    :meth:`activate` before each generation (outside the timing)."""
 
     name: str
     label: str
     max_new_tokens: int | None = None
+    drafter: Any = None
 
     def __init__(self, name: str, label: str, setup: DecodeSetup) -> None:
         self.name, self.label, self.setup = name, label, setup
+
+    def activate(self) -> None:
+        if self.drafter is not None:
+            self.drafter.activate()
 
     def generate(self, prompt: list[int], generator: torch.Generator | None, max_new_tokens: int) -> Generation:
         raise NotImplementedError
@@ -113,6 +121,18 @@ class FusedLoop(Method):
         return Generation(r.output_ids, r.wall_time, r, r.verify_forwards + r.draft_forwards)
 
 
+class StandaloneLoop(Method):
+    """A standalone DFlash drafter (:func:`dflash_generate`): its own draft forward, then the target's verify
+    forward on the session every loop uses (static/compiled, lockstep)."""
+
+    def generate(self, prompt, generator, max_new_tokens):
+        s = self.setup
+        r = dflash_generate(s.model, self.drafter.draft_model, prompt, max_new_tokens, eos_token_ids=s.eos,
+                            temperature=s.config.temperature, generator=generator, block_size=s.config.block_size,
+                            mask_token_id=s.meta.mask_token_id, static=s.static, lockstep=s.lockstep)
+        return Generation(r.output_ids, r.wall_time, r, r.verify_forwards + r.draft_forwards)
+
+
 class HFGenerate(Method):
     """transformers' own greedy ``generate``, optionally with its prompt lookup (``prompt_lookup`` tokens)."""
 
@@ -144,21 +164,45 @@ class HFGenerate(Method):
         return Generation(new, seconds, {"forwards": count[0], "tokens": len(new)}, count[0])
 
 
-def build_methods(setup: DecodeSetup) -> list[Method]:
-    """The decoders of one evaluation, the autoregressive baseline first (speedups are measured against it)."""
+def drafter_methods(setup: DecodeSetup, drafter) -> list[Method]:
+    """The rows of one drafter (``setup`` resolved for it): a standalone drafter's loop; a LoRA adapter's
+    ``--loop``, and with ``both`` the other loop beside it."""
+    cfg, meta = setup.config, setup.meta
+
+    def loop_method(loop: str, name: str) -> Method:
+        label = drafter.label(loop)
+        if loop == DFLASH_LOOP:
+            m: Method = StandaloneLoop(name, label, setup)
+        elif loop == "fused":
+            m = FusedLoop(name, label, setup)
+        else:
+            m = TwoForwardLoop(name, label, setup, lambda: LoRABlockDrafter(meta.mask_token_id, meta.scope))
+        m.drafter = drafter
+        return m
+
+    if cfg.loop == DFLASH_LOOP:
+        return [loop_method(DFLASH_LOOP, drafter.key)]
+    first = cfg.loop if cfg.loop != "both" else default_loop(next(setup.model.parameters()).device)
+    methods = [loop_method(first, drafter.key)]
+    if cfg.loop == "both":
+        methods.append(loop_method("two_forward" if first == "fused" else "fused", drafter.other_key))
+    return methods
+
+
+def build_methods(setup: DecodeSetup, drafters: Sequence[Any] = (), configs: Sequence[EvalConfig] = ()
+                  ) -> list[Method]:
+    """The decoders of one evaluation, the autoregressive baseline first (every speedup is measured against it),
+    then every drafter's rows (``drafters[i]`` resolved as ``configs[i]``; none given: the adapter on the model,
+    ``setup``'s), then the baselines (``setup``'s config: the first drafter's)."""
     cfg, meta = setup.config, setup.meta
     greedy = cfg.temperature == 0
+    if not drafters:
+        from .drafters import in_memory_lora
 
-    def drafter_loop(loop: str, name: str) -> Method:
-        label = f"drafter ({LOOP_LABELS[loop]})"
-        if loop == "fused":
-            return FusedLoop(name, label, setup)
-        return TwoForwardLoop(name, label, setup, lambda: LoRABlockDrafter(meta.mask_token_id, meta.scope))
-
-    first = cfg.loop if cfg.loop != "both" else default_loop(next(setup.model.parameters()).device)
-    methods = [Autoregressive(AR, "autoregressive (our engine)", setup), drafter_loop(first, DRAFTER)]
-    if cfg.loop == "both":
-        methods.append(drafter_loop("two_forward" if first == "fused" else "fused", DRAFTER_OTHER_LOOP))
+        drafters, configs = [in_memory_lora(setup.model, meta)], [cfg]
+    methods: list[Method] = [Autoregressive(AR, "autoregressive (our engine)", setup)]
+    for drafter, dcfg in zip(drafters, configs):
+        methods += drafter_methods(dataclasses.replace(setup, config=dcfg, meta=drafter.meta), drafter)
     if setup.lockstep is not None and greedy and cfg.baselines != "none":
         raise ValueError("an eval on every rank in lockstep (torch.distributed initialised, no shard) runs "
                          "dflash-ds's loops only: transformers' generate cannot follow rank 0's tokens, and a rank "

@@ -141,7 +141,8 @@ def _speedups(run: Runs, ar: Runs) -> dict[str, Any]:
     return t_interval([r / a if a > 0 else 0.0 for r, a in zip(run.rates(), ar.rates())])
 
 
-def _baseline_entry(name: str, run: Runs, ar: Runs, cfg: EvalConfig) -> dict[str, Any]:
+def _method_entry(name: str, run: Runs, ar: Runs, cfg: EvalConfig) -> dict[str, Any]:
+    """A method's report entry against the AR baseline ``ar``; ``cfg`` resolved for it (its block size)."""
     greedy = cfg.temperature == 0
     ar_tps = ar.tokens_per_s
     entry: dict[str, Any] = {"label": run.label, "tokens_per_s": run.tokens_per_s,
@@ -172,13 +173,27 @@ def _baseline_entry(name: str, run: Runs, ar: Runs, cfg: EvalConfig) -> dict[str
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_report(runs: dict[str, Runs], prompt_ids: list[list[int]], cfg: EvalConfig, meta, eos: list[int],
-                 benchmark: tuple[str, Sequence[BenchPrompt], dict | None] | None = None) -> dict[str, Any]:
-    """The report: the drafter's τ, acceptance and speedup at the top level (with its loop's accounting), one entry
-    per baseline, per-prompt outputs, the config, the table rows :func:`format_table` prints and, for a benchmark
-    ``(name, prompts, source)`` whose prompts are ``prompt_ids`` in order, its per-category section
-    (:func:`benchmark_section`) with every prompt's id, category and turn in its ``per_prompt`` entry."""
-    ar, spec = runs[AR], runs[DRAFTER]
+def drafter_keys(drafters: Sequence, runs: dict[str, Runs]) -> list[str]:
+    """Every drafter's method keys present in ``runs``, in table order (each drafter, then its other loop)."""
+    return [k for d in drafters for k in (d.key, d.other_key) if k in runs]
+
+
+def build_report(runs: dict[str, Runs], prompt_ids: list[list[int]], cfg: EvalConfig, drafters: Sequence,
+                 eos: list[int], benchmark: tuple[str, Sequence[BenchPrompt], dict | None] | None = None,
+                 configs: Sequence[EvalConfig] | None = None) -> dict[str, Any]:
+    """The report of an eval of ``drafters`` (:class:`~dflash_ds.evaluate.drafters.EvalDrafter`, ``configs[i]``
+    resolved for ``drafters[i]``; ``cfg`` the first's).
+
+    The first drafter is the headline: its τ, acceptance and speedup at the top level (with its loop's accounting),
+    as with one drafter. ``drafters``: one entry per drafter row (each drafter, and its other loop with ``--loop
+    both``) with its kind, layers, parameters, path, block size, τ, acceptance by position, speedup over the one
+    autoregressive baseline (``speedup_over``) and greedy match. ``baselines``: one entry per baseline (and the
+    first drafter's other loop, where it has always been). Then per-prompt outputs, the config, the table rows
+    :func:`format_table` prints and, for a benchmark ``(name, prompts, source)`` whose prompts are ``prompt_ids`` in
+    order, its per-category section (:func:`benchmark_section`) with every prompt's id, category and turn."""
+    configs = list(configs or [cfg] * len(drafters))
+    first = drafters[0]
+    ar, spec = runs[AR], runs[first.key]
     greedy = cfg.temperature == 0
     stats = spec_stats(spec.results, cfg.block_size)
     drafter_match = [a == b for a, b in zip(spec.outputs, ar.outputs)]
@@ -194,20 +209,31 @@ def build_report(runs: dict[str, Runs], prompt_ids: list[list[int]], cfg: EvalCo
         "repetition_rate": repetition_rate(ar.outputs),
         **{k: stats[k] for k in stats if k not in headline},
     }
-    report["baselines"] = {name: _baseline_entry(name, run, ar, cfg) for name, run in runs.items()
-                           if name not in (AR, DRAFTER)}
+    keys = drafter_keys(drafters, runs)
+    report["drafters"] = {}
+    for d, dcfg in zip(drafters, configs):
+        for key in (d.key, d.other_key):
+            if key in runs:
+                report["drafters"][key] = {**d.describe(), "drafter": d.key, **_method_entry(key, runs[key], ar, dcfg),
+                                           "block_size": dcfg.block_size, "trained_block_size": int(d.meta.block_size),
+                                           "speedup_over": AR}
+    report["baselines"] = {name: _method_entry(name, run, ar, cfg) for name, run in runs.items()
+                           if name not in (AR, first.key) and (name == first.other_key or name not in keys)}
     report["per_prompt"] = [
         {"index": i, "prompt_tokens": len(p), "ar_ids": ar.outputs[i], "spec_ids": spec.outputs[i],
-         "match": drafter_match[i], "tau": spec.results[i].tau, "hit_eos": spec.results[i].hit_eos}
+         "match": drafter_match[i], "tau": spec.results[i].tau, "hit_eos": spec.results[i].hit_eos,
+         "drafters": {k: {"match": runs[k].outputs[i] == ar.outputs[i], "tau": runs[k].results[i].tau}
+                      for k in keys}}
         for i, p in enumerate(prompt_ids)
     ]
+    meta = first.meta
     report["config"] = {
         "loop": cfg.loop,
-        "fused": dataclasses.asdict(cfg.fused) if cfg.loop != "two_forward" else None,
+        "fused": dataclasses.asdict(cfg.fused) if cfg.loop in ("fused", "both") else None,
         "compile": cfg.compile,
         "block_size": cfg.block_size,
         "trained_block_size": int(meta.block_size),
-        "scope": meta.scope,
+        "scope": getattr(meta, "scope", None),
         "mask_token_id": meta.mask_token_id,
         "base_model": getattr(meta, "base_model", ""),
         "max_new_tokens": cfg.max_new_tokens,
@@ -219,11 +245,17 @@ def build_report(runs: dict[str, Runs], prompt_ids: list[list[int]], cfg: EvalCo
         "eos_token_ids": eos,
         "ar_tokens": ar.tokens[0],
         "spec_tokens": spec.tokens[0],
+        "num_drafters": len(drafters),
+        # one target model, one KV-cache convention and one AR baseline for every row: LoRA adapters swapped into
+        # the model between generations (outside the timings), standalone drafters verifying on it adapter-off
+        "speedup_over": AR,
     }
-    report["table"] = _table_rows(report)
+    report["table"] = _table_rows(report, keys)
     if benchmark is not None:
         name, prompts, source = benchmark
-        report["benchmark"] = benchmark_section(runs, name, prompts, source, cfg.block_size)
+        widths = {k: c.block_size for d, c in zip(drafters, configs) for k in (d.key, d.other_key)}
+        report["benchmark"] = benchmark_section(runs, name, prompts, source, cfg.block_size, widths=widths,
+                                                order=[r["method"] for r in report["table"]])
         for entry, p in zip(report["per_prompt"], prompts):
             entry.update(p.meta())
             if p.turn > 1:  # the target's own answers the turn follows (as Spec-Bench builds MT-Bench's turn 2)
@@ -232,16 +264,21 @@ def build_report(runs: dict[str, Runs], prompt_ids: list[list[int]], cfg: EvalCo
 
 
 def benchmark_section(runs: dict[str, Runs], name: str, prompts: Sequence[BenchPrompt], source: dict | None,
-                      block_size: int) -> dict[str, Any]:
+                      block_size: int, widths: dict[str, int] | None = None,
+                      order: Sequence[str] | None = None) -> dict[str, Any]:
     """The report's ``benchmark`` section (:func:`dflash_ds.benchmarks.benchmark_report`): τ, speedup over the
     autoregressive baseline and acceptance by draft position, with intervals, per category, per turn and overall,
-    for every method, from each method's per-prompt results and timings (``prompts[i]`` was decoded as prompt i)."""
+    for every method, from each method's per-prompt results and timings (``prompts[i]`` was decoded as prompt i).
+    ``widths``: a method's block size where it is not ``block_size`` (drafters of other block sizes); ``order``:
+    the methods' order (the table's; default the drafter, then the baselines)."""
     if len(prompts) != len(runs[AR].outputs):
         raise ValueError(f"{len(prompts)} benchmark prompts for {len(runs[AR].outputs)} decoded prompts")
-    order = [AR, *(m for m in TABLE_ORDER if m in runs), *(m for m in runs if m != AR and m not in TABLE_ORDER)]
+    widths = widths or {}
+    first = [m for m in (order or TABLE_ORDER) if m in runs and m != AR]
+    order = [AR, *first, *(m for m in runs if m != AR and m not in first)]
     records = {}
     for m in order:
-        run, width = runs[m], (None if m == AR else block_size)  # AR drafts nothing: no acceptance to report
+        run, width = runs[m], (None if m == AR else widths.get(m, block_size))  # AR drafts nothing: no acceptance
         records[m] = [dataclasses.replace(prompt_record(res, secs, width), round_tokens=list(toks))
                       for res, secs, toks in zip(run.results, run.prompt_seconds, run.prompt_tokens)]
     section = benchmark_report(name, prompts, records, source=source, baseline=AR)
@@ -249,17 +286,20 @@ def benchmark_section(runs: dict[str, Runs], name: str, prompts: Sequence[BenchP
     return section
 
 
-def _table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+def _table_rows(report: dict[str, Any], keys: Sequence[str] = (DRAFTER,)) -> list[dict[str, Any]]:
     def row(method: str, entry: dict[str, Any], tau, speedup, ci) -> dict[str, Any]:
-        return {"method": method, "label": entry["label"], "tau": tau, "tokens_per_s": entry["tokens_per_s"],
-                "speedup": speedup, "speedup_ci": ci, "greedy_match": entry["greedy_match"],
-                "tokens_per_forward": entry.get("tokens_per_forward"), "loop": entry.get("loop")}
+        out = {"method": method, "label": entry["label"], "tau": tau, "tokens_per_s": entry["tokens_per_s"],
+               "speedup": speedup, "speedup_ci": ci, "greedy_match": entry["greedy_match"],
+               "tokens_per_forward": entry.get("tokens_per_forward"), "loop": entry.get("loop")}
+        if "kind" in entry:  # a drafter's row: what it is
+            out.update({k: entry.get(k) for k in ("kind", "layers", "parameters")})
+        return out
 
-    rows = [row(DRAFTER, {**report, "tokens_per_s": report["spec_tokens_per_s"]}, report["tau"], report["speedup"],
-                report["speedup_ci"]["ci95"])]
-    for name in TABLE_ORDER[1:]:
+    rows = [row(k, e, e["tau"], e["speedup"], e["speedup_ci"]["ci95"])
+            for k in keys if (e := report["drafters"].get(k)) is not None]
+    for name in TABLE_ORDER:
         b = report["baselines"].get(name)
-        if b is not None:
+        if b is not None and name not in keys:
             rows.append(row(name, b, b.get("tau"), b["speedup"], b["speedup_ci"]["ci95"]))
     ar = {"label": "autoregressive (our engine)", "tokens_per_s": report["ar_tokens_per_s"], "tokens_per_forward": 1.0,
           "greedy_match": True if report["greedy_match"] is not None else None}
@@ -279,14 +319,24 @@ def _num(x, fmt) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The printed summary: one row per method (tau, tokens per forward, tokens/s, speedup with its 95% interval,
     greedy == AR), then the drafter's loop accounting, the spread of tau and how much the target loops."""
-    header = f"{'method':<36} {'tau':>5} {'tok/fwd':>7} {'tok/s':>8} {'speedup':>8} {'95% CI':>14} {'=AR':>4}"
+    width = max([36, *(len(r["label"]) for r in report["table"])])
+    header = f"{'method':<{width}} {'tau':>5} {'tok/fwd':>7} {'tok/s':>8} {'speedup':>8} {'95% CI':>14} {'=AR':>4}"
     lines = [header, "-" * len(header)]
     for r in report["table"]:
         ci = r["speedup_ci"]
         ci_s = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-"
         match = {True: "yes", False: "NO", None: "-"}[r["greedy_match"]]
-        lines.append(f"{r['label']:<36} {_num(r['tau'], '5.2f')} {_num(r['tokens_per_forward'], '7.2f')} "
+        lines.append(f"{r['label']:<{width}} {_num(r['tau'], '5.2f')} {_num(r['tokens_per_forward'], '7.2f')} "
                      f"{_num(r['tokens_per_s'], '8.1f')} {_num(r['speedup'], '7.2f')}x {ci_s:>14} {match:>4}")
+    drafters = report.get("drafters") or {}
+    if len({e.get("drafter") for e in drafters.values()}) > 1:  # several drafters: what each one is, and drafts
+        lines.append("drafters (speedups over the one autoregressive baseline above):")
+        for key, e in drafters.items():
+            acc = " ".join(_num(a, ".2f") for a in e.get("acceptance_by_position") or ())
+            params = e.get("parameters")
+            lines.append(f"  {key}: {e.get('name') or key}, {e['kind']}, {e.get('layers') or '?'}, "
+                         f"{'?' if params is None else format(params, ',')} parameters, {e['loop']} loop, "
+                         f"B={e['block_size']}: tau {_num(e['tau'], '.2f')}, acceptance by position {acc}")
     pp = report["tau_per_prompt"]
     ci = pp["ci95_median"]
     extra = [

@@ -13,7 +13,8 @@ The math, parameter names and initialisation are PEFT's (``lora_A`` kaiming-unif
 
 Modules: :mod:`.layers` (:class:`LoRALinear`, the :class:`AdapterControl` switch, the TP autograd functions),
 :mod:`.apply` (:class:`LoRAConfig`, :func:`apply_lora`, the switch's accessors), :mod:`.tp` (how tensor
-parallelism splits the weights), :mod:`.weights` (PEFT-keyed factors, full state gathered and loaded),
+parallelism splits the weights: :func:`shard_target` splits the frozen target for either drafter kind),
+:mod:`.weights` (PEFT-keyed factors, full state gathered and loaded),
 :mod:`.adapter_dir` (the exported adapter directory, :class:`DraftMeta`), :mod:`.stacking` (decoding only:
 projections that share an input as one matmul).
 """
@@ -25,7 +26,7 @@ from .adapter_dir import (
 from .apply import SCOPES, LoRAConfig, adapter_control, adapter_disabled, adapter_preserved, apply_lora
 from .layers import AdapterControl, LoRALinear
 from .stacking import StackedProjections, stack_projections
-from .tp import tp_gather_factor, tp_slice_factor
+from .tp import projection_names, shard_target, tp_gather_factor, tp_slice_factor
 from .weights import (
     FACTORS, gather_full_lora_state, load_full_lora_state, lora_factors, lora_modules, lora_parameters, peft_key,
 )
@@ -53,8 +54,10 @@ __all__ = [
     "lora_modules",
     "lora_parameters",
     "peft_key",
+    "projection_names",
     "read_adapter_dir",
     "save_adapter_dir",
+    "shard_target",
     "stack_projections",
     "tp_gather_factor",
     "tp_slice_factor",

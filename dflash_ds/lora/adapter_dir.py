@@ -31,6 +31,10 @@ class DraftMeta:
     base_model: str = ""
     mask_token: str | None = None  # the MASK's token text (None: an embedding row no token uses)
     mask_token_rule: str = ""  # which rule chose it (dflash_ds.mask_token.RULES); "" in adapters from before
+    # the drafter kind (dflash_ds.speculative.artifact): "lora" for an adapter directory; dflash.json files written
+    # before the field existed have none and read as "lora". A standalone DFlash drafter is described by its
+    # config.json (architectures ["DFlashDraftModel"]), not by a dflash.json
+    kind: str = "lora"
 
 
 def save_adapter_dir(out_dir, state: dict[str, torch.Tensor], config: LoRAConfig, meta: DraftMeta) -> None:
@@ -61,12 +65,11 @@ def save_adapter_dir(out_dir, state: dict[str, torch.Tensor], config: LoRAConfig
     replace_dir(tmp, out)
 
 
-def read_adapter_dir(path) -> tuple[LoRAConfig, DraftMeta, dict[str, torch.Tensor]]:
-    """Read an adapter directory written by :func:`save_adapter_dir` (clear errors naming the file)."""
+def read_adapter_meta(path) -> tuple[LoRAConfig, DraftMeta]:
+    """The LoRA config and :class:`DraftMeta` of an adapter directory, without its weights (clear errors naming the
+    file). A ``dflash.json`` without ``kind`` (written before the field existed) reads as kind ``lora``."""
     import json
     from pathlib import Path
-
-    from safetensors.torch import load_file
 
     path = Path(path)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DRAFT_META):
@@ -75,8 +78,11 @@ def read_adapter_dir(path) -> tuple[LoRAConfig, DraftMeta, dict[str, torch.Tenso
     try:
         peft_cfg = json.loads((path / ADAPTER_CONFIG).read_text())
         meta = DraftMeta(**json.loads((path / DRAFT_META).read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: unreadable adapter metadata: {exc}") from exc
+    if meta.kind != "lora":
+        raise ValueError(f"{path / DRAFT_META}: kind {meta.kind!r}; an adapter directory holds kind 'lora' (a "
+                         "standalone DFlash drafter is a config.json with architectures ['DFlashDraftModel'])")
     config = LoRAConfig(
         r=int(peft_cfg["r"]),
         alpha=float(peft_cfg["lora_alpha"]),
@@ -84,7 +90,17 @@ def read_adapter_dir(path) -> tuple[LoRAConfig, DraftMeta, dict[str, torch.Tenso
         target_modules=tuple(sorted(peft_cfg["target_modules"], key=DEFAULT_TARGETS.index)),
         scope=meta.scope,
     )
-    return config, meta, load_file(str(path / ADAPTER_WEIGHTS))
+    return config, meta
+
+
+def read_adapter_dir(path) -> tuple[LoRAConfig, DraftMeta, dict[str, torch.Tensor]]:
+    """Read an adapter directory written by :func:`save_adapter_dir` (clear errors naming the file)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    config, meta = read_adapter_meta(path)
+    return config, meta, load_file(str(Path(path) / ADAPTER_WEIGHTS))
 
 
 def load_adapter_dir(model: nn.Module, path, tp: TPGroup | None = None, stack: bool = False) -> DraftMeta:

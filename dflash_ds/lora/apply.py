@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from ..families import PROJECTIONS as DEFAULT_TARGETS
-from ..families import check_tp_compatible, family_of
 from ..parallel import TPGroup
 from ..settings import check_choices, setting
 from .layers import AdapterControl, LoRALinear
-from .tp import _shard_linear
+from .tp import projection_names, shard_target
 
 SCOPES = ("block", "all")
 
@@ -60,45 +59,40 @@ def _kaiming_uniform_full(rows: int, cols: int, generator: torch.Generator) -> t
 def apply_lora(model: nn.Module, config: LoRAConfig, tp: TPGroup | None = None, seed: int = 0) -> AdapterControl:
     """Freeze ``model`` and wrap its projections in :class:`LoRALinear` (in place).
 
-    With ``tp.size > 1`` every column/row-parallel projection of every decoder layer is sharded (whether it is a
-    LoRA target or not) so the frozen base weights are split across the TP group. ``lora_A`` is drawn for the full
-    (unsharded) shape from a generator seeded by ``(seed, module name)`` and then sliced, so every parallel layout
-    starts from the same adapter. Returns the model's :class:`AdapterControl` (also at ``model.dflash_adapter``).
+    With ``tp.size > 1`` the frozen target is first split across the TP group (:func:`shard_target`: every
+    column/row-parallel projection of every decoder layer, whether it is a LoRA target or not), then the targeted
+    projections get their adapters. ``lora_A`` is drawn for the full (unsharded) shape from a generator seeded by
+    ``(seed, module name)`` and then sliced, so every parallel layout starts from the same adapter. Returns the
+    model's :class:`AdapterControl` (also at ``model.dflash_adapter``).
     """
     tp = tp or TPGroup()
-    family = family_of(model)  # which projections exist and how tensor parallelism splits them
-    check_tp_compatible(model.config, tp.size)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    control = AdapterControl()
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in DEFAULT_TARGETS]
+    control = shard_target(model, tp)
+    names = projection_names(model)
     if not names:
         raise ValueError("apply_lora: the model has no q/k/v/o/gate/up/down projections to adapt")
     for name in names:
         parent_name, _, short = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear: nn.Linear = getattr(parent, short)
-        # Megatron-style split: the first projection of attention and MLP by output rows, the second by input
-        # columns, so one all-reduce per block suffices (families.py)
-        kind = family.parallel_kind(short) if tp.size > 1 else None
-        targeted = short in config.target_modules
-        if not targeted and kind is None:
+        if short not in config.target_modules:
             continue
-        full_in = linear.in_features
-        local = _shard_linear(linear, kind, tp)
-        wrapped = LoRALinear(
-            local, config.r if targeted else 0, config.alpha, config.dropout, control, parallel=kind, tp=tp
-        )
-        if targeted:
-            generator = torch.Generator().manual_seed(_module_seed(name, seed))
-            a_full = _kaiming_uniform_full(config.r, full_in, generator)
-            if kind == "row":
-                cols = full_in // tp.size
-                a_full = a_full[:, tp.rank * cols : (tp.rank + 1) * cols]
-            wrapped.lora_A.weight.data.copy_(a_full.to(wrapped.lora_A.weight.dtype))
-            wrapped.to(device=linear.weight.device)
-            wrapped.lora_A.to(dtype=linear.weight.dtype)
-            wrapped.lora_B.to(dtype=linear.weight.dtype)
+        parent = model.get_submodule(parent_name)
+        module = getattr(parent, short)
+        if isinstance(module, LoRALinear):  # this rank's shard of a tensor-parallel projection
+            kind = module.parallel
+            full_in = module.base_layer.in_features * (tp.size if kind == "row" else 1)
+            module.add_adapter(config.r, config.alpha, config.dropout)
+            wrapped, weight = module, module.base_layer.weight
+        else:
+            kind, full_in, weight = None, module.in_features, module.weight
+            wrapped = LoRALinear(module, config.r, config.alpha, config.dropout, control, parallel=None, tp=tp)
+        generator = torch.Generator().manual_seed(_module_seed(name, seed))
+        a_full = _kaiming_uniform_full(config.r, full_in, generator)
+        if kind == "row":
+            cols = full_in // tp.size
+            a_full = a_full[:, tp.rank * cols : (tp.rank + 1) * cols]
+        wrapped.lora_A.weight.data.copy_(a_full.to(wrapped.lora_A.weight.dtype))
+        wrapped.to(device=weight.device)
+        wrapped.lora_A.to(dtype=weight.dtype)
+        wrapped.lora_B.to(dtype=weight.dtype)
         setattr(parent, short, wrapped)
     model.dflash_adapter = control  # type: ignore[assignment]
     return control

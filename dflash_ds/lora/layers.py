@@ -118,14 +118,28 @@ class LoRALinear(nn.Module):
         # set by stack_projections (decoding only), outside the module tree: the stack is the parent layer's submodule
         self.stacked: StackedProjections | None = None
         if r > 0:
-            self.lora_A = nn.Linear(base_layer.in_features, r, bias=False)
-            self.lora_B = nn.Linear(r, base_layer.out_features, bias=False)
-            nn.init.zeros_(self.lora_B.weight)
-            # Mark shards so gradient-norm code counts them on every TP rank (replicated ones only once).
-            if parallel == "column":
-                self.lora_B.weight.tensor_model_parallel = True  # type: ignore[attr-defined]
-            elif parallel == "row":
-                self.lora_A.weight.tensor_model_parallel = True  # type: ignore[attr-defined]
+            self._make_factors()
+
+    def _make_factors(self) -> None:
+        self.lora_A = nn.Linear(self.base_layer.in_features, self.r, bias=False)
+        self.lora_B = nn.Linear(self.r, self.base_layer.out_features, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+        # Mark shards so gradient-norm code counts them on every TP rank (replicated ones only once).
+        if self.parallel == "column":
+            self.lora_B.weight.tensor_model_parallel = True  # type: ignore[attr-defined]
+        elif self.parallel == "row":
+            self.lora_A.weight.tensor_model_parallel = True  # type: ignore[attr-defined]
+
+    def add_adapter(self, r: int, alpha: float, dropout: float) -> None:
+        """Give a layer made without one (``r = 0``: a tensor-parallel shard of the frozen target,
+        :func:`dflash_ds.lora.shard_target`) a LoRA adapter of rank ``r``, as if it had been made with it."""
+        if self.r > 0:
+            raise ValueError("this layer already has a LoRA adapter")
+        if r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        self.r, self.scaling = r, alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self._make_factors()
 
     @property
     def has_adapter(self) -> bool:

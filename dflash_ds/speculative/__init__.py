@@ -19,27 +19,44 @@ loop (:mod:`.fused`, scope ``block``) does a step in one forward.
 
 Modules: :mod:`.engine` (the session: model, cache, counted forwards), :mod:`.drafters`, :mod:`.accept`,
 :mod:`.loop` (two-forward loop, autoregressive baseline, :class:`SpecResult`), :mod:`.fused`, :mod:`.lockstep` (rank 0
-decides, the other ranks follow: the in-training eval under ZeRO-3 / tensor parallelism).
+decides, the other ranks follow: the in-training eval under ZeRO-3 / tensor parallelism), :mod:`.dflash_loop` (the
+standalone DFlash drafter in the two-forward loop: the target's features through a :class:`FeatureTap`) and
+:mod:`.artifact` (a drafter directory of either kind: :func:`open_drafter`, :func:`describe`, :class:`LoRABank`).
 """
 
 from .accept import accept_greedy, accept_sampling
+from .artifact import (
+    DFLASH, KINDS, LORA, DrafterArtifact, DrafterDirError, LoRABank, StandaloneMeta, describe, kind_of,
+    load_standalone, open_drafter,
+)
 from .drafters import Draft, Drafter, LoRABlockDrafter, NgramDrafter, untrained_floor_drafter
 from .engine import DecodeSession, StaticDecoding, cache_len, crop_cache, eos_ids_of, unwrap_model
 from .fused import FALLBACKS, FusedConfig, choose_anchors, FusedStep, fused_generate, fused_step_layout
 from .lockstep import Lockstep
 from .loop import SpecResult, autoregressive_generate, speculative_generate
+from .dflash_loop import DFlashBlockDrafter, DFlashSpecResult, FeatureTap, dflash_generate
 
 __all__ = [
+    "DFLASH",
+    "DFlashBlockDrafter",
+    "DFlashSpecResult",
     "DecodeSession",
     "Draft",
     "Drafter",
+    "DrafterArtifact",
+    "DrafterDirError",
     "FALLBACKS",
     "FusedConfig",
     "FusedStep",
+    "FeatureTap",
+    "KINDS",
+    "LORA",
+    "LoRABank",
     "LoRABlockDrafter",
     "Lockstep",
     "NgramDrafter",
     "SpecResult",
+    "StandaloneMeta",
     "StaticDecoding",
     "accept_greedy",
     "accept_sampling",
@@ -47,9 +64,14 @@ __all__ = [
     "cache_len",
     "choose_anchors",
     "crop_cache",
+    "describe",
+    "dflash_generate",
     "eos_ids_of",
     "fused_generate",
     "fused_step_layout",
+    "kind_of",
+    "load_standalone",
+    "open_drafter",
     "speculative_generate",
     "unwrap_model",
     "untrained_floor_drafter",

@@ -1,45 +1,45 @@
-"""Lossless draft-then-verify decoding with the standalone DFlash drafter (:mod:`dflash_ds.dflash_model`).
+"""Lossless draft-then-verify decoding with the standalone DFlash drafter (:mod:`dflash_ds.dflash_model`), on the
+same engine as the LoRA loops: :func:`speculative_generate`'s :class:`DecodeSession` (dynamic or static KV cache,
+compiled verify forwards, lockstep decisions) with a :class:`DFlashBlockDrafter`.
 
-State between steps (batch 1), as in the LoRA loop (:mod:`.loop`): ``tokens`` is the committed sequence, the
-target's KV cache holds ``tokens[:-1]`` (length ``L``); the last committed token ``t`` is the next block's anchor.
+State between steps (batch 1), as in every loop: ``tokens`` is the committed sequence, the target's KV cache
+(``session.cache``) holds ``tokens[:-1]`` (length ``L``); the last committed token ``t`` is the next block's anchor.
 The drafter keeps its own :class:`DFlashContextCache` (per draft layer, the keys/values of the projected target
 features of committed rows) plus ``pending``: captured features of committed rows not yet projected into it.
 ``context.length + pending rows == L`` always, and right after each draft forward ``context.length == L``.
 
 One step:
 
-1. **draft** (one drafter forward): ``[t, MASK x (B-1)]`` at positions ``L .. L+B-1``, embedded by the target's
-   embedding; the pending features are projected (``fc`` + ``hidden_norm``) and appended to the context cache in
-   the same forward; block rows see every context row and their whole block (no mask: at inference every context
-   row is ``< anchor``). Rows ``1 .. B-1`` through the target's ``lm_head`` give ``d_1 .. d_{B-1}`` (argmax, or
-   samples of ``q`` at ``temperature``).
-2. **verify** (one target forward): ``[t, d_1 .. d_k]`` at ``L .. L+k`` against the target's cache, the layers
-   ``target_layer_ids`` captured by a :class:`TargetFeatureHook`. Greedy: :func:`accept_greedy`; temperature > 0:
-   :func:`accept_sampling` (lossless rejection sampling with ``q`` the drafter's softmax).
-3. **commit** ``t, d_1 .. d_n`` + bonus (:meth:`SpecResult.commit`); crop the target cache to ``L + n + 1``; the
-   captured features of those ``n + 1`` rows become ``pending`` (the rejected rows' features are dropped).
+1. **draft** (one drafter forward, eager): ``[t, MASK x (B-1)]`` at positions ``L .. L+B-1``, embedded by the
+   target's embedding; the pending features are projected (``fc`` + ``hidden_norm``) and appended to the context
+   cache in the same forward; block rows see every context row and their whole block. Rows ``1 .. B-1`` through the
+   target's ``lm_head`` give ``d_1 .. d_{B-1}`` (argmax, or samples of ``q`` at ``temperature``).
+2. **verify** (one target forward, the session's: adapter off, static/compiled when asked): ``[t, d_1 .. d_k]`` at
+   ``L .. L+k``, the layers ``target_layer_ids`` captured by the model's :class:`FeatureTap`. Greedy or lossless
+   rejection sampling (``q`` the drafter's softmax), rank 0's decision in a lockstep decode.
+3. **commit** ``t, d_1 .. d_n`` + bonus; the target cache is cropped to ``L + n + 1``; the captured features of those
+   ``n + 1`` rows become ``pending`` (:meth:`DFlashBlockDrafter.verified`; the rejected rows' are dropped).
 
-The prefill runs the target over ``tokens[:-1]`` with the hook: the prompt's features are the first ``pending``.
-The target runs through a plain :class:`transformers.DynamicCache` (the LoRA loop's :class:`DecodeSession` static /
-compiled paths are not used here yet). ``drafter=None`` gives the autoregressive baseline on this same engine.
+The prefill runs the target over ``tokens[:-1]`` with the tap on: the prompt's features are the first ``pending``.
+The drafter's own forward stays eager (its context cache grows by concatenation); only the target's forwards use
+the static cache / compiled graphs. ``drafter=None`` gives the autoregressive baseline on this same engine.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple, Sequence
+import weakref
+from dataclasses import dataclass, field, fields
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
-from ..dflash_model import DFlashContextCache, DFlashDraftModel, TargetFeatureHook
-from ..families import cache_kwarg, decoder
-from .accept import accept_greedy, accept_sampling
-from .drafters import sample_rows
-from .engine import cache_len, crop_cache, unwrap_model
-from .loop import SpecResult, prepare_generation
+from ..dflash_model import DFlashContextCache, DFlashDraftModel
+from ..families import decoder
+from .drafters import Draft, sample_rows
+from .engine import DecodeSession, StaticDecoding, unwrap_model
+from .lockstep import Lockstep
+from .loop import SpecResult, autoregressive_generate, speculative_generate
 
 
 @dataclass
@@ -52,19 +52,75 @@ class DFlashSpecResult(SpecResult):
     draft_rows: int = 0
 
 
+class FeatureTap:
+    """Forward hooks on the target's decoder layers that record their outputs while :attr:`active`.
+
+    One tap per model (:meth:`of`), installed once and kept: a compiled decoder traces the hooks when it compiles
+    (dynamo does not notice hooks added later), so the tap must be there before the first compiled forward
+    (``run_eval`` installs it before building the static cache). Off (``active`` False, the AR baseline and the LoRA
+    loops), a hook returns at once; a compiled decoder keeps one graph per setting of the flag."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = decoder(model).layers
+        self.active = False
+        self.out: dict[int, torch.Tensor] = {}
+        self.handles: dict[int, object] = {}
+
+    @classmethod
+    def of(cls, model: nn.Module, layer_ids: Sequence[int] = ()) -> "FeatureTap":
+        """The model's tap (made on first use), hooked on at least ``layer_ids``."""
+        model = unwrap_model(model)
+        tap = _TAPS.get(model)
+        if tap is None:
+            # kept beside the model, not on it: a deep copy of the model gets a tap of its own (its layers carry the
+            # original's hooks, off unless the original decodes), state_dict and named_modules stay unchanged
+            tap = _TAPS[model] = cls(model)
+        for i in layer_ids:
+            if int(i) not in tap.handles:
+                tap.handles[int(i)] = tap.layers[int(i)].register_forward_hook(tap._hook(int(i)))
+        return tap
+
+    def _hook(self, i: int):
+        def hook(_module, _args, output):
+            if self.active:
+                self.out[i] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def take(self, layer_ids: Sequence[int]) -> torch.Tensor:
+        """``[1, q, K*H]``: the last forward's features of ``layer_ids``, concatenated (a new tensor: safe to keep
+        past the next forward, also a CUDA graph's); forgets them."""
+        try:
+            feats = torch.cat([self.out[i] for i in layer_ids], dim=-1)
+        except KeyError as exc:
+            raise RuntimeError(f"no features of target layer {exc.args[0]} were recorded: the target's decoder was "
+                               "compiled before this tap was installed (a compiled graph does not see hooks added "
+                               "later); install it first (FeatureTap.of(model, layer_ids)), or torch._dynamo.reset()"
+                               ) from None
+        self.out.clear()
+        return feats
+
+    def remove(self) -> None:
+        for h in self.handles.values():
+            h.remove()
+        self.handles.clear()
+
+
+_TAPS: "weakref.WeakKeyDictionary[nn.Module, FeatureTap]" = weakref.WeakKeyDictionary()
+
+
 @dataclass
 class DFlashDecodeState:
     """What one generation carries between steps (handed to ``step_callback`` after every full step).
 
     tokens        committed sequence (prompt + generated); ``target_cache`` holds ``tokens[:-1]``
-    context       the drafter's context cache (None without a drafter)
+    context       the drafter's context cache
     pending       ``[1, r, K*H]`` captured target features of committed rows not yet in ``context``, or None
     draft_start   ``L`` at this step's draft: the committed rows both caches held then
     drafted       this step's drafted tokens; ``draft_logits`` ``[len(drafted), V]`` their logits
     """
 
     tokens: list[int]
-    target_cache: DynamicCache
+    target_cache: object
     context: DFlashContextCache | None
     pending: torch.Tensor | None = None
     draft_start: int = 0
@@ -83,22 +139,6 @@ class DFlashDecodeState:
         return cached + (0 if self.pending is None else self.pending.shape[1])
 
 
-class TargetParts(NamedTuple):
-    """The pieces of the target a step calls (found once per generation)."""
-
-    decoder: nn.Module
-    embed: nn.Module
-    lm_head: nn.Module
-    cache_kw: str  # "cache" or "past_key_values", by transformers version
-    device: torch.device
-
-
-def target_parts(target: nn.Module) -> TargetParts:
-    dec = decoder(target)
-    return TargetParts(dec, target.get_input_embeddings(), target.get_output_embeddings(), cache_kwarg(dec),
-                       next(target.parameters()).device)
-
-
 def resolve_block(drafter: DFlashDraftModel | None, block_size: int | None,
                   mask_token_id: int | None) -> tuple[int, int | None]:
     """``(B, MASK id)``: the arguments, else the drafter's config; ``(1, None)`` without a drafter (AR)."""
@@ -115,40 +155,6 @@ def resolve_block(drafter: DFlashDraftModel | None, block_size: int | None,
     return B, int(mask)
 
 
-def target_forward(parts: TargetParts, ids: list[int], start: int, cache: DynamicCache,
-                   hook: TargetFeatureHook | None, logits: bool = True):
-    """One target forward of ``ids`` (``q`` tokens) at positions ``start .. start+q-1``, appended to ``cache``.
-    Returns ``(logits [q, V] or None, features [1, q, K*H] or None)``; features are the hook's, concatenated."""
-    x = torch.tensor([ids], dtype=torch.long, device=parts.device)
-    pos = torch.arange(start, start + len(ids), device=parts.device)[None]
-    out = parts.decoder(input_ids=x, position_ids=pos, use_cache=True, **{parts.cache_kw: cache})
-    feats = torch.cat(hook.features(), dim=-1) if hook is not None else None
-    return (parts.lm_head(out.last_hidden_state[0]) if logits else None), feats
-
-
-def draft_block(parts: TargetParts, drafter: DFlashDraftModel, state: DFlashDecodeState, block: torch.Tensor,
-                num: int) -> torch.Tensor:
-    """The drafter's logits ``[num, V]`` for positions ``L+1 .. L+num`` (``L`` = committed rows): one forward of
-    ``block`` ``[1, B]`` (``[t, MASK, ...]``; its anchor is set here) that first appends ``state.pending`` to the
-    context cache."""
-    L, B = state.committed_rows, block.shape[1]
-    block[0, 0] = state.tokens[-1]
-    pos = torch.arange(L, L + B, device=parts.device)[None]
-    context = drafter.project_context(state.pending) if state.pending is not None else None
-    hidden = drafter(parts.embed(block), pos, context, cache=state.context)  # [1, B, H]
-    state.pending = None
-    assert state.context.length == L, f"draft context {state.context.length} rows != committed {L}"
-    return parts.lm_head(hidden[0, 1:1 + num].to(parts.lm_head.weight.dtype))
-
-
-def propose(logits: torch.Tensor, temperature: float, generator) -> tuple[list[int], torch.Tensor | None]:
-    """Drafted tokens from the drafter's ``logits [k, V]``: argmax, or samples with their distribution ``q``."""
-    if temperature > 0:
-        tokens, probs = sample_rows(logits, temperature, generator)
-        return tokens.tolist(), probs
-    return logits.argmax(dim=-1).tolist(), None
-
-
 def extend_pending(pending: torch.Tensor | None, feats: torch.Tensor | None, rows: int) -> torch.Tensor | None:
     """``pending`` with the first ``rows`` rows of ``feats [1, q, K*H]`` (the committed ones) appended."""
     if feats is None:
@@ -157,7 +163,76 @@ def extend_pending(pending: torch.Tensor | None, feats: torch.Tensor | None, row
     return new if pending is None else torch.cat([pending, new], dim=1)
 
 
-@torch.no_grad()  # not inference_mode: ZeRO-3 re-partitions parameters in place after a forward
+class DFlashBlockDrafter:
+    """The standalone drafter as a :class:`Drafter` of :func:`speculative_generate`: it reads the target's features
+    of the committed rows (the prefill's in :meth:`start`, each verify's accepted rows in :meth:`verified`) and
+    drafts ``B - 1`` tokens in one forward of its own (:meth:`propose`, counted as a draft forward of ``B`` rows)."""
+
+    name = "dflash"
+
+    def __init__(self, model: DFlashDraftModel, mask_token_id: int, tap: FeatureTap | None = None) -> None:
+        self.model = model
+        self.mask_token_id = int(mask_token_id)
+        self.tap = tap
+        self.state: DFlashDecodeState | None = None
+        self._block: torch.Tensor | None = None
+        self._embed: nn.Module | None = None
+
+    def begin(self, session: DecodeSession) -> None:
+        """Before the prefill: the tap on (every target forward of this generation records its features)."""
+        if self.tap is None:
+            self.tap = FeatureTap.of(session.model, self.model.target_layer_ids)
+        self.tap.out.clear()
+        self.tap.active = True
+
+    def end(self, session: DecodeSession) -> None:
+        self.tap.active = False
+        self.tap.out.clear()
+
+    def start(self, session: DecodeSession, tokens: list[int]) -> None:
+        self._embed = session.model.get_input_embeddings()
+        self._block = torch.full((1, session.block_size), self.mask_token_id, dtype=torch.long, device=session.device)
+        pending = self.tap.take(self.model.target_layer_ids) if len(tokens) > 1 else None  # the prefill's features
+        self.state = DFlashDecodeState(tokens, session.cache, DFlashContextCache(len(self.model.layers)), pending)
+
+    def propose(self, session: DecodeSession, tokens: list[int], num: int, temperature: float,
+                generator: torch.Generator | None) -> Draft:
+        state = self.state
+        L = state.committed_rows
+        state.draft_start, state.drafted, state.draft_logits = L, [], None
+        if num <= 0:
+            return Draft([])
+        block = self._block
+        B = block.shape[1]
+        block[0, 0] = tokens[-1]
+        pos = session.positions[:, L : L + B]
+        context = self.model.project_context(state.pending) if state.pending is not None else None
+        hidden = self.model(self._embed(block), pos, context, cache=state.context)  # [1, B, H]
+        state.pending = None
+        assert state.context.length == L, f"draft context {state.context.length} rows != committed {L}"
+        logits = session.lm_head(hidden[0, 1 : 1 + num].to(session.dtype))  # [num, V]
+        session.counts["draft"] += 1
+        session.rows += B
+        state.draft_logits = logits
+        if temperature > 0:
+            drafted, probs = sample_rows(logits, temperature, generator)
+            state.drafted = drafted.tolist()
+            return Draft(state.drafted, probs)
+        state.drafted = logits.argmax(dim=-1).tolist()
+        return Draft(state.drafted)
+
+    def verified(self, session: DecodeSession, n: int) -> None:
+        """After a verify forward committed ``t, d_1 .. d_n``: their features join ``pending``."""
+        feats = self.tap.take(self.model.target_layer_ids)
+        self.state.pending = extend_pending(self.state.pending, feats, n + 1)
+
+
+def _as_dflash(r: SpecResult, loop: str, draft_rows: int) -> DFlashSpecResult:
+    values = {f.name: getattr(r, f.name) for f in fields(SpecResult)}
+    values["loop"] = loop
+    return DFlashSpecResult(**values, target_rows=r.rows - draft_rows, draft_rows=draft_rows)
+
+
 def dflash_generate(
     target: nn.Module,
     drafter: DFlashDraftModel | None,
@@ -169,65 +244,36 @@ def dflash_generate(
     block_size: int | None = None,
     mask_token_id: int | None = None,
     step_callback: Callable[[DFlashDecodeState], None] | None = None,
+    static: StaticDecoding | None = None,
+    lockstep: Lockstep | None = None,
+    tap: FeatureTap | None = None,
 ) -> DFlashSpecResult:
     """Generate up to ``max_new_tokens`` after ``prompt_ids`` (batch 1): the target verifies, ``drafter`` drafts
     ``B - 1`` tokens a step (``B`` = ``block_size``, default the drafter's; any ``B >= 2`` is lossless, the trained
     one drafts best). Greedy at ``temperature`` 0 (token for token transformers' greedy ``generate``), lossless
     rejection sampling above. Stops after the first EOS (kept) or ``max_new_tokens``. ``drafter=None``: the
     autoregressive baseline on the same engine. ``step_callback(state)`` runs after every step that committed all
-    of ``d_1 .. d_n`` + bonus without stopping."""
+    of ``d_1 .. d_n`` + bonus without stopping.
+
+    ``static`` (a :class:`StaticDecoding` of ``target``): the target's forwards on its static cache, compiled if it
+    is; the model's :class:`FeatureTap` must then exist before its first compiled forward. ``lockstep``: rank 0's
+    drafts and decisions on every rank (:class:`Lockstep`). ``tap``: the model's tap (default :meth:`FeatureTap.of`).
+    """
     target = unwrap_model(target)
     B, mask = resolve_block(drafter, block_size, mask_token_id)
-    tokens, eos, generator = prepare_generation(target, prompt_ids, eos_token_ids, temperature, generator,
-                                                "dflash_generate")
-    parts, prompt_len = target_parts(target), len(tokens)
-    state = DFlashDecodeState(tokens, DynamicCache(config=target.config),
-                              DFlashContextCache(len(drafter.layers)) if drafter is not None else None)
-    result = DFlashSpecResult(loop="dflash" if drafter is not None else "dflash_autoregressive")
-    hook = TargetFeatureHook(target, drafter.target_layer_ids) if drafter is not None else None
-    block = torch.full((1, B), mask if mask is not None else 0, dtype=torch.long, device=parts.device)
-    try:
-        t0 = time.perf_counter()
-        if len(tokens) > 1:
-            _, feats = target_forward(parts, tokens[:-1], 0, state.target_cache, hook, logits=False)
-            state.pending = extend_pending(None, feats, len(tokens) - 1)
-            result.prefill_forwards = 1
-        generated = 0
-        while generated < max_new_tokens:
-            L = state.committed_rows
-            num = min(B - 1, max_new_tokens - generated - 1)  # never verify past max_new_tokens
-            state.draft_start, state.drafted, state.draft_logits, probs_q = L, [], None, None
-            if num > 0:
-                state.draft_logits = draft_block(parts, drafter, state, block, num)
-                state.drafted, probs_q = propose(state.draft_logits, temperature, generator)
-                result.draft_forwards += 1
-                result.draft_rows += B
-            drafted = state.drafted
-            k = len(drafted)
-            logits, feats = target_forward(parts, [tokens[-1], *drafted], L, state.target_cache, hook)
-            result.verify_forwards += 1
-            result.target_rows += k + 1
-            if temperature > 0:
-                n, bonus = accept_sampling(drafted, probs_q, logits, temperature, generator)
-            else:
-                n, bonus = accept_greedy(drafted, logits)
-            crop_cache(state.target_cache, k - n)  # keep t, d_1 .. d_n; the bonus becomes the next t
-            state.pending = extend_pending(state.pending, feats, n + 1)  # rejected rows' features are dropped
-            assert cache_len(state.target_cache) == L + n + 1
-            new, hit = result.commit(tokens, drafted, n, bonus, eos, max_new_tokens)
-            generated += len(new)
-            if hit:
-                result.hit_eos = True
-                break
-            if step_callback is not None and len(new) == n + 1:
-                step_callback(state)
-        result.wall_time = time.perf_counter() - t0
-    finally:
-        if hook is not None:
-            hook.remove()
-    result.rows = result.target_rows + result.draft_rows
-    result.output_ids = tokens[prompt_len:]
-    return result
+    if drafter is None:
+        r = autoregressive_generate(target, prompt_ids, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+                                    temperature=temperature, generator=generator, static=static, lockstep=lockstep)
+        return _as_dflash(r, "dflash_autoregressive", 0)
+    block_drafter = DFlashBlockDrafter(drafter, mask, tap or FeatureTap.of(target, drafter.target_layer_ids))
+    callback = None
+    if step_callback is not None:
+        def callback(session, tokens, d):
+            step_callback(d.state)
+    r = speculative_generate(target, prompt_ids, block_drafter, block_size=B, max_new_tokens=max_new_tokens,
+                             eos_token_ids=eos_token_ids, temperature=temperature, generator=generator,
+                             step_callback=callback, static=static, lockstep=lockstep)
+    return _as_dflash(r, "dflash", B * r.draft_forwards)
 
 
 def dflash_autoregressive_generate(target: nn.Module, prompt_ids, max_new_tokens: int, eos_token_ids=(),
@@ -236,5 +282,5 @@ def dflash_autoregressive_generate(target: nn.Module, prompt_ids, max_new_tokens
     return dflash_generate(target, None, prompt_ids, max_new_tokens, eos_token_ids, temperature, generator)
 
 
-__all__ = ["DFlashDecodeState", "DFlashSpecResult", "dflash_autoregressive_generate", "dflash_generate",
-           "draft_block", "extend_pending", "propose", "resolve_block", "target_forward", "target_parts"]
+__all__ = ["DFlashBlockDrafter", "DFlashDecodeState", "DFlashSpecResult", "FeatureTap",
+           "dflash_autoregressive_generate", "dflash_generate", "extend_pending", "resolve_block"]

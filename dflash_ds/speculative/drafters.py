@@ -30,6 +30,10 @@ class Drafter(Protocol):
     verifier cache; ``session.cache`` holds ``tokens[:-1]``. ``propose`` returns at most ``num`` tokens (possibly
     none) for the positions after ``t``; with ``temperature > 0`` a drafter with a distribution samples from it and
     returns it as ``probs``. Model forwards go through ``session.forward(..., kind="draft")`` so they are counted.
+
+    Optional, for a drafter that reads the target's own forwards (:class:`~.dflash_loop.DFlashBlockDrafter`):
+    ``begin(session)`` before the prefill, ``verified(session, n)`` after each verify forward (``t, d_1 .. d_n``
+    committed, the cache cropped to them) and ``end(session)`` when the generation ends.
     """
 
     name: str

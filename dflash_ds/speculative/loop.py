@@ -156,42 +156,61 @@ def speculative_generate(
     tokens, eos, generator = prepare_generation(model, prompt_ids, eos_token_ids, temperature, generator, "speculative_generate")
     session = DecodeSession(model, len(tokens) + max_new_tokens, block_size, static=static, lockstep=lockstep)
     result = SpecResult()
+    # optional drafter hooks (a drafter that reads the target's features, dflash_loop.DFlashBlockDrafter): before
+    # the prefill, after each verify forward (n drafts accepted, the cache cropped), and at the end
+    begin, verified, end = (getattr(drafter, name, None) for name in ("begin", "verified", "end"))
+    with adapter_preserved(session.model):
+        if begin is not None:
+            begin(session)
+        try:
+            _two_forward_steps(session, tokens, drafter, result, block_size, max_new_tokens, eos, temperature,
+                               generator, step_callback, verified)
+        finally:
+            if end is not None:
+                end(session)
+    return finish_result(result, session, tokens, len(tokens) - result.num_committed)
+
+
+def _two_forward_steps(session: DecodeSession, tokens: list[int], drafter: Drafter, result: SpecResult,
+                       block_size: int, max_new_tokens: int, eos: frozenset[int], temperature: float, generator,
+                       step_callback, verified) -> None:
+    """:func:`speculative_generate`'s prefill and steps, timed into ``result.wall_time``."""
     sample = temperature > 0
     cache = session.cache
-    with adapter_preserved(session.model):
-        t0 = time.perf_counter()
-        L = prefill_cache(session, tokens)
-        drafter.start(session, tokens)
-        generated = 0
-        while generated < max_new_tokens:
-            remaining = max_new_tokens - generated
-            num = min(block_size - 1, remaining - 1)  # never verify past max_new_tokens
-            draft = drafter.propose(session, tokens, num, temperature, generator)
-            drafted = [int(x) for x in draft.tokens[:num]]
-            if num > 0:  # the verify forward's input: the same on every rank (num is: it follows agreed tokens)
-                drafted = session.agree(drafted)
-            k = len(drafted)
-            session.set_adapter(False)
-            logits = session.forward(session.ids([tokens[-1], *drafted]), L, cache, kind="verify")  # [k+1, V]
-            assert cache_len(cache) == L + k + 1
-            if sample:
-                probs_q = draft.probs[:k] if draft.probs is not None else None
-                n, bonus = accept_sampling(drafted, probs_q, logits, temperature, generator)
-            else:
-                n, bonus = accept_greedy(drafted, logits)
-            n, bonus = session.agree([n, bonus])  # what is committed, and so when to stop
-            crop_cache(cache, k - n)  # keep t, d_1 .. d_n; the bonus becomes the next t
-            L += n + 1
-            assert cache_len(cache) == L, f"verifier cache length {cache_len(cache)} != committed {L}"
-            new, hit = result.commit(tokens, drafted, n, bonus, eos, max_new_tokens)
-            generated += len(new)
-            if step_callback is not None and not hit and len(new) == n + 1:
-                step_callback(session, tokens, drafter)
-            if hit:
-                result.hit_eos = True
-                break
-        result.wall_time = time.perf_counter() - t0
-    return finish_result(result, session, tokens, len(tokens) - result.num_committed)
+    t0 = time.perf_counter()
+    L = prefill_cache(session, tokens)
+    drafter.start(session, tokens)
+    generated = 0
+    while generated < max_new_tokens:
+        remaining = max_new_tokens - generated
+        num = min(block_size - 1, remaining - 1)  # never verify past max_new_tokens
+        draft = drafter.propose(session, tokens, num, temperature, generator)
+        drafted = [int(x) for x in draft.tokens[:num]]
+        if num > 0:  # the verify forward's input: the same on every rank (num is: it follows agreed tokens)
+            drafted = session.agree(drafted)
+        k = len(drafted)
+        session.set_adapter(False)
+        logits = session.forward(session.ids([tokens[-1], *drafted]), L, cache, kind="verify")  # [k+1, V]
+        assert cache_len(cache) == L + k + 1
+        if sample:
+            probs_q = draft.probs[:k] if draft.probs is not None else None
+            n, bonus = accept_sampling(drafted, probs_q, logits, temperature, generator)
+        else:
+            n, bonus = accept_greedy(drafted, logits)
+        n, bonus = session.agree([n, bonus])  # what is committed, and so when to stop
+        crop_cache(cache, k - n)  # keep t, d_1 .. d_n; the bonus becomes the next t
+        L += n + 1
+        assert cache_len(cache) == L, f"verifier cache length {cache_len(cache)} != committed {L}"
+        if verified is not None:
+            verified(session, n)
+        new, hit = result.commit(tokens, drafted, n, bonus, eos, max_new_tokens)
+        generated += len(new)
+        if step_callback is not None and not hit and len(new) == n + 1:
+            step_callback(session, tokens, drafter)
+        if hit:
+            result.hit_eos = True
+            break
+    result.wall_time = time.perf_counter() - t0
 
 
 def autoregressive_generate(

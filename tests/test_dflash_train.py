@@ -1,0 +1,242 @@
+"""The standalone DFlash drafter trained by ``dflash_ds.train --drafter dflash`` (dflash_ds/drafters.py): its loss
+falls, every parallel layout reproduces the single process (losses and the exported drafter), resume is exact (also
+into another layout), a checkpoint of another kind is refused, and the export is the published format holding the
+trained weights.
+
+Runs are real launcher runs on a 4-layer tiny target, 3 steps each (tests/test_distributed.py's helpers).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_conversations, write_tiny_target
+from test_distributed import ROOT, dist_env, metrics, run_train, train_args
+
+STEPS = 3
+# two draft layers reading two target layers (the fused features go through fc), initialised from the target
+DFLASH_FLAGS = ["--drafter", "dflash", "--draft-layers", "2", "--target-layer-ids", "0", "2", "--max-steps", str(STEPS)]
+
+
+def dflash_run(assets, out, nproc=1, config=None, extra=(), **kw):
+    return run_train(assets, out, nproc=nproc, config=config, extra=[*DFLASH_FLAGS, *extra], **kw)
+
+
+def drafter_weights(out) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(out) / "drafter" / "model.safetensors"))
+
+
+def assert_same_dflash_run(ref_out, out, start: dict[str, torch.Tensor], rel=1e-4):
+    """The same losses, and the same trained drafter to fp32 round-off: per tensor, the difference from the
+    reference is under 1e-3 of what training moved it (``start``: the initial drafter). Not elementwise: a layout
+    changes the features' rounding (TP's partial sums, ZeRO's reductions), and Adam divides each gradient by its
+    own magnitude, so a weight whose gradient is near zero can move by a few % of a step either way (measured:
+    TP x2 moves 2 of 8192 weights by up to 9e-5, lr 5e-3; the tensors' relative difference is at most 1.2e-4)."""
+    ref_m, m = metrics(ref_out), metrics(out)
+    assert [r["step"] for r in ref_m] == [r["step"] for r in m] == list(range(1, STEPS + 1))
+    for a, b in zip(ref_m, m):
+        assert b["loss"] == pytest.approx(a["loss"], rel=rel), (a, b)
+    ref_w, w = drafter_weights(ref_out), drafter_weights(out)
+    assert ref_w.keys() == w.keys() == start.keys()
+    for k in ref_w:
+        moved = (ref_w[k] - start[k]).norm()
+        assert moved > 0, k
+        assert (w[k] - ref_w[k]).norm() <= 1e-3 * moved, (k, float((w[k] - ref_w[k]).norm() / moved))
+        assert (w[k] - ref_w[k]).abs().max() <= 5e-4, k
+
+
+def test_drafter_flags_and_their_checks():
+    """--drafter/--draft-layers/--target-layer-ids/--draft-init: defaults (the LoRA kind, one draft layer, the
+    published rule, init from the target), and a drafter the target cannot take names its flags."""
+    from conftest import tiny_config
+    from dflash_ds.config import parse_train_args
+    from dflash_ds.drafters import DrafterConfig
+
+    base = ["--model-path", "m", "--output-dir", "o", "--train-data", "d.jsonl"]
+    cfg = parse_train_args(base).drafter
+    assert (cfg.kind, cfg.layers, cfg.target_layer_ids, cfg.init) == ("lora", 1, None, "target")
+    cfg = parse_train_args([*base, *DFLASH_FLAGS, "--draft-init", "random"]).drafter
+    assert (cfg.kind, cfg.layers, cfg.target_layer_ids, cfg.init) == ("dflash", 2, (0, 2), "random")
+    target = tiny_config("qwen3", num_hidden_layers=4)
+    assert DrafterConfig(kind="dflash").draft_config(target, 4, 3).dflash_config == {"mask_token_id": 3,
+                                                                                     "target_layer_ids": [2]}
+    with pytest.raises(ValueError, match=r"--target-layer-ids \[3\]\): target_layer_ids \[3\] out of range"):
+        DrafterConfig(kind="dflash", target_layer_ids=(3,)).draft_config(target, 4, 3)
+    with pytest.raises(ValueError, match="--draft-init target copies the target's last --draft-layers layers: 5"):
+        DrafterConfig(kind="dflash", layers=5).draft_config(target, 4, 3)
+    DrafterConfig(kind="dflash", layers=5, init="random", target_layer_ids=(0, 1)).draft_config(target, 4, 3)
+    with pytest.raises(ValueError, match="--draft-layers must be >= 1"):
+        DrafterConfig(layers=0)
+
+
+@pytest.fixture(scope="module")
+def dflash_assets(tmp_path_factory):
+    """A 4-layer target: the feature layers ids must lie in [0, N-2] (the last layer's HF output is post-norm)."""
+    d = tmp_path_factory.mktemp("dflash_assets")
+    write_tiny_target(d / "model", num_hidden_layers=4)
+    write_conversations(d / "data.jsonl", n=24)
+    return d
+
+
+def _init_drafter(assets):
+    """The drafter the run starts from, built here as the trainer does (seed 3, copied from the target)."""
+    from transformers import AutoModelForCausalLM
+
+    from dflash_ds.dflash_model import DFlashDraftModel, init_from_target, make_draft_config
+
+    target = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32)
+    torch.manual_seed(3)
+    drafter = DFlashDraftModel(make_draft_config(target.config, 2, [0, 2], block_size=4, mask_token_id=3))
+    init_from_target(drafter, target, [2, 3])
+    return drafter
+
+
+@pytest.fixture(scope="module")
+def dflash_start(dflash_assets) -> dict[str, torch.Tensor]:
+    return _init_drafter(dflash_assets).state_dict()
+
+
+@pytest.fixture(scope="module")
+def dflash_reference(dflash_assets, tmp_path_factory):
+    """One process, global batch 2 by gradient accumulation: what every layout must reproduce."""
+    out = tmp_path_factory.mktemp("dflash_ref")
+    dflash_run(dflash_assets, out, extra=["--grad-accum", "2"])
+    return out
+
+
+def test_the_drafter_trains_and_its_loss_falls(dflash_start, dflash_reference):
+    m = metrics(dflash_reference)
+    assert [r["step"] for r in m] == [1, 2, 3]
+    assert m[-1]["loss"] < m[0]["loss"], "training did not lower the loss: parity would prove nothing"
+    start, trained = dflash_start, drafter_weights(dflash_reference)
+    assert start.keys() == trained.keys()
+    moved = max((trained[k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-3, "the drafter did not move"
+    # only the drafter trains: the LoRA kind's artifact is not written, the target is not in the checkpoint
+    assert not (dflash_reference / "adapter").exists()
+    state = torch.load(dflash_reference / "checkpoints" / f"step_{STEPS:08d}" / "dflash_state.pt", weights_only=False)
+    assert state["drafter_kind"] == "dflash" and "adapter" not in state and "lora_config" not in state
+    assert set(state["drafter"]) == set(start) == set(state["optimizer"])
+
+
+@pytest.mark.parametrize(
+    "config,extra",
+    [
+        ("zero2.json", []),
+        ("zero3.json", ["--gradient-checkpointing"]),  # the target partitioned, the drafter's layers recomputed
+        ("autotp2_zero1.json", ["--grad-accum", "2"]),  # the target sharded, the drafter replicated
+    ],
+    ids=["zero2", "zero3", "autotp2"],
+)
+def test_parallel_layouts_match_single_process(dflash_assets, dflash_start, dflash_reference, tmp_path, config,
+                                               extra):
+    dflash_run(dflash_assets, tmp_path, nproc=2, config=config, extra=extra)
+    assert_same_dflash_run(dflash_reference, tmp_path, dflash_start)
+    if config.startswith("autotp"):
+        # the two TP ranks' replicas of the drafter are bit-identical (DeepSpeed saves one module file per TP rank)
+        ckpt = tmp_path / "checkpoints" / f"step_{STEPS:08d}"
+        a, b = (torch.load(ckpt / f"mp_rank_0{r}_model_states.pt", weights_only=False)["module"] for r in (0, 1))
+        assert a.keys() == b.keys() and any(k.startswith("drafter.layers.") for k in a)
+        assert all(torch.equal(a[k], b[k]) for k in a), "the TP replicas of the drafter diverged"
+
+
+@pytest.mark.parametrize("resume_on", [(1, None), (2, "zero3.json")], ids=["same_layout", "into_zero3"])
+def test_kill_after_checkpoint_then_resume_matches(dflash_assets, dflash_start, dflash_reference, tmp_path,
+                                                    resume_on):
+    """Killed after step 2's checkpoint (one process), resumed on the same layout (DeepSpeed's own files) or on
+    ZeRO-3 x2 (the gathered weights and Adam moments restored into the partitions): step 3 is the uninterrupted
+    run's."""
+    extra = ["--save-interval", "2"]
+    proc = dflash_run(dflash_assets, tmp_path, extra=[*extra, "--grad-accum", "2"],
+                      env_extra={"DFLASH_DS_TEST_KILL_AFTER_STEP": "2"}, check=False)
+    assert proc.returncode != 0 and (tmp_path / "checkpoints" / "step_00000002" / "COMPLETE").exists()
+    assert not (tmp_path / "drafter").exists()
+    nproc, config = resume_on
+    accum = ["--grad-accum", "2"] if nproc == 1 else []
+    proc = dflash_run(dflash_assets, tmp_path, nproc=nproc, config=config, extra=[*extra, *accum, "--resume", "auto"])
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert_same_dflash_run(dflash_reference, tmp_path, dflash_start)
+
+
+def test_resume_with_another_drafter_kind_or_shape_is_refused(dflash_assets, dflash_reference, tmp_path):
+    ckpt = dflash_reference / "checkpoints" / f"step_{STEPS:08d}"
+    cases = [
+        (["--drafter", "lora"], "the checkpoint trained a 'dflash' drafter, this run trains --drafter lora: resume "
+                                "with --drafter dflash"),
+        ([*DFLASH_FLAGS, "--draft-layers", "1"], "resume with --draft-layers 2 --target-layer-ids 0 2"),
+    ]
+    for flags, message in cases:
+        out = tmp_path / flags[1]
+        cmd = [sys.executable, "-m", "dflash_ds.train", *train_args(dflash_assets, out, extra=[*flags, "--resume",
+                                                                                                str(ckpt)])]
+        proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert message in proc.stderr, proc.stderr[-3000:]
+        assert not (out / "metrics.jsonl").exists()  # refused before the run started
+
+
+def test_export_is_the_published_format_holding_the_trained_weights(dflash_reference, tmp_path):
+    from dflash_ds.cli import main
+    from dflash_ds.dflash_model import load_dflash_draft
+
+    out = dflash_reference / "drafter"
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"]
+    assert (config["block_size"], config["num_target_layers"], config["num_hidden_layers"]) == (4, 4, 2)
+    assert config["dflash_config"] == {"mask_token_id": 3, "target_layer_ids": [0, 2]}
+    assert config["layer_types"] == ["full_attention"] * 2
+    assert config["dflash_ds"]["draft_init"] == "target" and config["base_model"].endswith("model")
+
+    # the trained weights: the checkpoint's gathered drafter and DeepSpeed's own module file, exactly
+    ckpt = dflash_reference / "checkpoints" / f"step_{STEPS:08d}"
+    gathered = torch.load(ckpt / "dflash_state.pt", weights_only=False)["drafter"]
+    module = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    loaded = load_dflash_draft(out).state_dict()
+    assert loaded.keys() == gathered.keys() == {k.removeprefix("drafter.") for k in module}
+    for k in loaded:
+        assert torch.equal(loaded[k], gathered[k]) and torch.equal(loaded[k], module[f"drafter.{k}"]), k
+
+    # dflash-ds export of the latest checkpoint writes the same files
+    assert main(["export", str(dflash_reference / "checkpoints"), str(tmp_path / "exp")]) == 0
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "exp" / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_nonfinite_step_is_skipped_and_the_periodic_eval_is_the_offline_eval(dflash_assets, tmp_path):
+    """The skipped micro-batch's zero loss reaches the drafter's parameters (the LoRA kind's would be empty here).
+    The periodic eval decodes with the in-memory drafter, and its tau is the offline eval's of the same weights
+    exported from the checkpoint."""
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(l) for l in (dflash_assets / "data.jsonl").read_text().splitlines()][:2]
+    prompts.write_text("".join(json.dumps({"conversations": r["conversations"][:1]}) + "\n" for r in rows))
+    out = tmp_path / "run"
+    proc = dflash_run(dflash_assets, out,
+                      extra=["--eval-interval", "1", "--eval-prompts", str(prompts), "--eval-max-new-tokens", "6",
+                             "--eval-limit", "2", "--save-interval", "1", "--keep-last", "5"],
+                      env_extra={"DFLASH_DS_TEST_NAN_AT_STEP": "2"})
+    assert "step 2: non-finite loss skipped (1/10)" in proc.stdout
+    m = metrics(out)
+    assert [r["step"] for r in m] == [1, 2, 3] and m[1]["nonfinite_micro_batches"] == 1
+    assert all(torch.isfinite(t).all() for t in drafter_weights(out).values())
+    assert all(r["eval_tau"] >= 1 and r["eval_speedup"] > 0 for r in m)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dflash_ds.checkpoint import export_checkpoint
+    from dflash_ds.dflash_model import load_dflash_draft
+    from dflash_ds.evaluate import EvalConfig, load_prompts, run_eval, standalone_drafter
+
+    export_checkpoint(out / "checkpoints" / "step_00000001", tmp_path / "step1")
+    target = AutoModelForCausalLM.from_pretrained(dflash_assets / "model", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(dflash_assets / "model")
+    draft = load_dflash_draft(tmp_path / "step1")
+    offline = run_eval(target, tok, standalone_drafter(draft), load_prompts(prompts, tok, limit=2),
+                       EvalConfig(max_new_tokens=6, baselines="none", repeats=1), progress=False)
+    assert m[0]["eval_tau"] == pytest.approx(offline["tau"])
