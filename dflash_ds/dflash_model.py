@@ -49,8 +49,8 @@ def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> l
     N, L = int(num_target_layers), int(num_draft_layers)
     if N < 1 or L < 1:
         raise ValueError(f"need num_target_layers >= 1 and num_draft_layers >= 1, got {N}, {L}")
-    if L == 1:
-        return [N // 2]
+    if L == 1:  # N // 2 is the last layer only for N = 2, whose last feature is excluded (below): then layer 0
+        return [min(N // 2, max(N - 2, 0))]
     if N < 4:
         raise ValueError(f"the default target_layer_ids rule needs a target of >= 4 layers (got {N}); pass the ids")
     return [int(round(1 + i * (N - 4) / (L - 1))) for i in range(L)]

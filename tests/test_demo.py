@@ -1,8 +1,11 @@
 """The demo as a test: a reduced run (small target, few steps) through the real pipeline: self-distillation,
-2-rank ZeRO-3 training through the deepspeed launcher, speculative decoding against the baselines."""
+2-rank ZeRO-3 training of both drafter kinds through the deepspeed launcher, speculative decoding of both side by
+side against the baselines."""
 
 import json
 from pathlib import Path
+
+import pytest
 
 from dflash_ds.recipes.tiny_target import TinyTargetConfig, build_tiny_target
 
@@ -33,12 +36,20 @@ def test_reduced_demo_trains_and_decodes_losslessly(tmp_path, capsys, monkeypatc
     out = capsys.readouterr().out
     assert rc == 0, out[-3000:]
     summary = json.loads((tmp_path / "work" / "demo_report.json").read_text())
-    assert summary["last_loss"] < summary["first_loss"], "training did not lower the loss"
+    assert list(summary["drafters"]) == ["lora", "dflash"]  # the tiny recipe's default: both kinds
+    for kind, d in summary["drafters"].items():
+        assert d["last_loss"] < d["first_loss"], f"{kind}: training did not lower the loss"
+        assert d["greedy_match"] is True and d["tau"] >= 1 and d["train_s"] > 0, (kind, d)
     assert summary["greedy_match"] is True
     assert summary["tau"] > summary["floor_tau"], summary  # the trained adapter drafts better than an untrained one
     assert "prompt lookup" in out and "untrained" in out.lower()  # the table shows the baselines
-    assert (tmp_path / "work" / "run" / "adapter" / "adapter_model.safetensors").exists()
-    assert any((tmp_path / "work" / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert "[dflash, 1 draft layer" in out and "[lora" in out, out[-3000:]  # one row per kind, saying which
+    work = tmp_path / "work"
+    assert (work / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((work / "run_dflash" / "drafter" / "config.json").read_text())["architectures"] == [
+        "DFlashDraftModel"]
+    assert any((work / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert any((work / "run_dflash" / "tensorboard").rglob("events.out.tfevents.*"))
     if importlib.util.find_spec("matplotlib") is not None:  # the plots, by default, their paths printed at the end
         pngs = sorted(str(p) for p in (tmp_path / "work" / "plots").glob("*.png"))
         assert pngs and sorted(summary["plots"]) == pngs, summary["plots"]
@@ -46,51 +57,68 @@ def test_reduced_demo_trains_and_decodes_losslessly(tmp_path, capsys, monkeypatc
 
 
 def test_recipe_flags_default_per_target_and_bad_values_name_their_flag(capsys):
-    import pytest
-
     from dflash_ds.recipes.demo import RECIPES, parse_args
 
     smol = parse_args(["--target", "smollm2"])
     assert (smol.num_anchors, smol.loop, smol.floor_tokens) == (None, "two_forward", 32) == (
         RECIPES["smollm2"].num_anchors, RECIPES["smollm2"].loop, RECIPES["smollm2"].floor_tokens)
+    assert smol.drafters == ["lora"]
     tiny = parse_args([])
-    assert (tiny.num_anchors, tiny.loop, tiny.floor_tokens) == (None, "auto", None)
+    assert (tiny.num_anchors, tiny.loop, tiny.floor_tokens, tiny.drafters) == (None, "auto", None, ["lora", "dflash"])
     assert parse_args(["--target", "smollm2", "--num-anchors", "16", "--loop", "both"]).num_anchors == 16
-    for flag, value in (("--loop", "fast"), ("--truncated", "maybe")):
+    assert parse_args(["--target", "smollm2", "--drafters", "dflash,lora"]).drafters == ["dflash", "lora"]
+    for flag, value in (("--loop", "fast"), ("--truncated", "maybe"), ("--drafters", "eagle"),
+                        ("--drafters", "lora,lora"), ("--drafters", "")):
         with pytest.raises(SystemExit):
             parse_args([flag, value])
         assert flag in capsys.readouterr().err
 
 
 def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
-    """--num-anchors goes to the training command only when set; --loop and --floor-tokens to the eval config."""
+    """--num-anchors goes to the training command only when set, --draft-layers to the standalone kind's only;
+    --loop, --floor-tokens and every drafter to the eval, in this process or under the launcher."""
     from dflash_ds import evaluate
+    from dflash_ds.evaluate import cli
     from dflash_ds.recipes import demo
 
     commands = []
     monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: commands.append(cmd))
     for argv, anchors in ((["--target", "smollm2"], None), (["--target", "smollm2", "--num-anchors", "12"], "12")):
         commands.clear()
-        demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", demo.parse_args(argv))
+        demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", "lora", demo.parse_args(argv))
         cmd = commands[0]
         assert (cmd[cmd.index("--num-anchors") + 1] if "--num-anchors" in cmd else None) == anchors
         assert cmd[cmd.index("--group-by-length") + 1] == "32"
+        assert cmd[cmd.index("--drafter") + 1] == "lora" and "--draft-layers" not in cmd
     commands.clear()
-    demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", demo.parse_args([]))
-    assert commands[0][commands[0].index("--group-by-length") + 1] == "0"
+    demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", "dflash",
+                         demo.parse_args(["--draft-layers", "2"]))
+    cmd = commands[0]
+    assert cmd[cmd.index("--group-by-length") + 1] == "0"
+    assert (cmd[cmd.index("--drafter") + 1], cmd[cmd.index("--draft-layers") + 1]) == ("dflash", "2")
 
-    configs = []
-    monkeypatch.setattr(evaluate, "run_eval", lambda model, tok, meta, prompts, cfg: configs.append(cfg) or {})
-    monkeypatch.setattr(evaluate, "format_table", lambda report: "")
-    monkeypatch.setattr(evaluate, "load_prompts", lambda *a, **k: [])
-    monkeypatch.setattr("dflash_ds.lora.load_adapter_dir", lambda *a, **k: None)
-    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
-    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
-                        lambda *a, **k: type("M", (), {"eval": lambda self: self})())
-    demo.evaluate(tmp_path, tmp_path, tmp_path, demo.parse_args(["--eval-ranks", "1", "--floor-tokens", "7"]))
-    demo.evaluate(tmp_path, tmp_path, tmp_path, demo.parse_args(["--target", "smollm2", "--floor-tokens", "0",
-                                                                 "--loop", "both", "--eval-ranks", "1"]))
-    assert [(c.loop, c.floor_tokens) for c in configs] == [("auto", 7), ("both", None)]
+    drafters = [tmp_path / "run" / "adapter", tmp_path / "run_dflash" / "drafter"]
+    report = tmp_path / "eval_report.json"
+    ran = []
+
+    def eval_main(argv):
+        ran.append(argv)
+        report.write_text('{"tau": 2.0}')
+        return 0
+
+    monkeypatch.setattr(cli, "main", eval_main)
+    args = demo.parse_args(["--eval-ranks", "1", "--floor-tokens", "7"])
+    assert demo.evaluate(tmp_path, drafters, tmp_path / "p.jsonl", report, args) == {"tau": 2.0}
+    argv = ran[0]
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--drafter"] == [str(p) for p in drafters]
+    assert (argv[argv.index("--loop") + 1], argv[argv.index("--floor-tokens") + 1]) == ("auto", "7")
+    evaluate.build_parser().parse_args(argv)  # flags the eval takes
+    demo.evaluate(tmp_path, drafters[:1], tmp_path / "p.jsonl", report,
+                  demo.parse_args(["--target", "smollm2", "--floor-tokens", "0", "--loop", "both", "--eval-ranks", "1"]))
+    assert "--floor-tokens" not in ran[1] and ran[1][ran[1].index("--loop") + 1] == "both"
+    monkeypatch.setattr(cli, "main", lambda argv: 2)
+    with pytest.raises(RuntimeError, match="dflash-ds eval"):
+        demo.evaluate(tmp_path, drafters, tmp_path / "p.jsonl", report, args)
 
     # smollm2's default: dflash-ds eval under the launcher, two ranks of one thread, the same settings as flags
     def launched(cmd, **kw):
@@ -99,17 +127,16 @@ def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo.subprocess, "run", launched)
     commands.clear()
-    adapter = tmp_path / "run" / "adapter"
-    adapter.mkdir(parents=True)
-    assert demo.evaluate(tmp_path, adapter, tmp_path / "p.jsonl", demo.parse_args(["--target", "smollm2"])) == {"tau": 2.5}
+    assert demo.evaluate(tmp_path, drafters[:1], tmp_path / "p.jsonl", report,
+                         demo.parse_args(["--target", "smollm2"])) == {"tau": 2.5}
     cmd = commands[0]
     # the deepspeed launcher adds --local_rank=R to the module's flags: the eval parser must take it
     evaluate.build_parser().parse_args([*cmd[cmd.index("dflash_ds.evaluate") + 1 :], "--local_rank=1"])
     flags = {f: cmd[cmd.index(f) + 1] for f in ("--num_gpus", "--module", "--threads", "--loop", "--floor-tokens",
-                                                 "--max-new-tokens", "--limit", "--report")}
+                                                 "--max-new-tokens", "--limit", "--report", "--drafter")}
     assert flags == {"--num_gpus": "2", "--module": "dflash_ds.evaluate", "--threads": "1", "--loop": "two_forward",
-                     "--floor-tokens": "32", "--max-new-tokens": "128", "--limit": "16",
-                     "--report": str(tmp_path / "run" / "eval_report.json")}
+                     "--floor-tokens": "32", "--max-new-tokens": "128", "--limit": "16", "--report": str(report),
+                     "--drafter": str(drafters[0])}
 
 
 def test_demo_writes_plots_by_default_and_goes_on_without_matplotlib(tmp_path, monkeypatch, capsys):
@@ -121,11 +148,12 @@ def test_demo_writes_plots_by_default_and_goes_on_without_matplotlib(tmp_path, m
     from dflash_ds import plots
     from dflash_ds.recipes import demo
 
-    report = {"tau": 2.0, "speedup": 1.5, "greedy_match": True, "baselines": {}}
+    row = {"tau": 2.0, "speedup": 1.5, "greedy_match": True}
+    report = {**row, "baselines": {}, "drafters": {"drafter": row, "drafter_2": row}}
     target, work = tmp_path / "target", tmp_path / "work"
     (target / "data").mkdir(parents=True)
 
-    def train(target, data, run_dir, args):
+    def train(target, data, run_dir, kind, args):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").write_text('{"loss": 3.0}\n{"loss": 2.0}\n')
 
@@ -196,7 +224,7 @@ def test_demo_launches_deepspeed_from_its_own_interpreter_without_deepspeed_on_p
     assert launcher.deepspeed_launcher() == [sys.executable, "-m", "deepspeed.launcher.runner"]
     commands = []
     monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: commands.append(cmd))
-    demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", demo.parse_args([]))
+    demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", "lora", demo.parse_args([]))
     args = demo.parse_args(["--regen-ranks", "2"])
     demo.prepare_data(tmp_path, tmp_path / "prompts.jsonl", tmp_path, args)
     for cmd in commands:
@@ -224,7 +252,6 @@ def test_demo_without_deepspeed_says_what_to_do_before_any_work(tmp_path, monkey
 def _stub_bin(tmp_path, gpus: int | None = None) -> tuple[Path, Path]:
     """A ``deepspeed`` that prints its arguments and DS_ACCELERATOR, and a stand-in ``torch`` package whose
     ``cuda.device_count()`` is ``FAKE_GPUS`` (so a CPU machine can play one with GPUs)."""
-    import os
     import stat
 
     bin_dir, fake = tmp_path / "bin", tmp_path / "fake_torch"

@@ -305,6 +305,7 @@ def test_default_target_layer_ids_follow_the_reference_rule():
     assert default_target_layer_ids(36, 5) == [1, 9, 17, 25, 33]  # Qwen3-8B, as SPEC 12 / z-lab
     assert default_target_layer_ids(32, 5) == [1, 8, 15, 22, 29]  # z-lab Qwen3.5-9B-DFlash's published ids
     assert default_target_layer_ids(36, 1) == [18]  # one layer: N // 2
+    assert default_target_layer_ids(3, 1) == [1] and default_target_layer_ids(2, 1) == [0]  # never the last layer
     assert default_target_layer_ids(6, 2) == [1, 3]
     with pytest.raises(ValueError):
         default_target_layer_ids(3, 2)

@@ -4,13 +4,15 @@
    cached), or SmolLM2-135M-Instruct (``--target smollm2``: ``dflash-ds real-target``'s cached conversion), or a
    directory;
 2. self-distillation data: the target's own greedy answers to training prompts (what decides tau: training on human-written answers instead gives a fraction of it);
-3. a drafter adapter trained with DeepSpeed on 2 CPU ranks (ZeRO-3 for the tiny target; ZeRO-2 for SmolLM2, whose
-   540 MB base ZeRO-3 would gather on every forward: docs/benchmarks.md), through
-   the ``deepspeed`` launcher exactly as on a cluster;
+3. the drafters (``--drafters``: the LoRA self-drafter, ``WORKDIR/run/adapter``, and for the tiny target also the
+   standalone DFlash drafter, ``WORKDIR/run_dflash/drafter``), each trained on the same data with DeepSpeed on 2 CPU
+   ranks (ZeRO-3 for the tiny target; ZeRO-2 for SmolLM2, whose 540 MB base ZeRO-3 would gather on every forward:
+   docs/benchmarks.md), through the ``deepspeed`` launcher exactly as on a cluster;
 4. lossless speculative decoding on held-out prompts (tiny: held-out stdlib modules; smollm2: another code base,
-   the source of tqdm and datasets.utils): tau, acceptance by position, AR vs speculative tokens/s, next to prompt
-   lookup and the untrained-adapter floor, as a table and as PNG plots in ``WORKDIR/plots`` (:mod:`dflash_ds.plots`;
-   ``--no-plots`` to skip them; without matplotlib the demo says how to install it and goes on without plots).
+   the source of tqdm and datasets.utils), every drafter side by side in one ``dflash-ds eval`` run: tau,
+   acceptance by position, AR vs speculative tokens/s, next to prompt lookup and the untrained-adapter floor, as a
+   table and as PNG plots in ``WORKDIR/plots`` (:mod:`dflash_ds.plots`; ``--no-plots`` to skip them; without
+   matplotlib the demo says how to install it and goes on without plots).
 
 Every stage leaves its result in ``--workdir`` and is skipped when it is there, so running the same command again
 after an interruption resumes (regeneration answer by answer, training from its last checkpoint).
@@ -58,13 +60,15 @@ class Recipe:
     floor_tokens: int | None = None  # eval's --floor-tokens
     group_by_length: int = 0  # training's --group-by-length
     eval_ranks: int = 1  # processes sharing the eval's prompts (1 thread each when > 1)
+    drafters: str = "lora"  # the drafter kinds to train and compare, comma-separated (dflash_ds.drafters)
+    draft_layers: int = 1  # the standalone drafter's layers
 
 
 RECIPES = {
     # 1.8M parameters: per-forward overhead dominates, so one process with batch 32 regenerates fastest
     "tiny": Recipe(zero_stage=3, steps=200, num_train=512, distill_tokens=64, block_size=8, gamma=7.0,
                    max_length=256, micro_batch_size=4, lr=3e-3, eval_prompts=16, max_new_tokens=96, repeats=3,
-                   regen_ranks=1, regen_batch=32, truncated="keep"),
+                   regen_ranks=1, regen_batch=32, truncated="keep", drafters="lora,dflash"),
     # 134.5M parameters, compute-bound on 2 cores (AR step ~55 ms): two ranks of one thread each, ZeRO-2.
     # 900 steps and gamma 4 (the DFlash paper's decay for B = 8): measured against 300 and 600 steps and gamma 7 in the
     # README (grouped by length, 600 steps fell to 1.21x prompt lookup; 900 still fit the hour).
@@ -121,12 +125,36 @@ def prepare_data(target: Path, prompts: Path, workdir: Path, args) -> Path:
     return out
 
 
-def launch_training(target: Path, data: Path, run_dir: Path, args) -> None:
+def run_dir(workdir: Path, kind: str) -> Path:
+    """Where a drafter kind trains: ``WORKDIR/run`` (LoRA, as before there were two kinds), ``WORKDIR/run_<kind>``."""
+    return workdir / ("run" if kind == "lora" else f"run_{kind}")
+
+
+def artifact(workdir: Path, kind: str) -> Path:
+    """The exported drafter of a kind: ``run/adapter`` (LoRA) or ``run_dflash/drafter``."""
+    from ..drafters import kind_class
+
+    return run_dir(workdir, kind) / kind_class(kind).artifact_dir
+
+
+def train_drafter(target: Path, data: Path, workdir: Path, kind: str, args) -> float | None:
+    """Train a drafter kind unless its artifact is there; the training's wall time in seconds (launch included), or
+    None when it was found."""
+    out = artifact(workdir, kind)
+    if out.is_dir():
+        print(f"trained {kind} drafter found in {out}: training skipped (delete it to retrain)", flush=True)
+        return None
+    t0 = time.perf_counter()
+    launch_training(target, data, run_dir(workdir, kind), kind, args)
+    return time.perf_counter() - t0
+
+
+def launch_training(target: Path, data: Path, out: Path, kind: str, args) -> None:
     """Two CPU ranks through the DeepSpeed launcher (the same command a cluster run uses, minus --hostfile).
     ``--resume auto``: a rerun continues from the last checkpoint."""
     cmd = launch_command(2, "dflash_ds.train", [
-        "--deepspeed_config", str(_ds_config(args.zero_stage, run_dir.parent)),
-        "--model-path", str(target), "--train-data", str(data), "--output-dir", str(run_dir),
+        "--drafter", kind, "--deepspeed_config", str(_ds_config(args.zero_stage, out.parent)),
+        "--model-path", str(target), "--train-data", str(data), "--output-dir", str(out),
         "--block-size", str(args.block_size), "--gamma", str(args.gamma), "--max-length", str(args.max_length),
         "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.steps),
         "--group-by-length", str(args.group_by_length),
@@ -135,44 +163,38 @@ def launch_training(target: Path, data: Path, run_dir: Path, args) -> None:
     ])
     if args.num_anchors:
         cmd += ["--num-anchors", str(args.num_anchors)]
+    if kind == "dflash":
+        cmd += ["--draft-layers", str(args.draft_layers)]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, env=rank_env(), check=True)
 
 
-def evaluate(target: Path, adapter: Path, prompts: Path, args) -> dict:
-    """Speculative decoding on the held-out prompts: in this process, or with ``args.eval_ranks > 1`` as
-    ``dflash-ds eval`` under the launcher, the ranks sharing the prompts (its report is kept in the run dir)."""
-    from ..evaluate import EvalConfig
+def evaluate(target: Path, drafters: list[Path], prompts: Path, report_path: Path, args) -> dict:
+    """Every drafter side by side in one ``dflash-ds eval`` on the held-out prompts: in this process, or with
+    ``args.eval_ranks > 1`` under the launcher, the ranks sharing the prompts. The report is kept at
+    ``report_path``."""
+    from ..evaluate import cli
 
-    config = EvalConfig(max_new_tokens=args.max_new_tokens, repeats=args.repeats, baselines="fast", loop=args.loop,
-                        floor_tokens=args.floor_tokens or None)
+    argv = ["--model-path", str(target), "--prompts", str(prompts), "--limit", str(args.eval_prompts),
+            "--report", str(report_path), "--max-new-tokens", str(args.max_new_tokens), "--repeats",
+            str(args.repeats), "--baselines", "fast", "--loop", args.loop]
+    for path in drafters:
+        argv += ["--drafter", str(path)]
+    if args.floor_tokens:
+        argv += ["--floor-tokens", str(args.floor_tokens)]
     if args.eval_ranks > 1:
-        report_path = adapter.parent / "eval_report.json"
-        cmd = launch_command(args.eval_ranks, "dflash_ds.evaluate", [
-            "--model-path", str(target), "--adapter", str(adapter), "--prompts", str(prompts),
-            "--limit", str(args.eval_prompts), "--report", str(report_path), "--threads", "1",
-            "--max-new-tokens", str(config.max_new_tokens), "--repeats", str(config.repeats),
-            "--baselines", config.baselines, "--loop", config.loop])
-        if config.floor_tokens:
-            cmd += ["--floor-tokens", str(config.floor_tokens)]
+        cmd = launch_command(args.eval_ranks, "dflash_ds.evaluate", [*argv, "--threads", "1"])
         print("$ " + " ".join(cmd), flush=True)
         subprocess.run(cmd, env=rank_env(), check=True)
-        return json.loads(report_path.read_text())
+    elif cli.main([*argv, "--threads", str(max(1, os.cpu_count() or 1))]) != 0:
+        raise RuntimeError(f"dflash-ds eval {' '.join(argv)} failed")
+    return json.loads(report_path.read_text())
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..evaluate import format_table, load_prompts, run_eval
-    from ..lora import load_adapter_dir
-
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
-    meta = load_adapter_dir(model, adapter, stack=True)
-    prompt_ids = load_prompts(prompts, tokenizer, limit=args.eval_prompts)
-    report = run_eval(model, tokenizer, meta, prompt_ids, config)
-    print(format_table(report), flush=True)
-    return report
+def training_summary(run: Path, train_s: float | None) -> dict:
+    """A training run's first and last loss (``metrics.jsonl``) and wall time (None: trained by an earlier demo)."""
+    losses = [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return {"first_loss": losses[0], "last_loss": losses[-1], "train_s": train_s}
 
 
 def plots_available() -> bool:
@@ -216,7 +238,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "loop": "eval's decoding loop (two_forward, fused, both, auto)",
              "floor_tokens": "tokens per prompt for the untrained-adapter floor (0: all of --max-new-tokens)",
              "group_by_length": "sort each run of N global batches by length (training; 0: shuffled order)",
-             "eval_ranks": "processes sharing the eval's prompts, one thread each when > 1"}
+             "eval_ranks": "processes sharing the eval's prompts, one thread each when > 1",
+             "drafters": "drafter kinds to train and compare side by side, comma-separated (lora, dflash)",
+             "draft_layers": "the standalone (dflash) drafter's layers"}
     for field, value in asdict(RECIPES["tiny"]).items():
         p.add_argument("--" + field.replace("_", "-"), type=int if value is None else type(value), default=None,
                        help=f"{helps.get(field, '')} (default: the target's recipe, tiny {value}, "
@@ -228,6 +252,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, field, value)
     if args.eval_ranks < 1:
         p.error(f"--eval-ranks must be >= 1, got {args.eval_ranks}")
+    from ..config import KINDS
+
+    kinds = [k.strip() for k in args.drafters.split(",") if k.strip()]
+    if not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+        p.error(f"--drafters must list drafter kinds from {', '.join(KINDS)} (comma-separated, each once), "
+                f"got {args.drafters!r}")
+    args.drafters = kinds
     if args.truncated not in ("drop", "keep"):
         p.error(f"--truncated must be drop or keep, got {args.truncated!r}")
     from ..evaluate import LOOP_CHOICES
@@ -263,24 +294,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[1/4] target: {target}", flush=True)
     data = prepare_data(target, train_prompts, workdir, args)
     print(f"[2/4] training data: {data}", flush=True)
-    run_dir = workdir / "run"
-    if (run_dir / "adapter" / "adapter_model.safetensors").exists():
-        print(f"trained adapter found in {run_dir / 'adapter'}: training skipped (delete it to retrain)", flush=True)
-    else:
-        launch_training(target, data, run_dir, args)
-    print(f"[3/4] adapter: {run_dir / 'adapter'}  (TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'})",
-          flush=True)
+    kinds = args.drafters
+    train_s = {kind: train_drafter(target, data, workdir, kind, args) for kind in kinds}
+    for kind in kinds:
+        print(f"[3/4] {kind} drafter: {artifact(workdir, kind)}  "
+              f"(TensorBoard: tensorboard --logdir {run_dir(workdir, kind) / 'tensorboard'})", flush=True)
     print(f"[4/4] speculative decoding on {held_out}", flush=True)
-    report = evaluate(target, run_dir / "adapter", eval_prompts, args)
+    report = evaluate(target, [artifact(workdir, k) for k in kinds], eval_prompts, workdir / "eval_report.json", args)
     plots = write_demo_plots(report, plot_dir) if plot_dir is not None else []
-    metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    train_losses = [m["loss"] for m in metrics if "loss" in m]
+    rows = report["drafters"]  # keys drafter, drafter_2, ... in --drafter order; their other loops beside them
+    keys = ["drafter" if i == 0 else f"drafter_{i + 1}" for i in range(len(kinds))]
     summary = {
-        "first_loss": train_losses[0],
-        "last_loss": train_losses[-1],
+        "drafters": {kind: {**training_summary(run_dir(workdir, kind), train_s[kind]),
+                            **{k: rows[key].get(k) for k in ("label", "tau", "speedup", "greedy_match", "parameters",
+                                                             "acceptance_by_position")}}
+                     for kind, key in zip(kinds, keys)},
         "tau": report["tau"],
         "speedup": report["speedup"],
-        "greedy_match": report["greedy_match"],
+        "greedy_match": all(row["greedy_match"] for row in rows.values()),
         "floor_tau": (report.get("baselines", {}).get("untrained_floor") or {}).get("tau"),
         "wall_s": time.perf_counter() - t0,
         "settings": {k: v for k, v in vars(args).items()},
@@ -288,11 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         "report": report,
     }
     (workdir / "demo_report.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"\ntraining loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; "
-          f"demo took {summary['wall_s'] / 60:.1f} min; report: {workdir / 'demo_report.json'}", flush=True)
+    print(flush=True)
+    for kind, d in summary["drafters"].items():
+        took = f", trained in {d['train_s'] / 60:.1f} min" if d["train_s"] is not None else ""
+        print(f"{kind}: training loss {d['first_loss']:.3f} -> {d['last_loss']:.3f}{took}", flush=True)
+    print(f"demo took {summary['wall_s'] / 60:.1f} min; report: {workdir / 'demo_report.json'}", flush=True)
     for path in plots:
         print(f"plot: {path}", flush=True)
-    return 0 if report["greedy_match"] else 1
+    return 0 if summary["greedy_match"] else 1
 
 
 if __name__ == "__main__":
