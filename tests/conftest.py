@@ -7,6 +7,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: multi-rank, subprocess, end-to-end or statistical runs (more than a few seconds each); "
+                   "the fast subset is -m 'not slow'")
+
+
 FAMILIES = ("qwen3", "llama")
 
 

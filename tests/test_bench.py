@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+pytestmark = pytest.mark.slow  # multi-rank / subprocess runs: left out of the fast subset (-m "not slow")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

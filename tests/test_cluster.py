@@ -34,6 +34,8 @@ from test_distributed import (
     train_args,
 )
 
+pytestmark = pytest.mark.slow  # multi-rank / subprocess runs: left out of the fast subset (-m "not slow")
+
 TIMEOUT_S = 10  # --dist-timeout of the fault tests: steps here take well under a second, set-up is exempt
 LAUNCH_SLACK_S = 20  # launcher start-up and tear-down on a loaded 2-core machine
 

@@ -171,6 +171,7 @@ def guarded_run(assets, out: Path, config: str, extra: list[str]) -> subprocess.
     ],
     ids=["zero2", "autotp2", "autotp2_dflash"],
 )
+@pytest.mark.slow
 def test_emulated_gpu_world_runs_every_collective_on_a_backend_of_its_device(assets, tmp_path, config, extra, callers):
     proc = guarded_run(assets, tmp_path, config, extra)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -16,6 +16,7 @@ SMALL_TARGET = TinyTargetConfig(
 )
 
 
+@pytest.mark.slow
 def test_reduced_demo_trains_and_decodes_losslessly(tmp_path, capsys, monkeypatch):
     """Also without ``deepspeed`` on PATH (a virtual environment used without activating it): the demo launches
     DeepSpeed from its own interpreter."""

@@ -241,6 +241,7 @@ def _exact_two_token_distribution(target, prompt, temperature):
     return (p1[:, None] * p2).reshape(-1)
 
 
+@pytest.mark.slow
 def test_sampling_is_lossless():
     """1000 seeded runs: the joint of the first two generated tokens matches the target's exactly computed
     distribution (chi-square, p > 1e-3), with the drafter's sampled drafts (q = its softmax) accepted and rejected
@@ -279,6 +280,7 @@ def test_sampling_is_lossless():
 # the engine the LoRA loops use: a static KV cache and compiled verify forwards give the same tokens and drafts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile", [False, True], ids=["static", "compiled"])
 def test_static_and_compiled_target_forwards_are_exact(compile, models):
     """dflash_generate on a StaticDecoding (padded verify forwards, the feature tap traced into the compiled

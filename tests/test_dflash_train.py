@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from conftest import write_conversations, write_tiny_target
 from test_distributed import ROOT, dist_env, metrics, run_train, train_args
 
+pytestmark = pytest.mark.slow  # multi-rank / subprocess runs: left out of the fast subset (-m "not slow")
+
 STEPS = 3
 # two draft layers reading two target layers (the fused features go through fc), initialised from the target
 DFLASH_FLAGS = ["--drafter", "dflash", "--draft-layers", "2", "--target-layer-ids", "0", "2", "--max-steps", str(STEPS)]

@@ -6,6 +6,7 @@ Each run is a real launcher run (torchrun, 2 processes) of ``python -m dflash_ds
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_conversations, write_tiny_target
+
+pytestmark = pytest.mark.slow  # multi-rank / subprocess runs: left out of the fast subset (-m "not slow")
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -139,31 +142,46 @@ def test_grouped_by_length_two_ranks_match_one(assets, tmp_path):
     assert any(a["loss"] != pytest.approx(b["loss"], rel=1e-4) for a, b in zip(plain, one))
 
 
-def test_sigkill_after_checkpoint_then_resume_matches(assets, reference, tmp_path):
-    extra = ["--save-interval", "2"]
-    proc = run_train(assets, tmp_path, nproc=2, config="zero2.json", extra=extra,
+KILL_EXTRA = ["--save-interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def killed_two_rank_run(assets, tmp_path_factory):
+    """A 2-rank ZeRO-2 run SIGKILLed after step 3, its step-2 checkpoint complete: the start of both resume tests
+    (each resumes a copy). The kill must have happened, or resuming would prove nothing."""
+    out = tmp_path_factory.mktemp("killed_2rank")
+    proc = run_train(assets, out, nproc=2, config="zero2.json", extra=KILL_EXTRA,
                      env_extra={"DFLASH_DS_TEST_KILL_AFTER_STEP": "3"}, check=False)
-    assert proc.returncode != 0
-    assert (tmp_path / "checkpoints" / "step_00000002" / "COMPLETE").exists()
-    assert not (tmp_path / "adapter").exists()
-    run_train(assets, tmp_path, nproc=2, config="zero2.json", extra=[*extra, "--resume", "auto"])
-    assert_same_run(reference, tmp_path)
+    assert proc.returncode != 0, "the run was not killed"
+    assert (out / "checkpoints" / "step_00000002" / "COMPLETE").exists()
+    assert not (out / "checkpoints" / "step_00000004").exists() and not (out / "adapter").exists()
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    return out
 
 
-def test_resume_two_rank_checkpoint_on_one_rank(assets, reference, tmp_path):
+def resume_copy(killed: Path, dest: Path) -> Path:
+    shutil.copytree(killed, dest)
+    return dest
+
+
+def test_sigkill_after_checkpoint_then_resume_matches(killed_two_rank_run, assets, reference, tmp_path):
+    out = resume_copy(killed_two_rank_run, tmp_path / "run")
+    run_train(assets, out, nproc=2, config="zero2.json", extra=[*KILL_EXTRA, "--resume", "auto"])
+    assert_same_run(reference, out)
+
+
+def test_resume_two_rank_checkpoint_on_one_rank(killed_two_rank_run, assets, reference, tmp_path):
     """Saved at 2 ranks (global batch 2), resumed on 1: without --grad-accum 2 a step would be one sequence, so
     step 2 would restart at sequence 2 instead of 4 and --max-steps would count other steps. That is refused,
     naming the flag, before anything is written; with the flag the run matches the uninterrupted one."""
-    extra = ["--save-interval", "2"]
-    run_train(assets, tmp_path, nproc=2, config="zero2.json", extra=extra,
-              env_extra={"DFLASH_DS_TEST_KILL_AFTER_STEP": "3"}, check=False)
-    shifted = run_train(assets, tmp_path, nproc=1, config="zero2.json", extra=[*extra, "--resume", "auto"],
+    out = resume_copy(killed_two_rank_run, tmp_path / "run")
+    shifted = run_train(assets, out, nproc=1, config="zero2.json", extra=[*KILL_EXTRA, "--resume", "auto"],
                         check=False)
     assert shifted.returncode == 2, shifted.stderr[-3000:]
     assert "global batch 2" in shifted.stderr and "resume with --grad-accum 2" in shifted.stderr, shifted.stderr
-    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]  # refused before the resume touched the run
-    run_train(assets, tmp_path, nproc=1, config="zero2.json", extra=[*extra, "--grad-accum", "2", "--resume", "auto"])
-    assert_same_run(reference, tmp_path)
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]  # refused before the resume touched the run
+    run_train(assets, out, nproc=1, config="zero2.json", extra=[*KILL_EXTRA, "--grad-accum", "2", "--resume", "auto"])
+    assert_same_run(reference, out)
 
 
 def test_kill_during_save_keeps_previous_checkpoint(assets, reference, tmp_path):

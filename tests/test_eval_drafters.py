@@ -278,6 +278,7 @@ def test_benchmark_and_plots_with_two_drafters(saved, tmp_path, capsys):
         assert w >= 600 and h >= 400
 
 
+@pytest.mark.slow
 def test_static_cache_and_compiled_forwards_serve_both_kinds(saved):
     """--compile static / compile: the standalone drafter's verify forwards on the shared static cache (its tap
     installed before the cache, traced into the compiled decoder), two LoRA adapters swapped under the same compiled

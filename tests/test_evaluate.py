@@ -492,6 +492,7 @@ def test_missing_extra_exits_2_naming_the_pip_command(saved_target, tmp_path, ca
     assert not (tmp_path / "report.json").exists() and not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow
 def test_benchmark_sharded_over_two_ranks_matches_one_process(saved_target, tmp_path):
     """Under torchrun the ranks answer the earlier turns of their share of the questions and share them: every
     rank evaluates the same prompts, and rank 0's report equals one process's."""

@@ -282,6 +282,7 @@ def test_reject_mismatch_drops_a_group_that_guessed_the_bonus_wrong():
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sampling_is_lossless():
     """1000 seeded fused runs: the joint of the first 2 tokens (the second verified against the group's sampled
     draft, q = the group's softmax) matches the target's exactly computed distribution (chi-square, p > 1e-3)."""
@@ -318,6 +319,7 @@ def test_needs_an_adapter_and_a_block_of_three(sdpa_model):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile", [False, True], ids=["static", "compiled"])
 def test_static_and_compiled_paths_are_exact(compile):
     from dflash_ds.speculative import LoRABlockDrafter, StaticDecoding, speculative_generate

@@ -10,11 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # multi-rank / subprocess runs: left out of the fast subset (-m "not slow")
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SH = ROOT / "bench" / "gpu" / "run.sh"
 
 CHECKS = ["target", "train zero2", "train zero3", "zero2 == zero3", "training lowers the loss", "resume zero2",
-          "resume == uninterrupted", "export", "drafts accepted"]
+          "resume == uninterrupted", "export", "drafts accepted", "train dflash zero3", "dflash drafter lowers the loss",
+          "greedy dflash drafter == generate"]
 EVAL_CHECKS = ["eval compile={}", "greedy compile={} AR engine == generate",
                "greedy compile={} two_forward loop == generate", "greedy compile={} fused loop == generate"]
 LINE = re.compile(r"^(PASS|FAIL|SKIP) ([^:]+?)(?:: (.*))?$")

@@ -15,7 +15,11 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from test_lockstep import count_collective_forwards, perturb_on_rank_1, run_two_ranks
+
+pytestmark = pytest.mark.slow  # multi-rank / subprocess runs: left out of the fast subset (-m "not slow")
 
 NEW, B = 12, 4
 

@@ -410,6 +410,7 @@ def _exact_two_token_distribution(model, prompt, temperature):
     return (p1[:, None] * p2).reshape(-1)
 
 
+@pytest.mark.slow
 def test_sampling_is_lossless():
     """1000 (600) seeded speculative runs per drafter: the joint of the first 2 tokens matches the target's exactly
     computed distribution (chi-square, p > 1e-3), both for the adapter's sampled drafts (q = drafter softmax)

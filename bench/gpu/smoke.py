@@ -233,7 +233,7 @@ class Smoke:
         return {int(r["step"]): float(r["loss"]) for r in rows if "loss" in r}
 
     def train(self, name: str, out: Path, config: Path, steps: int, save: int, *extra: str,
-              first_step: int = 1) -> bool:
+              first_step: int = 1, artifact: str = "adapter/adapter_model.safetensors") -> bool:
         rc, log = self.run(name, self.train_cmd(out, config, steps, save, *extra), timeout=self.args.step_timeout_s)
         self.last_log = log
         if rc != 0:
@@ -244,8 +244,8 @@ class Smoke:
             return self.report("FAIL", name, f"metrics.jsonl has steps {sorted(losses)}, expected {want}")
         if not all(math.isfinite(v) for v in losses.values()):
             return self.report("FAIL", name, f"non-finite loss: {losses}")
-        if not (out / "adapter" / "adapter_model.safetensors").exists():
-            return self.report("FAIL", name, f"no adapter in {out / 'adapter'}")
+        if not (out / artifact).exists():
+            return self.report("FAIL", name, f"no {out / artifact}")
         shown = ", ".join(f"{losses[s]:.4f}" for s in want[:4]) + (f", ... {losses[want[-1]]:.4f}" if len(want) > 4
                                                                     else "")
         return self.report("PASS", name, f"{self.args.ranks} rank(s), steps {want[0]}-{want[-1]}, loss {shown}")
@@ -313,20 +313,7 @@ class Smoke:
         ar = [p["ar_ids"] for p in report["per_prompt"]]
         spec = [p["spec_ids"] for p in report["per_prompt"]]
 
-        def compare(name: str, got: list[list[int]]) -> None:
-            bad = [i for i, (g, r) in enumerate(zip(got, ref)) if g != r]
-            if len(got) != len(ref):
-                bad = bad or list(range(len(ref)))
-            detail = f"{len(ref)} prompts, {sum(map(len, ref))} tokens identical"
-            if bad:
-                i = bad[0]
-                first = next((k for k, (a, b) in enumerate(zip(got[i], ref[i])) if a != b),
-                             min(len(got[i]), len(ref[i])))
-                detail = (f"prompts {bad} differ; prompt {i} from token {first}: got {got[i][first:first + 8]}, "
-                          f"generate {ref[i][first:first + 8]}; {self.logit_gap(i, ref[i][:first])}")
-            self.check(name, not bad, detail)
-
-        compare(names[1], ar)
+        self.compare(names[1], ar)
         other = report["baselines"].get("drafter_other_loop") or {}
         if compile_ == "none":  # tau 1.00 would mean no draft was ever accepted: the accept paths never ran
             taus = {report["loop"]: report["tau"], other.get("loop"): other.get("tau") or 0.0}
@@ -336,7 +323,7 @@ class Smoke:
         for loop, name in (("two_forward", names[2]), ("fused", names[3])):
             kind, value = loops.get(loop, (None, None))
             if kind == "direct":
-                compare(name, value)
+                self.compare(name, value)
             elif kind == "via AR":
                 # the report compares this loop to the AR engine, which is compared to generate above
                 ar_ok = all(a == r for a, r in zip(ar, ref))
@@ -347,6 +334,45 @@ class Smoke:
             else:
                 self.report("FAIL", name, f"the report has no {loop} loop (loop {report['loop']!r}, "
                                           f"other {other.get('loop')!r})")
+
+    def compare(self, name: str, got: list[list[int]]) -> None:
+        """PASS when every prompt's tokens equal transformers' generate (``self.reference``), else where they part."""
+        ref = self.reference[: len(got)] if got else self.reference
+        bad = [i for i, (g, r) in enumerate(zip(got, ref)) if g != r]
+        if len(got) != len(ref):
+            bad = bad or list(range(len(ref)))
+        detail = f"{len(ref)} prompts, {sum(map(len, ref))} tokens identical"
+        if bad:
+            i = bad[0]
+            first = next((k for k, (a, b) in enumerate(zip(got[i], ref[i])) if a != b),
+                         min(len(got[i]), len(ref[i])))
+            detail = (f"prompts {bad} differ; prompt {i} from token {first}: got {got[i][first:first + 8]}, "
+                      f"generate {ref[i][first:first + 8]}; {self.logit_gap(i, ref[i][:first])}")
+        self.check(name, not bad, detail)
+
+    def standalone(self, config: Path, steps: int) -> None:
+        """The standalone DFlash drafter (``--drafter dflash``, one layer) on ZeRO-3: trained, exported in the
+        published format, and decoded side by side with nothing else; its output must be generate's."""
+        out = self.work / "dflash_zero3"
+        names = ["train dflash zero3", "dflash drafter lowers the loss", "greedy dflash drafter == generate"]
+        if not self.train(names[0], out, config, steps, steps, "--drafter", "dflash", "--draft-layers", "1",
+                          artifact="drafter/model.safetensors"):
+            for n in names[1:]:
+                self.report("FAIL", n, "the standalone drafter's training failed")
+            return
+        losses = self.losses(out)
+        self.check(names[1], losses[steps] < losses[1], f"{losses[1]:.3f} -> {losses[steps]:.3f} in {steps} steps")
+        report_path = self.work / "eval_dflash.json"
+        cmd = [sys.executable, "-m", "dflash_ds.cli", "eval", "--model-path", str(self.target), "--drafter",
+               str(out / "drafter"), "--prompts", str(self.prompts), "--report", str(report_path), "--device",
+               self.args.device, "--dtype", "float32", "--max-new-tokens", str(self.args.max_new_tokens),
+               "--repeats", "1", "--baselines", "none", "--compile", "none", "--no-progress"]
+        rc, log = self.run("eval_dflash", cmd, timeout=self.args.step_timeout_s)
+        if rc != 0 or not report_path.exists():
+            self.report("FAIL", names[2], self.fail_detail(rc, log))
+            return
+        report = json.loads(report_path.read_text())
+        self.compare(names[2], [p["spec_ids"] for p in report["per_prompt"]])
 
     def logit_gap(self, i: int, prefix: list[int]) -> str:
         """The target's top-2 logit gap (fp32) where an output left generate's: a gap near fp32 round-off (1e-5)
@@ -472,6 +498,7 @@ class Smoke:
                     self.report("FAIL", n, "no exported adapter")
                 continue
             self.evaluate(adapter, compile_)
+        self.standalone(zero3, long)
         if self.cuda:
             if adapter is None:
                 self.report("FAIL", "eval bf16 compile=compile (README command)", "no exported adapter")
