@@ -301,7 +301,8 @@ def test_static_cache_and_compiled_forwards_serve_both_kinds(saved):
             assert other["greedy_match"] is True and other["tau_histogram"] == dyn["tau_histogram"], (compile_, key)
     assert reports["static"]["config"]["compile"] == "static" and reports["static"]["loop"] == "dflash"
     # AR, the LoRA draft and verify forwards (B=4), the standalone's verify forward (B=5, tap on): measured 5
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 6
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 3 <= graphs <= 6, graphs  # at least one per kind of forward: the compiled path really compiled
     # sampling: every drafter row samples (lossless rejection sampling; an EOS may end an answer early)
     sampled = run_eval(model, tok, drafters, CONVERSATIONS[:2], EvalConfig(max_new_tokens=8, repeats=1,
                        baselines="none", temperature=0.8), progress=False, warmup=False)
