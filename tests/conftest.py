@@ -134,12 +134,10 @@ def reference(assets, tmp_path_factory):
 @pytest.fixture(scope="session")
 def regenerated(assets, tmp_path_factory):
     """Self-distillation of the reference data by one process: what every sharded regeneration must reproduce."""
-    import subprocess
-    import sys
-
+    from ranks import run_ranks
     from test_distributed import ROOT, dist_env, regenerate_args
 
     out = tmp_path_factory.mktemp("regen") / "one.jsonl"
-    subprocess.run([sys.executable, "-m", "dflash_ds.regenerate", *regenerate_args(assets, out)], cwd=ROOT,
-                   env=dist_env(), check=True, capture_output=True, timeout=300)
+    proc = run_ranks(1, "dflash_ds.regenerate", regenerate_args(assets, out), dist_env(), ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from ranks import run_ranks
 
 pytestmark = pytest.mark.slow  # multi-rank / subprocess runs: left out of the fast subset (-m "not slow")
 
@@ -23,8 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_bench(script: str, out: Path, *args: str) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = run_ranks(1, str(ROOT / "bench" / script), [*args, "--out", str(out)], env, ROOT)  # python SCRIPT ARGS
     assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text())
 

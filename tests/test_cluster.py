@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ranks import free_port
 from test_distributed import (
     ROOT,
     RUN_FLAGS,
-    _free_port,
     assert_same_run,
     dist_env,
     metrics,
@@ -127,7 +127,7 @@ def assert_written_once(out: Path, logs: str) -> None:
     ids=["2x1-zero3", "2x1-tp2-across-nodes", "2x2-tp2-in-node-zero3"],
 )
 def test_multi_node_script_no_ssh_trains_like_one_process(assets, reference, tmp_path, slots, config, extra):
-    out, host, port = tmp_path / "run", hostfile(tmp_path, slots=slots), _free_port()
+    out, host, port = tmp_path / "run", hostfile(tmp_path, slots=slots), free_port()
     env = path_env(dist_env({"HOSTFILE": str(host), "MODEL": str(assets / "model"), "DATA": str(assets / "data.jsonl"),
                              "OUT": str(out), "CONFIG": str(ROOT / "ds_configs" / config),
                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}))
@@ -141,7 +141,7 @@ def test_multi_node_script_no_ssh_trains_like_one_process(assets, reference, tmp
 
 
 def test_regenerate_on_two_nodes_matches_one_process(assets, regenerated, tmp_path):
-    host, port, out = hostfile(tmp_path), _free_port(), tmp_path / "two_nodes.jsonl"
+    host, port, out = hostfile(tmp_path), free_port(), tmp_path / "two_nodes.jsonl"
     commands = [deepspeed_node(host, n, port, "dflash_ds.regenerate", regenerate_args(assets, out)) for n in (0, 1)]
     with Nodes(commands, [dist_env()] * 2, tmp_path) as nodes:
         nodes.wait_all()
@@ -179,7 +179,7 @@ def test_slurm_script_trains_like_one_process(assets, reference, tmp_path):
         (fake / name).chmod(0o755)
     out = tmp_path / "run"
     env = path_env(dist_env({"SLURM_JOB_NODELIST": "node-[0-1]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242",
-                             "GPUS_PER_NODE": "1", "MASTER_PORT": str(_free_port()), "MODEL": str(assets / "model"),
+                             "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port()), "MODEL": str(assets / "model"),
                              "DATA": str(assets / "data.jsonl"), "OUT": str(out),
                              "CONFIG": str(ROOT / "ds_configs" / "zero2.json")}))
     env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
@@ -202,7 +202,7 @@ def fault_time(log: str) -> float:
 
 def start_faulty_run(assets, tmp_path, out, config, extra, signal_name) -> Nodes:
     """Two nodes of one rank each; rank 1 gets ``signal_name`` at the start of step 4 (a checkpoint exists at 2)."""
-    host, port = hostfile(tmp_path), _free_port()
+    host, port = hostfile(tmp_path), free_port()
     args = train_args(assets, out, config, [*extra, "--save-interval", "2", "--dist-timeout", str(TIMEOUT_S)])
     env = dist_env({"DFLASH_DS_TEST_KILL_IN_STEP": "4", "DFLASH_DS_TEST_KILL_RANK": "1",
                     "DFLASH_DS_TEST_KILL_SIGNAL": signal_name})

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,8 @@ import torch
 
 from dflash_ds.collectives import backend_device_types, collective_device, process_group_backend
 from guarded_train import TENSOR_COLLECTIVES, covered_devices
-from test_distributed import ROOT, _free_port, dist_env, metrics, train_args
+from ranks import run_ranks
+from test_distributed import ROOT, dist_env, metrics, train_args
 
 PACKAGE = ROOT / "dflash_ds"
 
@@ -151,11 +151,11 @@ def test_package_calls_tensor_collectives_only_through_the_helper():
 def guarded_run(assets, out: Path, config: str, extra: list[str]) -> subprocess.CompletedProcess:
     log = out / "guard"
     log.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(ROOT / "tests" / "guarded_train.py"),
-           *train_args(assets, out, config, [*extra, "--max-steps", "2"])]
+    # DeepSpeed is imported before the guard is installed here (tests/ranks.py's warm interpreter), whereas the
+    # trainer alone imports it later: no matter, DeepSpeed looks torch.distributed's collectives up when it calls them
     env = dist_env({"DFLASH_DS_TEST_EMULATE_CUDA": "1", "DFLASH_DS_TEST_GUARD_LOG": str(log)})
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    args = train_args(assets, out, config, [*extra, "--max-steps", "2"])
+    return run_ranks(2, ROOT / "tests" / "guarded_train.py", args, env, ROOT)
 
 
 @pytest.mark.parametrize(

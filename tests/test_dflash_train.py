@@ -9,8 +9,6 @@ Runs are real launcher runs on a 4-layer tiny target, 3 steps each (tests/test_d
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_conversations, write_tiny_target
+from ranks import run_ranks
 from test_distributed import ROOT, dist_env, metrics, run_train, train_args
 
 pytestmark = pytest.mark.slow  # multi-rank / subprocess runs: left out of the fast subset (-m "not slow")
@@ -176,9 +175,8 @@ def test_resume_with_another_drafter_kind_or_shape_is_refused(dflash_assets, dfl
     ]
     for flags, message in cases:
         out = tmp_path / flags[1]
-        cmd = [sys.executable, "-m", "dflash_ds.train", *train_args(dflash_assets, out, extra=[*flags, "--resume",
-                                                                                                str(ckpt)])]
-        proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=300)
+        proc = run_ranks(1, "dflash_ds.train", train_args(dflash_assets, out, extra=[*flags, "--resume", str(ckpt)]),
+                         dist_env(), ROOT, timeout=300)
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert message in proc.stderr, proc.stderr[-3000:]
         assert not (out / "metrics.jsonl").exists()  # refused before the run started

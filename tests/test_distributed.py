@@ -1,15 +1,13 @@
 """Multi-rank training on CPU (gloo): parity across parallel layouts, crash-safe resume, export.
 
-Each run is a real launcher run (torchrun, 2 processes) of ``python -m dflash_ds.train``.
+Each run is ``python -m dflash_ds.train`` in 1 or 2 real processes (2: gloo ranks as torchrun starts them, forked
+from a warm interpreter by tests/ranks.py; the real launchers are tested in test_cluster.py).
 """
 
 import json
 import math
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,17 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_conversations, write_tiny_target
+from ranks import run_ranks
 
 pytestmark = pytest.mark.slow  # multi-rank / subprocess runs: left out of the fast subset (-m "not slow")
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # the run every parallel layout must reproduce (model, data and output come separately)
@@ -48,13 +41,7 @@ def dist_env(env_extra=None) -> dict:
 
 
 def run_train(assets, out, nproc=1, config=None, extra=(), env_extra=None, check=True):
-    args = train_args(assets, out, config, extra)
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "dflash_ds.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), "-m", "dflash_ds.train", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(env_extra), capture_output=True, text=True, timeout=600)
+    proc = run_ranks(nproc, "dflash_ds.train", train_args(assets, out, config, extra), dist_env(env_extra), ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -327,10 +314,9 @@ def test_poisoned_micro_batch_is_left_out_of_the_step_metrics(assets, tmp_path):
     loss, ce, kl and acc are those of micro-batch 1 alone (before: NaN ce/kl, and a loss halved by the skipped
     micro-batch's zero stand-in)."""
     losses, out = tmp_path / "losses.jsonl", tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "tests" / "guarded_train.py"),
-           *train_args(assets, out, extra=["--grad-accum", "2", "--max-steps", "2"])]
     env = dist_env({"DFLASH_DS_TEST_NAN_MICRO": "2:0", "DFLASH_DS_TEST_LOSS_LOG": str(losses)})
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_ranks(1, ROOT / "tests" / "guarded_train.py",
+                     train_args(assets, out, extra=["--grad-accum", "2", "--max-steps", "2"]), env, ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 2: non-finite loss skipped (1/10)" in proc.stdout
     seen = {(r["step"], r["micro"]): r["loss"] for r in map(json.loads, losses.read_text().splitlines())}
@@ -367,9 +353,9 @@ def regenerate_args(assets, out) -> list[str]:
 
 
 def test_regenerate_sharded_over_two_ranks_keeps_input_order(assets, regenerated, tmp_path):
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(_free_port()), "-m", "dflash_ds.regenerate", *regenerate_args(assets, tmp_path / "two.jsonl")],
-                   cwd=ROOT, env=dist_env(), check=True, capture_output=True, timeout=300)
+    proc = run_ranks(2, "dflash_ds.regenerate", regenerate_args(assets, tmp_path / "two.jsonl"), dist_env(), ROOT,
+                     timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = regenerated.read_text(), (tmp_path / "two.jsonl").read_text()
     assert one == two and len(one.splitlines()) > 10
     prompts = [json.loads(l)["conversations"][0]["content"] for l in (assets / "data.jsonl").read_text().splitlines()]
@@ -378,8 +364,8 @@ def test_regenerate_sharded_over_two_ranks_keeps_input_order(assets, regenerated
 
 
 def test_eval_sharded_over_two_ranks_matches_one_process(assets, reference, tmp_path):
-    """``dflash-ds eval`` under torchrun: the ranks share the prompts and rank 0 writes one report with every
-    prompt's generations in input order, the same as one process decoding them all."""
+    """``dflash-ds eval`` on two ranks (as torchrun starts them): the ranks share the prompts and rank 0 writes one
+    report with every prompt's generations in input order, the same as one process decoding them all."""
     prompts = tmp_path / "prompts.jsonl"
     rows = [json.loads(l) for l in (assets / "data.jsonl").read_text().splitlines()][:5]
     prompts.write_text("".join(json.dumps({"conversations": r["conversations"][:1]}) + "\n" for r in rows))
@@ -387,11 +373,8 @@ def test_eval_sharded_over_two_ranks_matches_one_process(assets, reference, tmp_
             str(prompts), "--max-new-tokens", "10", "--repeats", "1", "--loop", "both", "--no-progress"]
     reports = {}
     for nproc in (1, 2):
-        launch = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                                        str(_free_port())]
         report = tmp_path / f"report{nproc}.json"
-        proc = subprocess.run([sys.executable, *launch, "-m", "dflash_ds.evaluate", *args, "--report", str(report)],
-                              cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=300)
+        proc = run_ranks(nproc, "dflash_ds.evaluate", [*args, "--report", str(report)], dist_env(), ROOT, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         reports[nproc] = json.loads(report.read_text())
     one, two = reports[1], reports[2]

@@ -494,12 +494,9 @@ def test_missing_extra_exits_2_naming_the_pip_command(saved_target, tmp_path, ca
 
 @pytest.mark.slow
 def test_benchmark_sharded_over_two_ranks_matches_one_process(saved_target, tmp_path):
-    """Under torchrun the ranks answer the earlier turns of their share of the questions and share them: every
+    """On two ranks (as torchrun starts them) the ranks answer the earlier turns of their share of the questions and share them: every
     rank evaluates the same prompts, and rank 0's report equals one process's."""
     import os
-    import socket
-    import subprocess
-    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -514,12 +511,9 @@ def test_benchmark_sharded_over_two_ranks_matches_one_process(saved_target, tmp_
         if nproc == 1:  # one process: this one
             assert main(args) == 0
         else:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                   "--master_port", str(port), "-m", "dflash_ds.evaluate", *args, "--threads", "1"],
-                                  cwd=root, env=env, capture_output=True, text=True, timeout=300)
+            from ranks import run_ranks
+
+            proc = run_ranks(2, "dflash_ds.evaluate", [*args, "--threads", "1"], env, root, timeout=300)
             assert proc.returncode == 0, proc.stderr[-3000:]
         reports[nproc] = json.loads((out / "report.json").read_text())
     one, two = reports[1], reports[2]

@@ -29,12 +29,11 @@ NEW, PROMPTS, B = 12, 3, 4
 def run_two_ranks(worker: str, out: Path) -> tuple[dict, dict]:
     """Run ``worker`` (a test file that is also a torchrun worker) on 2 gloo ranks; each writes ``out/rank{r}.json``.
     A hang (the ranks waiting on each other) or a failure is an AssertionError with the ranks' output."""
-    from test_distributed import ROOT, _free_port, dist_env
+    from ranks import run_ranks
+    from test_distributed import ROOT, dist_env
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(Path(worker).resolve()), str(out)]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=240)
+        proc = run_ranks(2, str(Path(worker).resolve()), [str(out)], dist_env(), ROOT, timeout=240)
     except subprocess.TimeoutExpired as exc:  # the ranks waited on each other
         raise AssertionError(f"the 2-rank eval hung:\n{(exc.stderr or b'')[-3000:]!r}") from None
     assert proc.returncode == 0, f"the 2-rank eval failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

@@ -1,0 +1,200 @@
+"""Run ``python -m MODULE ARGS`` (or ``python SCRIPT ARGS``) as N local gloo ranks, the way torchrun does, but
+forked from a warm interpreter: the tests' multi-rank runs spent most of their time importing torch, transformers
+and DeepSpeed (about 10 s a launch on 2 cores, against well under a second of training).
+
+A *zygote* process (``python tests/ranks.py``, started once per test session) imports those third-party packages
+and nothing of ``dflash_ds``, then forks one child per rank for every job it is sent. Each child gets the job's
+environment (with torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``), working directory and argv, and
+runs the module as ``__main__`` with a fresh import of the package, so environment read at import time
+(``dflash_ds.faults``) is the job's. As under torchrun, when one rank fails the others are stopped, and the job's
+output is every rank's stdout and stderr. What the launchers themselves do (hostfiles, node ranks, exit-code
+passing) stays tested through the real ``deepspeed`` launcher in test_cluster.py, the demo and the GPU smoke.
+
+Public API::
+
+    run_ranks(nproc, target, args, env, cwd, timeout) -> subprocess.CompletedProcess;  free_port() -> int
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+# what a rank imports before it does anything (dflash_ds itself is imported fresh in every rank)
+WARM_IMPORTS = ("torch", "torch.distributed", "transformers", "transformers.models.qwen3.modeling_qwen3",
+                "transformers.models.llama.modeling_llama", "deepspeed", "deepspeed.runtime.engine",
+                "deepspeed.runtime.zero.muon.muon_optimizer", "safetensors.torch")
+# not datasets: pyarrow starts a jemalloc background thread at import, and a process with threads must not fork
+GRACE_S = 10.0  # how long the other ranks get to exit after one failed, before SIGKILL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------- the zygote
+
+
+def _child(job: dict, rank: int) -> None:
+    """In the forked child: become rank ``rank`` of ``job`` and never return."""
+    code = 1
+    try:
+        os.chdir(job["cwd"])
+        os.environ.clear()
+        os.environ.update(job["env"])
+        if job["nproc"] > 1:  # one rank is a plain ``python -m``, not a world of one
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(job["nproc"]),
+                              LOCAL_WORLD_SIZE=str(job["nproc"]), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(job["port"]))
+        with open(os.devnull) as null:
+            os.dup2(null.fileno(), 0)
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            with open(Path(job["logs"]) / f"rank{rank}.{name}", "w") as f:
+                os.dup2(f.fileno(), fd)
+        sys.stdout = sys.__stdout__  # the zygote pointed sys.stdout away from its reply channel
+        sys.stdout.reconfigure(line_buffering=True)  # a rank SIGKILLed on purpose keeps what it printed
+        for path in reversed(job["env"].get("PYTHONPATH", "").split(os.pathsep)):
+            if path and path not in sys.path:
+                sys.path.insert(0, path)
+        import runpy
+
+        target = job["target"]
+        if target.endswith(".py"):
+            sys.argv = [target, *job["args"]]
+            sys.path.insert(0, str(Path(target).resolve().parent))
+            runpy.run_path(target, run_name="__main__")
+        else:
+            sys.argv = [target, *job["args"]]
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - a rank's crash is its output and exit status, as in a real process
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        import atexit
+
+        atexit._run_exitfuncs()  # what interpreter shutdown would run (TensorBoard writers, logging)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)
+
+
+def _run_job(job: dict) -> dict:
+    import signal
+    import time
+
+    pids = {}
+    for rank in range(job["nproc"]):
+        pid = os.fork()
+        if pid == 0:
+            _child(job, rank)
+        pids[pid] = rank
+    codes: dict[int, int] = {}
+    first_failure = 0
+    deadline = time.monotonic() + job["timeout"]
+    stop_at, timed_out = None, False
+    while len(codes) < len(pids):
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            codes[pids[pid]] = os.waitstatus_to_exitcode(status)
+            if codes[pids[pid]] != 0 and stop_at is None:  # torchrun: one rank failed, the job failed
+                first_failure, stop_at = codes[pids[pid]], time.monotonic()
+                for other in pids:
+                    if pids[other] not in codes:
+                        os.kill(other, signal.SIGTERM)
+            continue
+        now = time.monotonic()
+        if now > deadline:
+            timed_out = True
+        if timed_out or (stop_at is not None and now - stop_at > GRACE_S):
+            for other in pids:
+                if pids[other] not in codes:
+                    os.kill(other, signal.SIGKILL)
+        time.sleep(0.02)
+    return {"code": first_failure, "timed_out": timed_out}
+
+
+def serve() -> None:
+    """Read one JSON job a line on stdin, answer one JSON line on stdout when its ranks have exited."""
+    import importlib
+
+    for name in WARM_IMPORTS:
+        importlib.import_module(name)
+    reply = sys.stdout
+    sys.stdout = sys.stderr  # nothing else may write to the reply channel
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else threading.active_count()
+    reply.write(json.dumps({"ready": True, "threads": threads}) + "\n")
+    reply.flush()
+    for line in sys.stdin:
+        job = json.loads(line)
+        reply.flush()
+        reply.write(json.dumps(_run_job(job)) + "\n")
+        reply.flush()
+
+
+# ------------------------------------------------------------------------------------------------ the test side
+
+_zygote: subprocess.Popen | None = None
+_lock = threading.Lock()
+
+
+def _start(env: dict) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-u", __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env=env, text=True)
+    ready = json.loads(proc.stdout.readline() or "{}")
+    if not ready.get("ready"):
+        raise RuntimeError(f"the rank zygote did not start (exit {proc.poll()})")
+    if ready["threads"] != 1:  # forking a process with other threads running can deadlock the children
+        raise RuntimeError(f"the rank zygote runs {ready['threads']} threads after its imports: cannot fork safely")
+    import atexit
+
+    atexit.register(proc.kill)
+    return proc
+
+
+def run_ranks(nproc: int, target: str, args, env: dict, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``nproc`` ranks of ``target`` (a module name, or a ``.py`` script path) with ``args``, in ``env`` (whose
+    DS_ACCELERATOR and OMP_NUM_THREADS the zygote also imports under) and ``cwd``; one rank is a plain ``python -m``
+    (no torchrun variables). Returns what ``subprocess.run`` would for torchrun: the exit status of the rank that
+    failed first (or 0), every rank's stdout and stderr in rank order. Raises ``subprocess.TimeoutExpired`` past
+    ``timeout`` (the ranks are killed first)."""
+    global _zygote
+    with _lock:
+        if _zygote is None or _zygote.poll() is not None:
+            _zygote = _start({**env})
+        with tempfile.TemporaryDirectory(prefix="ranks_") as logs:
+            job = {"nproc": nproc, "target": str(target), "args": [str(a) for a in args], "env": dict(env),
+                   "cwd": str(cwd), "timeout": timeout, "port": free_port(), "logs": logs}
+            _zygote.stdin.write(json.dumps(job) + "\n")
+            _zygote.stdin.flush()
+            answer = _zygote.stdout.readline()
+            if not answer:
+                raise RuntimeError(f"the rank zygote died (exit {_zygote.poll()})")
+            result = json.loads(answer)
+            out = "".join((Path(logs) / f"rank{r}.stdout").read_text() for r in range(nproc))
+            err = "".join((Path(logs) / f"rank{r}.stderr").read_text() for r in range(nproc))
+    cmd = [f"<{nproc} ranks>", str(target), *map(str, args)]
+    if result["timed_out"]:
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err)
+    return subprocess.CompletedProcess(cmd, result["code"], out, err)
+
+
+if __name__ == "__main__":
+    serve()

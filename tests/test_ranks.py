@@ -1,0 +1,73 @@
+"""tests/ranks.py, the warm launcher of the multi-rank tests, behaves as torchrun does where the tests rely on it:
+a gloo world of the given size, the job's environment read fresh, a failed rank failing the job and stopping the
+others, a hang ending at the timeout, every rank's output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ranks import run_ranks
+
+pytestmark = pytest.mark.slow  # starts the zygote (about 10 s of imports)
+
+WORKER = '''
+import os, sys, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+t = torch.tensor([rank + 1.0])
+dist.all_reduce(t)
+print(f"rank {rank}/{dist.get_world_size()} sum {t.item():.0f} env {os.environ.get('JOB_VALUE')} argv {sys.argv[1:]}")
+mode = os.environ.get("JOB_MODE", "")
+if mode == "fail" and rank == 1:
+    print("rank 1 failing", file=sys.stderr)
+    sys.exit(3)
+if mode in ("fail", "hang"):
+    dist.barrier()  # rank 1 never arrives (fail) or nobody returns (hang: rank 1 sleeps)
+    if mode == "hang":
+        import time
+        time.sleep(600)
+dist.destroy_process_group()
+'''
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture
+def worker(tmp_path) -> Path:
+    path = tmp_path / "worker.py"
+    path.write_text(WORKER)
+    return path
+
+
+def test_two_ranks_form_a_world_with_the_jobs_environment_and_argv(worker, tmp_path):
+    for value in ("a", "b"):  # a second job sees its own environment, not the first one's
+        proc = run_ranks(2, worker, ["x", 1], env(JOB_VALUE=value), tmp_path, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines() == [f"rank {r}/2 sum 3 env {value} argv ['x', '1']" for r in (0, 1)]
+
+
+def test_a_failed_rank_fails_the_job_and_stops_the_other(worker, tmp_path):
+    start = time.monotonic()
+    proc = run_ranks(2, worker, [], env(JOB_MODE="fail"), tmp_path, timeout=120)
+    assert proc.returncode == 3 and "rank 1 failing" in proc.stderr
+    assert time.monotonic() - start < 60  # rank 0, waiting at the barrier, was stopped (not the 120 s timeout)
+
+
+def test_a_hung_job_ends_at_the_timeout(worker, tmp_path):
+    with pytest.raises(subprocess.TimeoutExpired) as info:
+        run_ranks(2, worker, [], env(JOB_MODE="hang"), tmp_path, timeout=5)
+    assert "sum 3" in info.value.output  # what the ranks printed before the hang comes back
+
+
+def test_one_rank_is_a_plain_process(tmp_path):
+    script = tmp_path / "one.py"
+    script.write_text("import os, sys\nprint(os.environ.get('RANK'), os.getcwd())\nsys.exit(2)\n")
+    proc = run_ranks(1, script, [], env(), tmp_path, timeout=60)
+    assert proc.returncode == 2 and proc.stdout.strip() == f"None {tmp_path}"
