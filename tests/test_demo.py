@@ -30,7 +30,8 @@ def test_reduced_demo_trains_and_decodes_losslessly(tmp_path, capsys, monkeypatc
     target = tmp_path / "target"
     build_tiny_target(target, SMALL_TARGET, progress=False)
     rc = main([
-        "--workdir", str(tmp_path / "work"), "--target", str(target), "--steps", "8", "--num-train", "48",
+        "--workdir", str(tmp_path / "work"), "--target", str(target), "--steps", "8", "--dflash-steps", "6",
+        "--num-train", "48",
         "--distill-tokens", "24", "--block-size", "4", "--max-length", "96", "--micro-batch-size", "2",
         "--lr", "5e-3", "--eval-prompts", "3", "--max-new-tokens", "16", "--repeats", "1",
     ])
@@ -41,6 +42,7 @@ def test_reduced_demo_trains_and_decodes_losslessly(tmp_path, capsys, monkeypatc
     for kind, d in summary["drafters"].items():
         assert d["last_loss"] < d["first_loss"], f"{kind}: training did not lower the loss"
         assert d["greedy_match"] is True and d["tau"] >= 1 and d["train_s"] > 0, (kind, d)
+        assert d["steps"] == {"lora": 8, "dflash": 6}[kind], (kind, d)  # --dflash-steps reached the trainer
     assert summary["greedy_match"] is True
     assert summary["tau"] > summary["floor_tau"], summary  # the trained adapter drafts better than an untrained one
     assert "prompt lookup" in out and "untrained" in out.lower()  # the table shows the baselines
@@ -97,6 +99,12 @@ def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
     cmd = commands[0]
     assert cmd[cmd.index("--group-by-length") + 1] == "0"
     assert (cmd[cmd.index("--drafter") + 1], cmd[cmd.index("--draft-layers") + 1]) == ("dflash", "2")
+    # the tiny recipe trains the standalone kind for its own step count (about the LoRA kind's time), else --steps
+    for argv, kind, steps in (([], "dflash", "500"), ([], "lora", "200"), (["--dflash-steps", "0"], "dflash", "200"),
+                              (["--steps", "9", "--dflash-steps", "7"], "dflash", "7")):
+        commands.clear()
+        demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", kind, demo.parse_args(argv))
+        assert commands[0][commands[0].index("--max-steps") + 1] == steps, (argv, kind)
 
     drafters = [tmp_path / "run" / "adapter", tmp_path / "run_dflash" / "drafter"]
     report = tmp_path / "eval_report.json"

@@ -62,13 +62,16 @@ class Recipe:
     eval_ranks: int = 1  # processes sharing the eval's prompts (1 thread each when > 1)
     drafters: str = "lora"  # the drafter kinds to train and compare, comma-separated (dflash_ds.drafters)
     draft_layers: int = 1  # the standalone drafter's layers
+    dflash_steps: int = 0  # the standalone drafter's optimizer steps (0: --steps)
 
 
 RECIPES = {
-    # 1.8M parameters: per-forward overhead dominates, so one process with batch 32 regenerates fastest
+    # 1.8M parameters: per-forward overhead dominates, so one process with batch 32 regenerates fastest.
+    # dflash_steps: a standalone drafter step costs about 0.4x a LoRA step here (no backward through the target),
+    # so both kinds train for about the same time (README "The demo")
     "tiny": Recipe(zero_stage=3, steps=200, num_train=512, distill_tokens=64, block_size=8, gamma=7.0,
                    max_length=256, micro_batch_size=4, lr=3e-3, eval_prompts=16, max_new_tokens=96, repeats=3,
-                   regen_ranks=1, regen_batch=32, truncated="keep", drafters="lora,dflash"),
+                   regen_ranks=1, regen_batch=32, truncated="keep", drafters="lora,dflash", dflash_steps=500),
     # 134.5M parameters, compute-bound on 2 cores (AR step ~55 ms): two ranks of one thread each, ZeRO-2.
     # 900 steps and gamma 4 (the DFlash paper's decay for B = 8): measured against 300 and 600 steps and gamma 7 in the
     # README (grouped by length, 600 steps fell to 1.21x prompt lookup; 900 still fit the hour).
@@ -152,14 +155,15 @@ def train_drafter(target: Path, data: Path, workdir: Path, kind: str, args) -> f
 def launch_training(target: Path, data: Path, out: Path, kind: str, args) -> None:
     """Two CPU ranks through the DeepSpeed launcher (the same command a cluster run uses, minus --hostfile).
     ``--resume auto``: a rerun continues from the last checkpoint."""
+    steps = args.dflash_steps if kind == "dflash" and args.dflash_steps else args.steps
     cmd = launch_command(2, "dflash_ds.train", [
         "--drafter", kind, "--deepspeed_config", str(_ds_config(args.zero_stage, out.parent)),
         "--model-path", str(target), "--train-data", str(data), "--output-dir", str(out),
         "--block-size", str(args.block_size), "--gamma", str(args.gamma), "--max-length", str(args.max_length),
-        "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(args.steps),
+        "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(steps),
         "--group-by-length", str(args.group_by_length),
         "--lr", str(args.lr), "--warmup-ratio", "0.05", "--seed", str(args.seed), "--truncated", args.truncated,
-        "--save-interval", str(max(args.steps // 4, 1)), "--log-interval", "1", "--resume", "auto",
+        "--save-interval", str(max(steps // 4, 1)), "--log-interval", "1", "--resume", "auto",
     ])
     if args.num_anchors:
         cmd += ["--num-anchors", str(args.num_anchors)]
@@ -192,9 +196,11 @@ def evaluate(target: Path, drafters: list[Path], prompts: Path, report_path: Pat
 
 
 def training_summary(run: Path, train_s: float | None) -> dict:
-    """A training run's first and last loss (``metrics.jsonl``) and wall time (None: trained by an earlier demo)."""
-    losses = [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return {"first_loss": losses[0], "last_loss": losses[-1], "train_s": train_s}
+    """A training run's first and last loss and steps (``metrics.jsonl``) and wall time (None: trained by an earlier
+    demo)."""
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return {"first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "steps": rows[-1].get("step", len(rows)),
+            "train_s": train_s}
 
 
 def plots_available() -> bool:
@@ -240,7 +246,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "group_by_length": "sort each run of N global batches by length (training; 0: shuffled order)",
              "eval_ranks": "processes sharing the eval's prompts, one thread each when > 1",
              "drafters": "drafter kinds to train and compare side by side, comma-separated (lora, dflash)",
-             "draft_layers": "the standalone (dflash) drafter's layers"}
+             "draft_layers": "the standalone (dflash) drafter's layers",
+             "dflash_steps": "the standalone drafter's optimizer steps (0: --steps; tiny: about the LoRA kind's "
+                             "training time)"}
     for field, value in asdict(RECIPES["tiny"]).items():
         p.add_argument("--" + field.replace("_", "-"), type=int if value is None else type(value), default=None,
                        help=f"{helps.get(field, '')} (default: the target's recipe, tiny {value}, "
@@ -322,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     print(flush=True)
     for kind, d in summary["drafters"].items():
         took = f", trained in {d['train_s'] / 60:.1f} min" if d["train_s"] is not None else ""
-        print(f"{kind}: training loss {d['first_loss']:.3f} -> {d['last_loss']:.3f}{took}", flush=True)
+        print(f"{kind}: training loss {d['first_loss']:.3f} -> {d['last_loss']:.3f} in {d['steps']} steps{took}",
+              flush=True)
     print(f"demo took {summary['wall_s'] / 60:.1f} min; report: {workdir / 'demo_report.json'}", flush=True)
     for path in plots:
         print(f"plot: {path}", flush=True)
