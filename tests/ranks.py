@@ -96,15 +96,20 @@ def _child(job: dict, rank: int) -> None:
         os._exit(code)
 
 
-def _run_job(job: dict) -> dict:
+def _run_job(job: dict, fork: bool) -> dict:
+    """The job's ranks, forked (``fork``) or, where forking is unsafe, started as fresh interpreters that run the same
+    :func:`_child`; their exit statuses as torchrun would report them."""
     import signal
     import time
 
     pids = {}
     for rank in range(job["nproc"]):
-        pid = os.fork()
-        if pid == 0:
-            _child(job, rank)
+        if fork:
+            pid = os.fork()
+            if pid == 0:
+                _child(job, rank)
+        else:
+            pid = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job), str(rank)]).pid
         pids[pid] = rank
     codes: dict[int, int] = {}
     first_failure = 0
@@ -131,62 +136,68 @@ def _run_job(job: dict) -> dict:
     return {"code": first_failure, "timed_out": timed_out}
 
 
-def serve() -> None:
-    """Read one JSON job a line on stdin, answer one JSON line on stdout when its ranks have exited."""
+def serve(spawn: bool = False) -> None:
+    """Read one JSON job a line on stdin, answer one JSON line on stdout when its ranks have exited. The ranks are
+    forks of this process unless ``spawn`` or threads other than this one run here after the imports."""
     import importlib
 
-    for name in WARM_IMPORTS:
+    for name in WARM_IMPORTS if not spawn else ():
         importlib.import_module(name)
     reply = sys.stdout
     sys.stdout = sys.stderr  # nothing else may write to the reply channel
-    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else threading.active_count()
-    reply.write(json.dumps({"ready": True, "threads": threads}) + "\n")
+    tasks = Path("/proc/self/task")
+    threads = [(t / "comm").read_text().strip() for t in tasks.iterdir()] if tasks.is_dir() else ["?"]
+    fork = len(threads) == 1 and not spawn  # forking a process with other threads running can deadlock the children
+    if len(threads) > 1:
+        print(f"tests/ranks.py: {len(threads)} threads after the imports ({', '.join(threads)}): ranks start as "
+              "fresh interpreters (slower) instead of forks", file=sys.stderr, flush=True)
+    reply.write(json.dumps({"ready": True, "fork": fork}) + "\n")
     reply.flush()
     for line in sys.stdin:
-        job = json.loads(line)
-        reply.flush()
-        reply.write(json.dumps(_run_job(job)) + "\n")
+        reply.write(json.dumps(_run_job(json.loads(line), fork)) + "\n")
         reply.flush()
 
 
 # ------------------------------------------------------------------------------------------------ the test side
 
-_zygote: subprocess.Popen | None = None
+_zygotes: dict[bool, subprocess.Popen] = {}  # forking, and (tests of the fallback) spawning
 _lock = threading.Lock()
 
 
-def _start(env: dict) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-u", __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env=env, text=True)
+def _zygote(env: dict, spawn: bool) -> subprocess.Popen:
+    proc = _zygotes.get(spawn)
+    if proc is not None and proc.poll() is None:
+        return proc
+    proc = subprocess.Popen([sys.executable, "-u", __file__, *(["--spawn"] if spawn else [])], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env, text=True)
     ready = json.loads(proc.stdout.readline() or "{}")
     if not ready.get("ready"):
         raise RuntimeError(f"the rank zygote did not start (exit {proc.poll()})")
-    if ready["threads"] != 1:  # forking a process with other threads running can deadlock the children
-        raise RuntimeError(f"the rank zygote runs {ready['threads']} threads after its imports: cannot fork safely")
     import atexit
 
     atexit.register(proc.kill)
+    _zygotes[spawn] = proc
     return proc
 
 
-def run_ranks(nproc: int, target: str, args, env: dict, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_ranks(nproc: int, target: str, args, env: dict, cwd, timeout: float = 600,
+              spawn: bool = False) -> subprocess.CompletedProcess:
     """``nproc`` ranks of ``target`` (a module name, or a ``.py`` script path) with ``args``, in ``env`` (whose
     DS_ACCELERATOR and OMP_NUM_THREADS the zygote also imports under) and ``cwd``; one rank is a plain ``python -m``
     (no torchrun variables). Returns what ``subprocess.run`` would for torchrun: the exit status of the rank that
     failed first (or 0), every rank's stdout and stderr in rank order. Raises ``subprocess.TimeoutExpired`` past
-    ``timeout`` (the ranks are killed first)."""
-    global _zygote
+    ``timeout`` (the ranks are killed first). ``spawn``: start the ranks as fresh interpreters (the fallback taken
+    where the zygote cannot fork safely), for its tests."""
     with _lock:
-        if _zygote is None or _zygote.poll() is not None:
-            _zygote = _start({**env})
+        zygote = _zygote({**env}, spawn)
         with tempfile.TemporaryDirectory(prefix="ranks_") as logs:
             job = {"nproc": nproc, "target": str(target), "args": [str(a) for a in args], "env": dict(env),
                    "cwd": str(cwd), "timeout": timeout, "port": free_port(), "logs": logs}
-            _zygote.stdin.write(json.dumps(job) + "\n")
-            _zygote.stdin.flush()
-            answer = _zygote.stdout.readline()
+            zygote.stdin.write(json.dumps(job) + "\n")
+            zygote.stdin.flush()
+            answer = zygote.stdout.readline()
             if not answer:
-                raise RuntimeError(f"the rank zygote died (exit {_zygote.poll()})")
+                raise RuntimeError(f"the rank zygote died (exit {zygote.poll()})")
             result = json.loads(answer)
             out = "".join((Path(logs) / f"rank{r}.stdout").read_text() for r in range(nproc))
             err = "".join((Path(logs) / f"rank{r}.stderr").read_text() for r in range(nproc))
@@ -197,4 +208,6 @@ def run_ranks(nproc: int, target: str, args, env: dict, cwd, timeout: float = 60
 
 
 if __name__ == "__main__":
-    serve()
+    if sys.argv[1:2] == ["--child"]:  # one rank started as a fresh interpreter (see serve)
+        _child(json.loads(sys.argv[2]), int(sys.argv[3]))
+    serve(spawn="--spawn" in sys.argv[1:])

@@ -46,16 +46,18 @@ def worker(tmp_path) -> Path:
     return path
 
 
-def test_two_ranks_form_a_world_with_the_jobs_environment_and_argv(worker, tmp_path):
+@pytest.mark.parametrize("spawn", [False, True], ids=["forked", "spawned"])
+def test_two_ranks_form_a_world_with_the_jobs_environment_and_argv(worker, tmp_path, spawn):
     for value in ("a", "b"):  # a second job sees its own environment, not the first one's
-        proc = run_ranks(2, worker, ["x", 1], env(JOB_VALUE=value), tmp_path, timeout=120)
+        proc = run_ranks(2, worker, ["x", 1], env(JOB_VALUE=value), tmp_path, timeout=120, spawn=spawn)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.splitlines() == [f"rank {r}/2 sum 3 env {value} argv ['x', '1']" for r in (0, 1)]
 
 
-def test_a_failed_rank_fails_the_job_and_stops_the_other(worker, tmp_path):
+@pytest.mark.parametrize("spawn", [False, True], ids=["forked", "spawned"])
+def test_a_failed_rank_fails_the_job_and_stops_the_other(worker, tmp_path, spawn):
     start = time.monotonic()
-    proc = run_ranks(2, worker, [], env(JOB_MODE="fail"), tmp_path, timeout=120)
+    proc = run_ranks(2, worker, [], env(JOB_MODE="fail"), tmp_path, timeout=120, spawn=spawn)
     assert proc.returncode == 3 and "rank 1 failing" in proc.stderr
     assert time.monotonic() - start < 60  # rank 0, waiting at the barrier, was stopped (not the 120 s timeout)
 
