@@ -105,6 +105,12 @@ def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
         commands.clear()
         demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", kind, demo.parse_args(argv))
         assert commands[0][commands[0].index("--max-steps") + 1] == steps, (argv, kind)
+    # and SmolLM2's its own learning rate (full layers, not a low-rank adapter), else --lr
+    for argv, kind, lr in ((["--target", "smollm2"], "dflash", "0.0006"), (["--target", "smollm2"], "lora", "0.003"),
+                           ([], "dflash", "0.003"), (["--target", "smollm2", "--dflash-lr", "0"], "dflash", "0.003")):
+        commands.clear()
+        demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", kind, demo.parse_args(argv))
+        assert commands[0][commands[0].index("--lr") + 1] == lr, (argv, kind)
 
     drafters = [tmp_path / "run" / "adapter", tmp_path / "run_dflash" / "drafter"]
     report = tmp_path / "eval_report.json"

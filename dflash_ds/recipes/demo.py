@@ -63,6 +63,7 @@ class Recipe:
     drafters: str = "lora"  # the drafter kinds to train and compare, comma-separated (dflash_ds.drafters)
     draft_layers: int = 1  # the standalone drafter's layers
     dflash_steps: int = 0  # the standalone drafter's optimizer steps (0: --steps)
+    dflash_lr: float = 0.0  # the standalone drafter's learning rate (0: --lr)
 
 
 RECIPES = {
@@ -79,10 +80,12 @@ RECIPES = {
     # pairs leave one rank idle at each step's all-reduce; grouped by length, a step's two ranks get neighbours.
     # Eval: no fused row, the floor on 32 tokens a prompt, and two processes of one thread each sharing the prompts
     # (a one-token forward is hardly faster on two threads than on one). docs/benchmarks.md, README "A real model".
+    # dflash_lr: the standalone drafter trains full layers, not a low-rank adapter; at 3e-3 its loss rose after the
+    # warm-up, at 6e-4 (the DFlash reference's order) it fell (docs/recipes.md, 2026-12-05)
     "smollm2": Recipe(zero_stage=2, steps=900, num_train=512, distill_tokens=128, block_size=8, gamma=4.0,
                       max_length=512, micro_batch_size=1, lr=3e-3, eval_prompts=16, max_new_tokens=128, repeats=1,
                       regen_ranks=2, regen_batch=32, truncated="keep", loop="two_forward",
-                      floor_tokens=32, group_by_length=32, eval_ranks=2),
+                      floor_tokens=32, group_by_length=32, eval_ranks=2, dflash_lr=6e-4),
 }
 
 
@@ -156,13 +159,14 @@ def launch_training(target: Path, data: Path, out: Path, kind: str, args) -> Non
     """Two CPU ranks through the DeepSpeed launcher (the same command a cluster run uses, minus --hostfile).
     ``--resume auto``: a rerun continues from the last checkpoint."""
     steps = args.dflash_steps if kind == "dflash" and args.dflash_steps else args.steps
+    lr = args.dflash_lr if kind == "dflash" and args.dflash_lr else args.lr
     cmd = launch_command(2, "dflash_ds.train", [
         "--drafter", kind, "--deepspeed_config", str(_ds_config(args.zero_stage, out.parent)),
         "--model-path", str(target), "--train-data", str(data), "--output-dir", str(out),
         "--block-size", str(args.block_size), "--gamma", str(args.gamma), "--max-length", str(args.max_length),
         "--micro-batch-size", str(args.micro_batch_size), "--max-steps", str(steps),
         "--group-by-length", str(args.group_by_length),
-        "--lr", str(args.lr), "--warmup-ratio", "0.05", "--seed", str(args.seed), "--truncated", args.truncated,
+        "--lr", str(lr), "--warmup-ratio", "0.05", "--seed", str(args.seed), "--truncated", args.truncated,
         "--save-interval", str(max(steps // 4, 1)), "--log-interval", "1", "--resume", "auto",
     ])
     if args.num_anchors:
@@ -248,7 +252,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "drafters": "drafter kinds to train and compare side by side, comma-separated (lora, dflash)",
              "draft_layers": "the standalone (dflash) drafter's layers",
              "dflash_steps": "the standalone drafter's optimizer steps (0: --steps; tiny: about the LoRA kind's "
-                             "training time)"}
+                             "training time)",
+             "dflash_lr": "the standalone drafter's learning rate (0: --lr)"}
     for field, value in asdict(RECIPES["tiny"]).items():
         p.add_argument("--" + field.replace("_", "-"), type=int if value is None else type(value), default=None,
                        help=f"{helps.get(field, '')} (default: the target's recipe, tiny {value}, "
