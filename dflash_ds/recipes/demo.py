@@ -80,8 +80,8 @@ RECIPES = {
     # pairs leave one rank idle at each step's all-reduce; grouped by length, a step's two ranks get neighbours.
     # Eval: no fused row, the floor on 32 tokens a prompt, and two processes of one thread each sharing the prompts
     # (a one-token forward is hardly faster on two threads than on one). docs/benchmarks.md, README "A real model".
-    # dflash_lr: the standalone drafter trains full layers, not a low-rank adapter; at 3e-3 its loss rose after the
-    # warm-up, at 6e-4 (the DFlash reference's order) it fell (docs/recipes.md, 2026-12-05)
+    # dflash_lr: the standalone drafter trains full layers, not a low-rank adapter; over steps 51-150 its mean loss
+    # was 0.6 higher at 3e-3 than at 6e-4 (the DFlash reference's order), one run each (docs/recipes.md, 2026-12-05)
     "smollm2": Recipe(zero_stage=2, steps=900, num_train=512, distill_tokens=128, block_size=8, gamma=4.0,
                       max_length=512, micro_batch_size=1, lr=3e-3, eval_prompts=16, max_new_tokens=128, repeats=1,
                       regen_ranks=2, regen_batch=32, truncated="keep", loop="two_forward",
