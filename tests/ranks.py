@@ -44,7 +44,8 @@ def free_port() -> int:
 
 
 def _child(job: dict, rank: int) -> None:
-    """In the forked child: become rank ``rank`` of ``job`` and never return."""
+    """In the rank's process (a fork of the zygote, or a fresh interpreter): become rank ``rank`` of ``job``, never
+    return."""
     code = 1
     try:
         os.chdir(job["cwd"])
