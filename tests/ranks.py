@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 # what a rank imports before it does anything (dflash_ds itself is imported fresh in every rank)
@@ -162,7 +161,6 @@ def serve(spawn: bool = False) -> None:
 # ------------------------------------------------------------------------------------------------ the test side
 
 _zygotes: dict[bool, subprocess.Popen] = {}  # forking, and (tests of the fallback) spawning
-_lock = threading.Lock()
 
 
 def _zygote(env: dict, spawn: bool) -> subprocess.Popen:
@@ -189,19 +187,18 @@ def run_ranks(nproc: int, target: str, args, env: dict, cwd, timeout: float = 60
     failed first (or 0), every rank's stdout and stderr in rank order. Raises ``subprocess.TimeoutExpired`` past
     ``timeout`` (the ranks are killed first). ``spawn``: start the ranks as fresh interpreters (the fallback taken
     where the zygote cannot fork safely), for its tests."""
-    with _lock:
-        zygote = _zygote({**env}, spawn)
-        with tempfile.TemporaryDirectory(prefix="ranks_") as logs:
-            job = {"nproc": nproc, "target": str(target), "args": [str(a) for a in args], "env": dict(env),
-                   "cwd": str(cwd), "timeout": timeout, "port": free_port(), "logs": logs}
-            zygote.stdin.write(json.dumps(job) + "\n")
-            zygote.stdin.flush()
-            answer = zygote.stdout.readline()
-            if not answer:
-                raise RuntimeError(f"the rank zygote died (exit {zygote.poll()})")
-            result = json.loads(answer)
-            out = "".join((Path(logs) / f"rank{r}.stdout").read_text() for r in range(nproc))
-            err = "".join((Path(logs) / f"rank{r}.stderr").read_text() for r in range(nproc))
+    zygote = _zygote({**env}, spawn)
+    with tempfile.TemporaryDirectory(prefix="ranks_") as logs:
+        job = {"nproc": nproc, "target": str(target), "args": [str(a) for a in args], "env": dict(env),
+               "cwd": str(cwd), "timeout": timeout, "port": free_port(), "logs": logs}
+        zygote.stdin.write(json.dumps(job) + "\n")
+        zygote.stdin.flush()
+        answer = zygote.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the rank zygote died (exit {zygote.poll()})")
+        result = json.loads(answer)
+        out = "".join((Path(logs) / f"rank{r}.stdout").read_text() for r in range(nproc))
+        err = "".join((Path(logs) / f"rank{r}.stderr").read_text() for r in range(nproc))
     cmd = [f"<{nproc} ranks>", str(target), *map(str, args)]
     if result["timed_out"]:
         raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err)
