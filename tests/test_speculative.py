@@ -14,6 +14,8 @@ from dflash_ds.lora import LoRAConfig, apply_lora, lora_modules
 from dflash_ds.speculative import (
     Draft,
     LoRABlockDrafter,
+    accept_greedy,
+    accept_greedy_lazy,
     NgramDrafter,
     autoregressive_generate,
     speculative_generate,
@@ -192,6 +194,31 @@ def test_accounting_oracle_and_wrong(block_size, sdpa_model):
     assert r.output_ids == ref[:12]
     assert r.tau == 1.0 and set(r.committed_per_step) == {1} and set(r.accepted_per_step) == {0}
     assert r.verify_forwards == 12
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 5, 7, 15])
+@pytest.mark.parametrize("first", [1, 2, 3])
+def test_lazy_greedy_acceptance_equals_full(k, first):
+    """accept_greedy_lazy = accept_greedy on the full logits, for every accepted prefix length, reading only the
+    rows up to the first rejection (whole chunks: ``first``, then doubling)."""
+    torch.manual_seed(k)
+    hidden, head = torch.randn(k + 1, 16), torch.nn.Linear(16, 50, bias=False)
+    target = head(hidden).argmax(-1).tolist()
+    for n in range(k + 1):  # d_1 .. d_n agree with the target, d_{n+1} does not
+        drafted = target[:n] + [(g + 1) % 50 for g in target[n:k]]
+        read = []
+
+        def counting_head(h):
+            read.append(h.shape[0])
+            return head(h)
+
+        assert accept_greedy_lazy(drafted, hidden, counting_head, first=first) == accept_greedy(drafted, head(hidden))
+        assert accept_greedy(drafted, head(hidden)) == (n, target[n])
+        chunks, size = [], first
+        while sum(chunks) < n + 1:
+            chunks.append(min(size, k + 1 - sum(chunks)))
+            size *= 2
+        assert read == chunks, (n, read)
 
 
 def test_autoregressive_baseline(sdpa_model, eager_model):

@@ -24,7 +24,7 @@ standalone DFlash drafter in the two-forward loop: the target's features through
 :mod:`.artifact` (a drafter directory of either kind: :func:`open_drafter`, :func:`describe`, :class:`LoRABank`).
 """
 
-from .accept import accept_greedy, accept_sampling
+from .accept import accept_greedy, accept_greedy_lazy, accept_sampling
 from .artifact import (
     DFLASH, KINDS, LORA, DrafterArtifact, DrafterDirError, LoRABank, StandaloneMeta, describe, kind_of,
     load_standalone, open_drafter,
@@ -59,6 +59,7 @@ __all__ = [
     "StandaloneMeta",
     "StaticDecoding",
     "accept_greedy",
+    "accept_greedy_lazy",
     "accept_sampling",
     "autoregressive_generate",
     "cache_len",

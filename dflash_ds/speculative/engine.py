@@ -211,9 +211,11 @@ class DecodeSession:
         mask: torch.Tensor | None = None,
         keep: int = 0,
         kind: str = "verify",
+        head: bool = True,
     ) -> torch.Tensor | None:
         """Logits ``[q or keep, V]`` of ``input_ids [1, q]`` at positions ``start .. start+q-1``; appends to ``cache``.
-        A prefill computes no logits (returns None).
+        A prefill computes no logits (returns None). ``head`` False: the final hidden states ``[q, H]`` instead (the
+        caller runs :attr:`lm_head` on the rows it reads: :func:`accept_greedy_lazy`).
 
         ``mask`` None: causal. Otherwise an additive mask from :meth:`mask` (or ``[1, 1, q, start+q]``).
         """
@@ -230,6 +232,8 @@ class DecodeSession:
         if kind == "prefill":
             return None
         self.rows += q
+        if not head:
+            return hidden
         return self.lm_head(hidden[-keep:] if keep else hidden)
 
     def forward_hidden(

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..lora import adapter_preserved
 from ..settings import check_choices, setting
-from .accept import accept_greedy, accept_sampling
+from .accept import accept_greedy_lazy, accept_sampling
 from .drafters import LoRABlockDrafter, sample_rows
 from .engine import DecodeSession, StaticDecoding, cache_len, crop_cache
 from .lockstep import Lockstep
@@ -213,12 +213,11 @@ def fused_generate(
                 anchors = tuple(session.agree(anchors))
             ids, positions, mask, first_group = step.inputs(L, tokens[-1], drafted, anchors)
             hidden = session.forward_hidden(ids, positions, mask, rows_from=first_group, kind="verify", pad_to=pad_to)
-            logits = lm_head(hidden[: k + 1])  # [k+1, V]
             if sample:
-                n, bonus = accept_sampling(drafted, probs_q[:k] if probs_q is not None else None, logits,
-                                            temperature, generator)
-            else:
-                n, bonus = accept_greedy(drafted, logits)
+                n, bonus = accept_sampling(drafted, probs_q[:k] if probs_q is not None else None,
+                                            lm_head(hidden[: k + 1]), temperature, generator)
+            else:  # the lm_head on the verify rows the decision reads
+                n, bonus = accept_greedy_lazy(drafted, hidden[: k + 1], lm_head)
             n, bonus = session.agree([n, bonus])  # what is committed, and so when to stop
             crop_cache(cache, ids.shape[1] - (n + 1))  # keep t, d_1 .. d_n; groups and rejected drafts go
             L += n + 1

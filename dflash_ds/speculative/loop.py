@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..lora import adapter_preserved
-from .accept import accept_greedy, accept_sampling
+from .accept import accept_greedy_lazy, accept_sampling
 from .drafters import Draft, Drafter
 from .engine import DecodeSession, StaticDecoding, cache_len, crop_cache, unwrap_model
 from .lockstep import Lockstep
@@ -190,13 +190,14 @@ def _two_forward_steps(session: DecodeSession, tokens: list[int], drafter: Draft
             drafted = session.agree(drafted)
         k = len(drafted)
         session.set_adapter(False)
-        logits = session.forward(session.ids([tokens[-1], *drafted]), L, cache, kind="verify")  # [k+1, V]
+        # greedy: the final hidden states [k+1, H], the lm_head run only on the rows the decision reads
+        out = session.forward(session.ids([tokens[-1], *drafted]), L, cache, kind="verify", head=sample)
         assert cache_len(cache) == L + k + 1
         if sample:
             probs_q = draft.probs[:k] if draft.probs is not None else None
-            n, bonus = accept_sampling(drafted, probs_q, logits, temperature, generator)
+            n, bonus = accept_sampling(drafted, probs_q, out, temperature, generator)  # out: logits [k+1, V]
         else:
-            n, bonus = accept_greedy(drafted, logits)
+            n, bonus = accept_greedy_lazy(drafted, out, session.lm_head)
         n, bonus = session.agree([n, bonus])  # what is committed, and so when to stop
         crop_cache(cache, k - n)  # keep t, d_1 .. d_n; the bonus becomes the next t
         L += n + 1
