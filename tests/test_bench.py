@@ -123,6 +123,19 @@ def test_regenerate_bench_compares_both_modes_on_the_same_answers(tmp_path):
         results["continuous_b2"]["tokens_per_s"] / results["static_b8"]["tokens_per_s"])
 
 
+def test_lazy_head_bench_decides_as_the_full_head_at_every_accepted_length(tmp_path):
+    """The script asserts both decisions equal (and n accepted) before timing; the report holds every n."""
+    from conftest import write_tiny_target
+
+    model = write_tiny_target(tmp_path / "model", family="llama")
+    report = run_bench("lazy_head.py", tmp_path / "lazy.json", "--model-path", str(model), "--context-len", "20",
+                       "--block-size", "4", "--repeats", "1", "--warmup", "0")
+    per = report["per_accepted"]
+    assert sorted(int(n) for n in per) == [0, 1, 2, 3]
+    for r in per.values():
+        assert r["lazy_over_full"] == pytest.approx(r["t_lazy_s"] / r["t_full_s"])
+
+
 def test_rank_balance_times_both_orders_on_two_ranks(tmp_path):
     """The real trainer on two ranks, grouped then shuffled: per-rank phase times from every rank, ratio to the
     first case."""
