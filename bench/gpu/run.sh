@@ -38,6 +38,12 @@
 #      bash bench/gpu/run.sh --prepare-spec-decode demo_work     # copies target, adapter, prompts (about 12 MiB)
 #      run(command="bash bench/gpu/run.sh --spec-decode", carry=["bench/gpu/wheels", "bench/gpu/carry"], timeout_s=600)
 #
+#    The two drafter kinds (the demo's LoRA adapter and standalone drafter, both copied by --prepare-spec-decode) side
+#    by side in one `dflash-ds eval` on the GPU, eager and compiled (the README's equal-time table, on a GPU):
+#
+#      run(command="SPEC_DECODE_PARTS='kinds kinds_compiled' bash bench/gpu/run.sh --spec-decode",
+#          carry=["bench/gpu/wheels", "bench/gpu/carry"], timeout_s=480)
+#
 #    It writes $OUT/spec_decode_<part>.json per part (SPEC_DECODE_PARTS, below) and $OUT/spec_decode.log: both loops
 #    (two-forward, fused) against AR, eager and compiled (--compile compile: static cache + CUDA graphs), at the
 #    Qwen3-1.7B and Qwen3-8B shapes and on the trained tiny adapter. Smoke-test every part's command on the CPU first:
@@ -67,6 +73,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 WHEELS=bench/gpu/wheels
+# the kinds parts: the demo's two trained drafters side by side in one eval (the GPU part and its CPU smoke)
+kinds=(python3 -m dflash_ds.cli eval --model-path bench/gpu/carry/target --adapter bench/gpu/carry/adapter
+       --drafter bench/gpu/carry/drafter --prompts bench/gpu/carry/eval_prompts.jsonl --baselines fast
+       --dtype float32 --no-progress)
+have_kinds() { [[ -f bench/gpu/carry/adapter/dflash.json && -f bench/gpu/carry/drafter/config.json ]]; }
 
 if [[ "${1:-}" == "--prepare" ]]; then
     set -e
@@ -92,6 +103,11 @@ if [[ "${1:-}" == "--prepare-spec-decode" ]]; then
     cp -r "$target" bench/gpu/carry/target
     cp -r "$adapter" bench/gpu/carry/adapter
     cp "$target/data/eval_prompts.jsonl" bench/gpu/carry/eval_prompts.jsonl
+    if [[ -f "$workdir/run_dflash/drafter/config.json" ]]; then  # the standalone drafter, for the kinds parts
+        cp -r "$workdir/run_dflash/drafter" bench/gpu/carry/drafter
+    else
+        echo "no standalone drafter at $workdir/run_dflash/drafter: the kinds parts will be skipped" >&2
+    fi
     du -sh bench/gpu/carry
     exit 0
 fi
@@ -103,6 +119,12 @@ if [[ "${1:-}" == "--spec-decode-cpu-smoke" ]]; then
         python3 bench/spec_decode.py --threads 1 --repeats 1 --fwd-repeats 3 --num-prompts 2 --max-new-tokens 16 \
             --no-tiny-cache --hidden 64 --layers 2 --heads 2 --kv-heads 1 --head-dim 32 --intermediate 128 --vocab 512 \
             --block-sizes 4 8 --compile "$c" --out "${OUT:-/tmp}/spec_decode_smoke_$c.json"
+        if have_kinds; then  # the kinds parts' command, on the CPU, 2 prompts
+            "${kinds[@]}" --device cpu --limit 2 --max-new-tokens 16 --repeats 1 --compile "$c" \
+                --report "${OUT:-/tmp}/eval_kinds_smoke_$c.json"
+        else
+            echo "run.sh: no adapter and drafter in bench/gpu/carry: the kinds parts' command not smoke-tested"
+        fi
     done
     exit 0
 fi
@@ -184,7 +206,8 @@ fi
 if [[ "${1:-}" == "--spec-decode" ]]; then
     shift
     # parts, in order (SPEC_DECODE_PARTS, default "1p7b 1p7b_compiled tiny", at most 590 s;
-    # a second call with SPEC_DECODE_PARTS="8b 8b_compiled" measures the 8B shape); every part measures the
+    # a second call with SPEC_DECODE_PARTS="8b 8b_compiled" measures the 8B shape, one with "kinds kinds_compiled"
+    # the two drafter kinds); every part but kinds measures the
     # AR step, draft, verify and fused-step forwards and runs AR, the two-forward and the fused loop end to end:
     #   1p7b           Qwen3-1.7B's shape, bf16, random weights and a random adapter (tau near 1: the bound is a
     #                  slowdown; the point is how close each loop comes to it and what one forward costs)
@@ -193,6 +216,10 @@ if [[ "${1:-}" == "--spec-decode" ]]; then
     #   tiny           the demo's trained adapter on its tiny target (bench/gpu/carry), fp32, held-out prompts
     #   tiny_compiled  the same, compiled
     #   1p7b_fp32      the 1p7b case in fp32, 1 round: are the outputs equal to AR when bf16 rounding is out of the way?
+    #   kinds          the demo's two trained drafters (LoRA adapter, standalone drafter: bench/gpu/carry) side by side
+    #                  in one `dflash-ds eval` on the GPU with prompt lookup and AR: the README's equal-time table's
+    #                  decoding columns (tau, acceptance by position, speedup, parameters); eval_kinds.json
+    #   kinds_compiled the same with --compile compile (the target's forwards on a static cache, CUDA graphs)
     shape=(--hidden 2048 --layers 28 --heads 16 --kv-heads 8 --head-dim 128 --intermediate 6144 --vocab 151936
            --adapter-std 0.01 --no-tiny-cache --num-prompts 2 --prompt-len 256 --max-new-tokens 64)
     shape8b=(--hidden 4096 --layers 36 --heads 32 --kv-heads 8 --head-dim 128 --intermediate 12288 --vocab 151936
@@ -223,8 +250,15 @@ if [[ "${1:-}" == "--spec-decode" ]]; then
                       else
                           echo "run.sh: no bench/gpu/carry/adapter: skipping part $part (see --prepare-spec-decode)"
                       fi ;;
+                kinds|kinds_compiled) if have_kinds; then
+                          timeout --signal=INT 200 "${kinds[@]}" --device cuda --limit 16 --max-new-tokens 96 \
+                              --repeats 3 --compile "$([[ $part == kinds ]] && echo none || echo compile)" \
+                              --report "$OUTDIR/eval_$part.json" || rc=$?
+                      else
+                          echo "run.sh: no adapter and drafter in bench/gpu/carry: skipping part $part (see --prepare-spec-decode)"
+                      fi ;;
                 *) echo "run.sh: unknown SPEC_DECODE_PARTS entry '$part' (1p7b, 1p7b_compiled, 8b, 8b_compiled," \
-                        "tiny, tiny_compiled, 1p7b_fp32)" >&2; rc=2 ;;
+                        "tiny, tiny_compiled, 1p7b_fp32, kinds, kinds_compiled)" >&2; rc=2 ;;
             esac
         done
         exit "$rc"
