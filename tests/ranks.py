@@ -172,6 +172,7 @@ def _zygote(env: dict, spawn: bool) -> subprocess.Popen:
     ready = json.loads(proc.stdout.readline() or "{}")
     if not ready.get("ready"):
         raise RuntimeError(f"the rank zygote did not start (exit {proc.poll()})")
+    proc.forks = bool(ready.get("fork"))  # how its ranks start (tests/test_ranks.py)
     import atexit
 
     atexit.register(proc.kill)

@@ -4,13 +4,16 @@ others, a hang ending at the timeout, every rank's output."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+import ranks
 from ranks import run_ranks
 
 pytestmark = pytest.mark.slow  # starts the zygote (about 10 s of imports)
@@ -27,10 +30,10 @@ if mode == "fail" and rank == 1:
     print("rank 1 failing", file=sys.stderr)
     sys.exit(3)
 if mode in ("fail", "hang"):
-    dist.barrier()  # rank 1 never arrives (fail) or nobody returns (hang: rank 1 sleeps)
-    if mode == "hang":
-        import time
-        time.sleep(600)
+    # the ranks still running sleep rather than wait at a barrier: gloo would end rank 0 too once rank 1 has gone,
+    # and the two exits could be reaped in either order; only the launcher stops it (fail), or the timeout (hang)
+    import time
+    time.sleep(600)
 dist.destroy_process_group()
 '''
 
@@ -73,3 +76,22 @@ def test_one_rank_is_a_plain_process(tmp_path):
     script.write_text("import os, sys\nprint(os.environ.get('RANK'), os.getcwd())\nsys.exit(2)\n")
     proc = run_ranks(1, script, [], env(), tmp_path, timeout=60)
     assert proc.returncode == 2 and proc.stdout.strip() == f"None {tmp_path}"
+
+
+def test_the_zygote_forks_only_while_it_is_the_only_thread(tmp_path):
+    """The tests' own zygote forks (the fast path); one with another thread running after its imports (here started
+    by a sitecustomize) falls back to fresh interpreters and says why, since forking a threaded process can deadlock."""
+    assert ranks._zygote(env(), spawn=False).forks is True
+    (tmp_path / "sitecustomize.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n")
+    threaded = env(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-u", ranks.__file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=threaded, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline() or "{}")
+        proc.stdin.close()  # no jobs: serve() returns
+        assert proc.wait(timeout=120) == 0
+        assert ready == {"ready": True, "fork": False}
+        assert "ranks start as fresh interpreters" in proc.stderr.read()
+    finally:
+        proc.kill()
