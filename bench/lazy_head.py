@@ -6,7 +6,8 @@ decided two ways, called round-robin (median of ``--repeats`` calls after warm-u
 
 * ``full``: the lm_head on all ``B`` rows, then ``accept_greedy`` (what the two-forward loop did before);
 * ``lazy``: the final hidden states, then ``accept_greedy_lazy`` (the lm_head on 2 rows, then chunks that double, up
-  to the first rejected row: what it does now);
+  to the first rejected row: what it does now on a CPU);
+* ``body``: the forward without any lm_head (so ``1 - body/full`` is the lm_head's share of the full verify);
 
 for drafts that the target accepts for ``n = 0 .. B-1`` tokens (built from the target's own argmax, so the decision
 and its cost are the real ones), plus one autoregressive step (1 row) as the unit. Both decisions must agree.
@@ -62,20 +63,26 @@ def lazy_head_costs(model, context_len: int, block_size: int, repeats: int, warm
                 return accept_greedy(drafted, session.forward(block, L, cache))
 
             def lazy():
-                return accept_greedy_lazy(drafted, session.forward(block, L, cache, head=False), session.lm_head)
+                return accept_greedy_lazy(drafted, session.forward(block, L, cache, head=False), session.lm_head,
+                                          session.verify_first_rows)
+
+            def body():  # no lm_head at all: what the head costs is full - body
+                return session.forward(block, L, cache, head=False)[-1, 0].item()
 
             decisions = []
             for decide in (full, lazy):
                 decisions.append(decide())
                 crop_cache(cache, cache_len(cache) - L)
             assert decisions[0] == decisions[1] and decisions[0][0] == n, (n, decisions)
-            t = _interleaved_times({"ar": ar, "full": full, "lazy": lazy},
+            t = _interleaved_times({"ar": ar, "full": full, "lazy": lazy, "body": body},
                                    lambda: crop_cache(cache, cache_len(cache) - L), repeats, warmup, None)
             out["per_accepted"][n] = {
                 "t_ar_s": t["ar"]["median_s"], "t_full_s": t["full"]["median_s"], "t_lazy_s": t["lazy"]["median_s"],
                 "full_over_ar": t["full"]["median_s"] / t["ar"]["median_s"],
                 "lazy_over_ar": t["lazy"]["median_s"] / t["ar"]["median_s"],
                 "lazy_over_full": t["lazy"]["median_s"] / t["full"]["median_s"],
+                "t_body_s": t["body"]["median_s"],
+                "head_share_of_full": 1 - t["body"]["median_s"] / t["full"]["median_s"],
             }
     return out
 
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     res = lazy_head_costs(model, args.context_len, args.block_size, args.repeats, args.warmup)
     for n, r in res["per_accepted"].items():
         print(f"n={n}: full {r['full_over_ar']:.2f} AR, lazy {r['lazy_over_ar']:.2f} AR, "
-              f"lazy/full {r['lazy_over_full']:.3f}")
+              f"lazy/full {r['lazy_over_full']:.3f}, lm_head share of full {r['head_share_of_full']:.2f}")
     write_json(args.out, {"command": command_line(__file__, argv), "machine": machine_info(), "model": path,
                           "threads": args.threads, **res})
     return 0

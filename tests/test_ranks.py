@@ -88,10 +88,9 @@ def test_the_zygote_forks_only_while_it_is_the_only_thread(tmp_path):
     proc = subprocess.Popen([sys.executable, "-u", ranks.__file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=threaded, text=True)
     try:
-        ready = json.loads(proc.stdout.readline() or "{}")
-        proc.stdin.close()  # no jobs: serve() returns
-        assert proc.wait(timeout=120) == 0
-        assert ready == {"ready": True, "fork": False}
-        assert "ranks start as fresh interpreters" in proc.stderr.read()
+        out, err = proc.communicate("", timeout=120)  # no jobs: serve() answers ready, then returns
     finally:
         proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(out.splitlines()[0]) == {"ready": True, "fork": False}
+    assert "ranks start as fresh interpreters" in err

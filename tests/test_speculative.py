@@ -197,10 +197,11 @@ def test_accounting_oracle_and_wrong(block_size, sdpa_model):
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 5, 7, 15])
-@pytest.mark.parametrize("first", [1, 2, 3])
+@pytest.mark.parametrize("first", [1, 2, 3, 16])
 def test_lazy_greedy_acceptance_equals_full(k, first):
     """accept_greedy_lazy = accept_greedy on the full logits, for every accepted prefix length, reading only the
-    rows up to the first rejection (whole chunks: ``first``, then doubling)."""
+    rows up to the first rejection (whole chunks: ``first``, then doubling; ``first`` >= k+1, a GPU session's
+    setting: one call over every row)."""
     torch.manual_seed(k)
     hidden, head = torch.randn(k + 1, 16), torch.nn.Linear(16, 50, bias=False)
     target = head(hidden).argmax(-1).tolist()

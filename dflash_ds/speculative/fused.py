@@ -217,7 +217,7 @@ def fused_generate(
                 n, bonus = accept_sampling(drafted, probs_q[:k] if probs_q is not None else None,
                                             lm_head(hidden[: k + 1]), temperature, generator)
             else:  # the lm_head on the verify rows the decision reads
-                n, bonus = accept_greedy_lazy(drafted, hidden[: k + 1], lm_head)
+                n, bonus = accept_greedy_lazy(drafted, hidden[: k + 1], lm_head, session.verify_first_rows)
             n, bonus = session.agree([n, bonus])  # what is committed, and so when to stop
             crop_cache(cache, ids.shape[1] - (n + 1))  # keep t, d_1 .. d_n; groups and rejected drafts go
             L += n + 1

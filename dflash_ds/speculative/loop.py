@@ -197,7 +197,7 @@ def _two_forward_steps(session: DecodeSession, tokens: list[int], drafter: Draft
             probs_q = draft.probs[:k] if draft.probs is not None else None
             n, bonus = accept_sampling(drafted, probs_q, out, temperature, generator)  # out: logits [k+1, V]
         else:
-            n, bonus = accept_greedy_lazy(drafted, out, session.lm_head)
+            n, bonus = accept_greedy_lazy(drafted, out, session.lm_head, session.verify_first_rows)
         n, bonus = session.agree([n, bonus])  # what is committed, and so when to stop
         crop_cache(cache, k - n)  # keep t, d_1 .. d_n; the bonus becomes the next t
         L += n + 1
