@@ -85,7 +85,8 @@ def forward_costs(model, mask_token_id: int, scope: str, context_len: int, block
     import torch
 
     from dflash_ds.lora import adapter_preserved
-    from dflash_ds.speculative import DecodeSession, FusedStep, LoRABlockDrafter, cache_len, choose_anchors, crop_cache
+    from dflash_ds.speculative import DecodeSession, cache_len, crop_cache
+    from dflash_ds.kinds.lora import FusedStep, LoRABlockDrafter, choose_anchors
 
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
@@ -159,7 +160,14 @@ def _random_model_dirs(tmp: Path, args, target_dir: Path | None) -> tuple[Path, 
     """Write (unless ``target_dir`` is given) a random Qwen3 target and a random non-zero scope-block adapter."""
     import torch
 
-    from dflash_ds.lora import DraftMeta, LoRAConfig, apply_lora, gather_full_lora_state, lora_modules, save_adapter_dir
+    from dflash_ds.lora import (
+        DraftMeta,
+        LoRAConfig,
+        apply_lora,
+        gather_full_lora_state,
+        lora_modules,
+        save_adapter_dir,
+    )
     from train_step import build_model, qwen3_config
 
     if target_dir is None:
@@ -224,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--adapter-std", type=float, default=0.02, help="std of the random lora_B (non-zero adapter)")
     p.add_argument("--no-tiny-cache", action="store_true", help="ignore an existing cached tiny target")
     p.add_argument("--out", default=str(M.REPO_ROOT / "bench" / "results" / "spec_decode.json"))
-    from dflash_ds.settings import add_flags
-    from dflash_ds.speculative import FusedConfig
+    from dflash_ds.settings import add_flags, from_args
+    from dflash_ds.kinds import FusedConfig
 
     add_flags(p, FusedConfig, "fused.", "Fused loop")
     args = p.parse_args(argv)
@@ -240,9 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from dflash_ds.lora import load_adapter_dir, stack_projections
-    from dflash_ds.settings import from_args
-    from dflash_ds.speculative import (FusedConfig, LoRABlockDrafter, autoregressive_generate, fused_generate,
-                                       speculative_generate)
+    from dflash_ds.kinds.lora import LoRABlockDrafter, fused_generate
+    from dflash_ds.speculative import autoregressive_generate, DecodeSession, speculative_generate
     from dflash_ds.recipes.tiny_target import default_tiny_target_dir, is_tiny_target
 
     if args.threads:
@@ -273,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts:
         from transformers import AutoTokenizer
 
-        from dflash_ds.evaluate import eos_ids_of, load_prompts
+        from dflash_ds.speculative import eos_ids_of
+        from dflash_ds.evaluate import load_prompts
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         prompts = load_prompts(args.prompts, tokenizer, limit=args.num_prompts)
@@ -330,7 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     # prompt prefill, identical in both loops
-    from dflash_ds.speculative import DecodeSession
 
     prefill_s = []
     with torch.no_grad():

@@ -4,7 +4,7 @@
 On one Qwen3-shaped model with random weights (flags; default hidden 256, 4 layers, heads 4 / kv 2, head_dim 64,
 intermediate 768, Qwen3's vocabulary 151,936, fp32 on the CPU), one forward + backward of:
 
-(a) ``dflash``     dflash-ds: :class:`dflash_ds.model.DFlashObjective` with gated LoRA (scope ``block``) and the fused
+(a) ``dflash``     dflash-ds: :class:`dflash_ds.kinds.lora.lora_objective.LoRADraftObjective` with gated LoRA (scope ``block``) and the fused
                    chunked CE + KL loss, over ``[clean S | N blocks of B]`` (N = S // B, random anchors), its
                    default cached clean pass (the clean tokens without autograd into a KV cache, then the blocks);
     ``dflash_joint`` the same with ``clean_pass="joint"`` (one forward over clean + blocks, backward through both);
@@ -59,7 +59,7 @@ import _measure as M  # noqa: E402
 
 M.ensure_repo_on_path()
 
-CASES = {  # name -> (objective, gradient checkpointing, DFlashObjective clean_pass)
+CASES = {  # name -> (objective, gradient checkpointing, LoRADraftObjective clean_pass)
     "dflash": ("dflash", False, "auto"),
     "dflash_joint": ("dflash", False, "joint"),
     "dflash_gc": ("dflash", True, "auto"),
@@ -171,7 +171,7 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
     from dflash_ds.blocks import IGNORE_INDEX
     from dflash_ds.lora import DEFAULT_TARGETS, LoRAConfig, adapter_control, apply_lora, lora_parameters
     from dflash_ds.loss import LossConfig
-    from dflash_ds.model import DFlashObjective
+    from dflash_ds.kinds.lora import LoRADraftObjective
 
     if objective == "ar":
         from peft import LoraConfig, get_peft_model
@@ -201,7 +201,7 @@ def build_step(objective: str, model, *, r: int, alpha: float, chunk: int, check
     set_checkpointing(model, checkpointing)
     loss_cfg = LossConfig(ce_weight=1.0, kl_weight=1.0, kl_type="forward", kl_temperature=1.0, chunk_size=chunk)
     # the naive step is a plain implementation: one joint forward, whatever the library's default pass
-    dflash = DFlashObjective(model, loss_cfg, "block", "joint" if objective == "naive" else clean_pass)
+    dflash = LoRADraftObjective(model, loss_cfg, "block", "joint" if objective == "naive" else clean_pass)
     dflash.train()
 
     if objective == "dflash":
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch_threads": threads, "mem_budget_bytes": budget, "seed": args.seed,
         },
         "variants": {
-            "dflash": "(a) DFlashObjective, gated LoRA, fused chunked CE+KL, cached clean pass: a no-grad forward "
+            "dflash": "(a) LoRADraftObjective, gated LoRA, fused chunked CE+KL, cached clean pass: a no-grad forward "
                       "over the S clean tokens into a KV cache, then the N*B block rows against it",
             "dflash_joint": "(a) with clean_pass joint: one forward over [clean S | blocks N*B], backward through both",
             "dflash_gc": "(a) with activation checkpointing (non-reentrant)",

@@ -226,20 +226,30 @@ def visibility(anchors: torch.Tensor, block_valid: torch.Tensor, block_size: int
     its draft groups as the blocks, so decoding sees exactly what training saw."""
     b, S = key_real.shape
     N, B = anchors.shape[1], block_size
-    device = key_real.device
-    causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+    causal = torch.ones(S, S, dtype=torch.bool, device=key_real.device).tril()
     clean_rows = torch.cat(
-        [causal[None] & key_real[:, None, :], torch.zeros(b, S, N * B, dtype=torch.bool, device=device)], dim=2
+        [causal[None] & key_real[:, None, :], torch.zeros(b, S, N * B, dtype=torch.bool, device=key_real.device)], dim=2
     )
+    return torch.cat([clean_rows, block_rows_visibility(anchors, block_valid, B, key_real)], dim=1)
+
+
+def block_rows_visibility(anchors: torch.Tensor, block_valid: torch.Tensor, block_size: int,
+                          key_real: torch.Tensor) -> torch.Tensor:
+    """The block rows of :func:`visibility` alone: ``[b, N*B, S+N*B]`` bool over the keys ``[clean | blocks]``.
+    Block ``j`` sees the real clean keys ``< anchors[:, j]`` (strictly: the anchor's own feature is not committed at
+    inference) and every key of its own block; never another block; an invalid block sees nothing. The standalone
+    drafter trains under exactly these rows (its keys are the target's context rows, then the blocks)."""
+    b, S = key_real.shape
+    N, B = anchors.shape[1], block_size
+    device = key_real.device
     anchors = anchors.to(device)  # [b, N]
-    valid = block_valid.to(device)
+    valid = block_valid.to(device=device, dtype=torch.bool)
     sees_clean = torch.arange(S, device=device)[None, None, :] < anchors[:, :, None]  # [b, N, S]
     sees_clean = sees_clean & key_real[:, None, :] & valid[:, :, None]
     own_block = torch.eye(N, dtype=torch.bool, device=device)[None] & valid[:, :, None]  # [b, N, N]
     sees_blocks = own_block[:, :, :, None].expand(b, N, N, B).reshape(b, N, N * B)
     block_rows = torch.cat([sees_clean, sees_blocks], dim=2)  # [b, N, S+N*B] per block
-    block_rows = block_rows[:, :, None, :].expand(b, N, B, S + N * B).reshape(b, N * B, S + N * B)
-    return torch.cat([clean_rows, block_rows], dim=1)
+    return block_rows[:, :, None, :].expand(b, N, B, S + N * B).reshape(b, N * B, S + N * B)
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -16,7 +16,7 @@ layout uses DeepSpeed's files (bit-exact); on a different number of ranks the ra
 into the new layout through DeepSpeed's ``safe_set_full_*`` API.
 
 What the drafter's trainable tensors are, under which keys, and how each is gathered over tensor parallelism and
-sliced back, is the drafter kind's (:mod:`dflash_ds.drafters`): PEFT-keyed LoRA factors split with their
+sliced back, is the drafter kind's (:mod:`dflash_ds.kinds`): PEFT-keyed LoRA factors split with their
 projections, or the standalone drafter's published state-dict names, replicated.
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .drafters import DraftKind, draft_kind, export_state, kind_class, state_kind
+from .kinds import DraftKind, draft_kind, export_state, kind_class, state_kind
 from .faults import faults
 
 STATE_FILE = "dflash_state.pt"

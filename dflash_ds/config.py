@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .blocks import BlockConfig
+from .checkpoint import find_checkpoint
 from .data import DataConfig
+from .evaluate import read_prompts
+from .kinds import CLEAN_PASSES, KINDS, LORA, DFlashConfig, resolve_clean_pass
 from .lora import LoRAConfig
 from .loss import LossConfig
 from .settings import REQUIRED, add_flags, check_choices, from_args, setting
@@ -22,54 +25,17 @@ from .settings import REQUIRED, add_flags, check_choices, from_args, setting
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
-CLEAN_PASSES = ("auto", "cached", "joint")
-
-
-LORA, DFLASH = "lora", "dflash"
-KINDS = (LORA, DFLASH)
-DRAFT_INITS = ("target", "random")
 
 
 @dataclass
-class DrafterConfig:
-    """Drafter kind: lora (the target + a gated LoRA adapter) or dflash (a standalone DFlash draft model)."""
+class DrafterConfig(DFlashConfig):
+    """Drafter kind (:mod:`dflash_ds.kinds`): lora (the target + a gated LoRA adapter) or dflash (a standalone DFlash
+    draft model, shaped by the inherited ``--draft-*`` settings)."""
 
     kind: str = setting(LORA, "lora: the target itself with a gated LoRA adapter (exported to OUTPUT/adapter); "
                         "dflash: a standalone DFlash draft model of a few layers reading the frozen target's hidden "
                         "states (exported to OUTPUT/drafter in the published SGLang/vLLM format)", flag="drafter",
                         choices=KINDS)
-    layers: int = setting(1, "dflash: number of draft (decoder) layers; each costs about one target layer per "
-                          "draft forward", flag="draft-layers", metavar="N")
-    target_layer_ids: tuple[int, ...] | None = setting(
-        None, "dflash: the target layers whose outputs feed the drafter (default: the published rule, "
-        "round(1 + i*(N-4)/(L-1)) for L draft layers, [N//2] for one)", flag="target-layer-ids", metavar="ID")
-    init: str = setting("target", "dflash: draft layers copied from the target's last layers (fc = the mean of the "
-                        "features, norms from the target), or random (the reference's post_init)",
-                        flag="draft-init", choices=DRAFT_INITS)
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-        if self.layers < 1:
-            raise ValueError(f"--draft-layers must be >= 1, got {self.layers}")
-        if self.target_layer_ids is not None:
-            self.target_layer_ids = tuple(int(i) for i in self.target_layer_ids)
-
-    def draft_config(self, target_config, block_size: int, mask_token_id: int | None):
-        """The draft model's config for ``target_config`` (:func:`dflash_ds.dflash_model.make_draft_config`);
-        ValueError naming the flags when the target cannot take it."""
-        from .dflash_model import make_draft_config
-
-        N = int(target_config.num_hidden_layers)
-        if self.init == "target" and self.layers > N:
-            raise ValueError(f"--draft-init target copies the target's last --draft-layers layers: "
-                             f"{self.layers} > the target's {N}; use fewer layers or --draft-init random")
-        try:
-            return make_draft_config(target_config, self.layers, self.target_layer_ids, block_size=block_size,
-                                     mask_token_id=mask_token_id)
-        except ValueError as exc:
-            raise ValueError(f"--drafter dflash (--draft-layers {self.layers}, --target-layer-ids "
-                             f"{'default' if self.target_layer_ids is None else list(self.target_layer_ids)}): "
-                             f"{exc}") from None
 
 
 @dataclass
@@ -149,21 +115,15 @@ class TrainConfig:
                 raise ValueError(f"--train-data {path!r}: no such file")
         if not self.dist_timeout > 0:
             raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
-        from .model import resolve_clean_pass
-
         resolve_clean_pass(self.clean_pass, self.lora.scope, self.attn_implementation)
         if self.eval_interval and not self.eval_prompts:
             raise ValueError("--eval-interval needs --eval-prompts")
         if self.eval_prompts:  # read now: a bad prompt file must not surface at the first evaluation, hours in
-            from .evaluate import read_prompts
-
             try:
                 read_prompts(self.eval_prompts)
             except FileNotFoundError as exc:
                 raise ValueError(f"--eval-prompts {exc}") from None
         if self.resume not in (None, "auto"):
-            from .checkpoint import find_checkpoint
-
             find_checkpoint(self.resume, self.output_dir)
 
 

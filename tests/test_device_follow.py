@@ -13,13 +13,8 @@ import pytest
 import torch
 
 from dflash_ds.lora import gather_full_lora_state, stack_projections
-from dflash_ds.speculative import (
-    LoRABlockDrafter,
-    StaticDecoding,
-    autoregressive_generate,
-    fused_generate,
-    speculative_generate,
-)
+from dflash_ds.kinds.lora import LoRABlockDrafter, fused_generate
+from dflash_ds.speculative import StaticDecoding, autoregressive_generate, speculative_generate
 
 from test_speculative import MASK, hf_greedy, prompts, tiny_model
 

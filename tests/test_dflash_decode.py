@@ -9,16 +9,18 @@ import torch
 from conftest import tiny_model
 from test_speculative import _chi_square_pvalue
 from dflash_ds.blocks import BlockConfig, build_block_layout
-from dflash_ds.dflash_model import DFlashDraftModel, init_from_target, make_draft_config
-from dflash_ds.dflash_objective import DFlashDraftObjective
-from dflash_ds.loss import LossConfig
-from dflash_ds.speculative import SpecResult
-from dflash_ds.speculative.dflash_loop import (
-    DFlashDecodeState,
+from dflash_ds.kinds.dflash import (
     dflash_autoregressive_generate,
     dflash_generate,
+    DFlashDecodeState,
+    DFlashDraftModel,
+    DFlashDraftObjective,
+    init_from_target,
+    make_draft_config,
     resolve_block,
 )
+from dflash_ds.loss import LossConfig
+from dflash_ds.speculative import SpecResult
 
 MASK = 95
 VOCAB = 96
@@ -287,7 +289,8 @@ def test_static_and_compiled_target_forwards_are_exact(compile, models):
     decoder): the same output and acceptance as the dynamic cache, the AR baseline on the same static cache too."""
     import torch._dynamo
 
-    from dflash_ds.speculative import FeatureTap, StaticDecoding, autoregressive_generate
+    from dflash_ds.kinds.dflash import FeatureTap
+    from dflash_ds.speculative import StaticDecoding, autoregressive_generate
 
     target, _, drafter = copy.deepcopy(models["qwen3"])
     torch._dynamo.reset()

@@ -12,17 +12,17 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from dflash_ds.dflash_model import (
+from dflash_ds.kinds.dflash import (
     DFlashContextCache,
     DFlashDraftModel,
-    TargetFeatureHook,
+    FeatureTap,
     default_target_layer_ids,
     init_from_target,
     load_dflash_draft,
     make_draft_config,
     save_dflash_draft,
-    training_attention_mask,
 )
+from dflash_ds.blocks import block_rows_visibility, visibility
 
 B = 4  # block size
 MASK = 95  # a row of the tiny targets' 96-row embedding
@@ -130,6 +130,12 @@ def reference_logits(export_dir, embed_w, head_w, hidden_states, block_ids, bloc
     return _rms(h, W["norm.weight"], eps) @ head_w.T
 
 
+def training_attention_mask(anchors, block_size, S, block_valid=None):
+    """The training visibility the objective hands the drafter, all context rows real."""
+    valid = torch.ones(anchors.shape, dtype=torch.bool) if block_valid is None else block_valid
+    return block_rows_visibility(anchors, valid, block_size, torch.ones(anchors.shape[0], S, dtype=torch.bool))
+
+
 def _reference_visibility(anchors, block_valid, T):
     b, N = anchors.shape
     vis = torch.zeros(b, N * B, T + N * B, dtype=torch.bool)
@@ -215,15 +221,17 @@ def test_block_sees_nothing_at_or_after_its_anchor_nor_other_blocks(family):
         assert not torch.equal(out, base)
 
 
-def test_training_mask_matches_the_shared_block_visibility():
-    """The drafter's key set [context | blocks] is the block rows of the LoRA kind's mask (dflash_ds.blocks)."""
-    from dflash_ds.blocks import visibility
-
+def test_training_mask_is_the_reference_visibility_and_the_lora_kinds_block_rows():
+    """The drafter's keys [context | blocks] under the reference rule (padding context never visible), and the same
+    rows as the block rows of the LoRA kind's joint mask (dflash_ds.blocks.visibility)."""
     anchors = torch.tensor([[1, 5, 9], [0, 2, 0]])
     valid = torch.tensor([[True, True, True], [True, True, False]])
     key_real = torch.ones(2, 12, dtype=torch.bool)
     key_real[1, 10:] = False
-    ours = training_attention_mask(anchors, B, 12, block_valid=valid, context_valid=key_real)[:, 0]
+    ours = block_rows_visibility(anchors, valid, B, key_real)
+    ref = _reference_visibility(anchors, valid, 12)
+    ref[:, :, :12] &= key_real[:, None, :]
+    assert torch.equal(ours, ref)
     assert torch.equal(ours, visibility(anchors, valid, B, key_real)[:, 12:])
 
 
@@ -248,9 +256,8 @@ def test_context_cache_equals_uncached_forward(family):
         n = committed + accepted
         block_ids, pos = _blocks(ids, torch.tensor([[n]]))
         with torch.no_grad():
-            if step == 2:  # a verify step whose features were appended for more rows than were accepted
-                draft(embed(block_ids), pos, ctx_all[:, committed:n + 2], cache=cache)
-                cache.crop(n)
+            if step == 2:  # one draft forward appends the context, a second one reads the cache alone
+                draft(embed(block_ids), pos, ctx_all[:, committed:n], cache=cache)
                 out = draft(embed(block_ids), pos, None, cache=cache)
             else:
                 out = draft(embed(block_ids), pos, ctx_all[:, committed:n], cache=cache)
@@ -333,21 +340,25 @@ def test_init_from_target_copies_weights(family):
     K = len(draft.target_layer_ids)
     feats = torch.randn(1, 3, K * 64)
     torch.testing.assert_close(draft.fc(feats), feats.view(1, 3, K, 64).mean(2))
-    assert init_from_target(draft, target, "tapped") == draft.target_layer_ids[:2]
+    assert init_from_target(draft, target, [1, 3]) == [1, 3]  # explicit source layers
     assert torch.equal(draft.layers[0].mlp.up_proj.weight, target.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(draft.layers[1].mlp.up_proj.weight, target.model.layers[3].mlp.up_proj.weight)
 
 
-def test_feature_hook_equals_hidden_states_and_projection_inputs():
+def test_feature_tap_equals_hidden_states_and_projection_inputs():
     target, draft = _setup("qwen3")
     ids = torch.randint(0, 90, (2, 10))
-    with TargetFeatureHook(target, draft.target_layer_ids) as hook, torch.no_grad():
-        hs = target(ids, output_hidden_states=True).hidden_states
-        feats = hook.features()
-    for f, i in zip(feats, draft.target_layer_ids):
-        assert torch.equal(f, hs[i + 1])
+    tap = FeatureTap.of(target, draft.target_layer_ids)
+    with torch.no_grad():
+        with tap.recording():
+            hs = target(ids, output_hidden_states=True).hidden_states
+            feats = tap.take(draft.target_layer_ids)
+        target(ids)  # off outside the recording: nothing kept
+    assert not tap.active and not tap.out
+    assert torch.equal(feats, torch.cat([hs[i + 1] for i in draft.target_layer_ids], dim=-1))
     with torch.no_grad():
         a, b = draft.project_context(hs), draft.project_context(feats)
-        c = draft.project_context(torch.cat(feats, -1))
+        c = draft.project_context(list(feats.split(64, dim=-1)))
     assert torch.equal(a, b) and torch.equal(a, c)
 
 

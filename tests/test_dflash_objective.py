@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from dflash_ds.blocks import IGNORE_INDEX, BlockConfig, build_block_layout
-from dflash_ds.dflash_model import DFlashDraftModel, make_draft_config
-from dflash_ds.dflash_objective import DFlashDraftObjective
+from dflash_ds.kinds.dflash import DFlashDraftModel, DFlashDraftObjective, make_draft_config
 from dflash_ds.loss import LossConfig
-from dflash_ds.model import DFlashObjective, ObjectiveOutput
+from dflash_ds.kinds.lora import LoRADraftObjective
+from dflash_ds.objective import ObjectiveOutput
 
 MASK = 95
 S, B = 20, 4
@@ -169,7 +169,7 @@ def test_metrics_match_the_reference_and_the_lora_objectives_shape():
     assert full > 0 and out.accept_count.item() == full and out.accept_sum.item() == accept
     # drop-in for the LoRA kind's objective: same forward signature
     ours = list(inspect.signature(DFlashDraftObjective.forward).parameters)
-    assert ours == list(inspect.signature(DFlashObjective.forward).parameters)
+    assert ours == list(inspect.signature(LoRADraftObjective.forward).parameters)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -196,16 +196,16 @@ def test_bf16_target_with_fp32_drafter():
 def test_zero3_registers_the_lm_head_on_the_loss_module(monkeypatch):
     import deepspeed
 
-    from dflash_ds.dflash_objective import register_zero3_external_parameters
+    from dflash_ds.objective import register_lm_head
 
     objective, *_ = _setup()
-    assert register_zero3_external_parameters(objective) is False  # not partitioned: nothing to do
+    assert register_lm_head(objective.loss_head, objective.target) is False  # not partitioned: nothing to do
     calls = []
     monkeypatch.setattr(deepspeed.zero, "register_external_parameter", lambda m, p: calls.append((m, p)))
     weight = objective.target.get_output_embeddings().weight
     weight.ds_id = 0  # what a ZeRO-3 partitioned parameter carries
     try:
-        assert register_zero3_external_parameters(objective) is True
+        assert register_lm_head(objective.loss_head, objective.target) is True
     finally:
         del weight.ds_id
     assert calls == [(objective.loss_head, weight)]

@@ -57,8 +57,7 @@ def test_drafter_flags_and_their_checks():
     """--drafter/--draft-layers/--target-layer-ids/--draft-init: defaults (the LoRA kind, one draft layer, the
     published rule, init from the target), and a drafter the target cannot take names its flags."""
     from conftest import tiny_config
-    from dflash_ds.config import parse_train_args
-    from dflash_ds.drafters import DrafterConfig
+    from dflash_ds.config import DrafterConfig, parse_train_args
 
     base = ["--model-path", "m", "--output-dir", "o", "--train-data", "d.jsonl"]
     cfg = parse_train_args(base).drafter
@@ -90,7 +89,7 @@ def _init_drafter(assets):
     """The drafter the run starts from, built here as the trainer does (seed 3, copied from the target)."""
     from transformers import AutoModelForCausalLM
 
-    from dflash_ds.dflash_model import DFlashDraftModel, init_from_target, make_draft_config
+    from dflash_ds.kinds.dflash import DFlashDraftModel, init_from_target, make_draft_config
 
     target = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32)
     torch.manual_seed(3)
@@ -184,7 +183,7 @@ def test_resume_with_another_drafter_kind_or_shape_is_refused(dflash_assets, dfl
 
 def test_export_is_the_published_format_holding_the_trained_weights(dflash_reference, tmp_path):
     from dflash_ds.cli import main
-    from dflash_ds.dflash_model import load_dflash_draft
+    from dflash_ds.kinds.dflash import load_dflash_draft
 
     out = dflash_reference / "drafter"
     config = json.loads((out / "config.json").read_text())
@@ -230,8 +229,9 @@ def test_nonfinite_step_is_skipped_and_the_periodic_eval_is_the_offline_eval(dfl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dflash_ds.checkpoint import export_checkpoint
-    from dflash_ds.dflash_model import load_dflash_draft
-    from dflash_ds.evaluate import EvalConfig, load_prompts, run_eval, standalone_drafter
+    from dflash_ds.kinds.dflash import load_dflash_draft
+    from dflash_ds.evaluate import EvalConfig, load_prompts, run_eval
+    from dflash_ds.kinds import standalone_drafter
 
     export_checkpoint(out / "checkpoints" / "step_00000001", tmp_path / "step1")
     target = AutoModelForCausalLM.from_pretrained(dflash_assets / "model", dtype=torch.float32).eval()

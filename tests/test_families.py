@@ -8,7 +8,7 @@ from dflash_ds.blocks import BlockConfig, build_block_layout
 from dflash_ds.families import check_max_length, check_tp_compatible, decoder, family_of, sliding_window
 from dflash_ds.lora import LoRAConfig, apply_lora
 from dflash_ds.loss import LossConfig
-from dflash_ds.model import DFlashObjective
+from dflash_ds.kinds.lora import LoRADraftObjective
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2", "mistral"])
@@ -19,7 +19,7 @@ def test_every_family_trains_and_its_clean_stream_is_the_base_model(family):
     assert family_of(model).name == family and decoder(model) is model.model
     apply_lora(model, LoRAConfig(r=4, alpha=8))
     randomize_lora_b(model)
-    objective = DFlashObjective(model, LossConfig(kl_weight=0.5, chunk_size=7), "block")
+    objective = LoRADraftObjective(model, LossConfig(kl_weight=0.5, chunk_size=7), "block")
     ids = torch.randint(0, 90, (2, 20), generator=torch.Generator().manual_seed(0))
     mask, lm = torch.ones(2, 20, dtype=torch.long), torch.ones(2, 20, dtype=torch.long)
     layout = build_block_layout(ids, lm, mask, BlockConfig(block_size=4, mask_token_id=95), [1, 2])
@@ -44,7 +44,7 @@ def test_every_family_gets_the_joint_forwards_loss_and_gradients_from_the_cached
         model = tiny_model(family, seed=1)
         apply_lora(model, LoRAConfig(r=4, alpha=8))
         randomize_lora_b(model)
-        out = DFlashObjective(model, LossConfig(kl_weight=0.5, chunk_size=7), "block", clean_pass)(ids, mask, layout)
+        out = LoRADraftObjective(model, LossConfig(kl_weight=0.5, chunk_size=7), "block", clean_pass)(ids, mask, layout)
         out.loss.backward()
         results.append((out.loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
@@ -92,8 +92,8 @@ def test_decoding_a_sliding_window_model_is_exact_inside_the_window_and_refused_
 
     from dflash_ds.evaluate import EvalConfig, run_eval
     from dflash_ds.lora import DraftMeta
-    from dflash_ds.speculative import (LoRABlockDrafter, StaticDecoding, autoregressive_generate, fused_generate,
-                                       speculative_generate)
+    from dflash_ds.kinds.lora import LoRABlockDrafter, fused_generate
+    from dflash_ds.speculative import StaticDecoding, autoregressive_generate, speculative_generate
 
     window, B, mask_id = 80, 4, 3
     extra = dict(use_sliding_window=True, max_window_layers=0) if family == "qwen2" else {}

@@ -11,13 +11,9 @@ from transformers import PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from dflash_ds.lora import AdapterControl
-from dflash_ds.speculative import (
-    DecodeSession,
-    FusedConfig,
-    autoregressive_generate,
-    fused_generate,
-    fused_step_layout,
-)
+from dflash_ds.speculative import DecodeSession, autoregressive_generate
+from dflash_ds.kinds import FusedConfig
+from dflash_ds.kinds.lora import fused_generate, fused_step_layout
 
 from test_speculative import (  # noqa: E402  (the shared tiny models and references of the two-forward loop's tests)
     MASK,
@@ -322,7 +318,8 @@ def test_needs_an_adapter_and_a_block_of_three(sdpa_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("compile", [False, True], ids=["static", "compiled"])
 def test_static_and_compiled_paths_are_exact(compile):
-    from dflash_ds.speculative import LoRABlockDrafter, StaticDecoding, speculative_generate
+    from dflash_ds.kinds.lora import LoRABlockDrafter
+    from dflash_ds.speculative import StaticDecoding, speculative_generate
 
     import torch._dynamo
 

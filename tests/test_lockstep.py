@@ -77,6 +77,8 @@ def test_every_rank_returns_rank_0s_outputs_and_the_run_finishes(tmp_path):
     assert r0["other_loop_match"] is r1["other_loop_match"] is True
     assert r0["forwards"] == r1["forwards"]  # the same forwards, so no rank waited on another
     assert "lockstep" in r0["hf_baselines"] and "lockstep" in r1["hf_baselines"]  # refused, not left to hang
+    for r in (r0, r1):  # an overflowing decision is an error on every rank, at once (the timeout is 60 s)
+        assert "3 values for a capacity of 2" in r["overflow"] and r["overflow_s"] < 20, r
 
 
 def _worker(out: Path) -> None:
@@ -84,11 +86,15 @@ def _worker(out: Path) -> None:
     from datetime import timedelta
     from types import SimpleNamespace
 
+    import time
+
+    import torch
     import torch.distributed as dist
 
-    from dflash_ds.evaluate import DRAFTER_OTHER_LOOP, EvalConfig, run_eval
+    from dflash_ds.evaluate import EvalConfig, run_eval
+    from dflash_ds.kinds import DRAFTER_OTHER_LOOP, FusedConfig
     from dflash_ds.lora import DraftMeta
-    from dflash_ds.speculative import FusedConfig, autoregressive_generate
+    from dflash_ds.speculative import Lockstep, autoregressive_generate
     from test_speculative import MASK, prompts, tiny_model
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
@@ -109,11 +115,19 @@ def _worker(out: Path) -> None:
     except ValueError as exc:
         hf_baselines = str(exc)
     dist.barrier()
+    # more values than the broadcast holds: every rank raises at once (rank 1 must not wait out the timeout)
+    t0 = time.perf_counter()
+    try:
+        Lockstep().agree([7, 8, 9], capacity=2, device=torch.device("cpu"))
+        overflow = "agreed"
+    except ValueError as exc:
+        overflow = str(exc)
+    overflow_s = time.perf_counter() - t0
     hook.remove()  # from here on this rank alone: its own greedy output
     solo = [autoregressive_generate(model, p, max_new_tokens=NEW).output_ids for p in prompt_ids]
     result = {"ar": [p["ar_ids"] for p in report["per_prompt"]], "spec": [p["spec_ids"] for p in report["per_prompt"]],
               "other_loop_match": report["baselines"][DRAFTER_OTHER_LOOP]["greedy_match"], "solo": solo,
-              "forwards": forwards[0], "hf_baselines": hf_baselines}
+              "forwards": forwards[0], "hf_baselines": hf_baselines, "overflow": overflow, "overflow_s": overflow_s}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 

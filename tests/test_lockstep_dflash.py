@@ -41,8 +41,9 @@ def _worker(out: Path) -> None:
     import torch
     import torch.distributed as dist
 
-    from dflash_ds.dflash_model import DFlashDraftModel, init_from_target, make_draft_config
-    from dflash_ds.evaluate import EvalConfig, in_memory_lora, run_eval, standalone_drafter
+    from dflash_ds.kinds.dflash import DFlashDraftModel, init_from_target, make_draft_config
+    from dflash_ds.evaluate import EvalConfig, run_eval
+    from dflash_ds.kinds import in_memory_lora, standalone_drafter
     from conftest import tiny_model
     from dflash_ds.lora import DraftMeta, LoRAConfig, apply_lora, lora_modules
     from dflash_ds.speculative import autoregressive_generate

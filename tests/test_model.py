@@ -5,7 +5,7 @@ from conftest import randomize_lora_b, tiny_qwen3
 from dflash_ds.blocks import BlockConfig, build_block_layout
 from dflash_ds.lora import LoRAConfig, adapter_control, apply_lora
 from dflash_ds.loss import LossConfig
-from dflash_ds.model import DFlashObjective, resolve_clean_pass
+from dflash_ds.kinds.lora import LoRADraftObjective as LoRADraftObjective, resolve_clean_pass
 
 MASK = 95
 S, B = 24, 4
@@ -16,7 +16,7 @@ def _setup(scope="block", attn="sdpa", kl=0.0, clean_pass="auto"):
     base = tiny_qwen3(attn_implementation=attn)
     apply_lora(model, LoRAConfig(r=4, alpha=8, scope=scope))
     randomize_lora_b(model)
-    objective = DFlashObjective(model, LossConfig(ce_weight=1.0, kl_weight=kl, chunk_size=7), scope, clean_pass)
+    objective = LoRADraftObjective(model, LossConfig(ce_weight=1.0, kl_weight=kl, chunk_size=7), scope, clean_pass)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 90, (2, S), generator=g)
     lm = torch.ones(2, S, dtype=torch.long)
@@ -139,8 +139,8 @@ def test_cached_clean_pass_needs_scope_block():
     model = tiny_qwen3()
     apply_lora(model, LoRAConfig(r=4, alpha=8, scope="all"))
     with pytest.raises(ValueError, match="--clean-pass cached needs --lora-scope block"):
-        DFlashObjective(model, LossConfig(), "all", "cached")
-    assert DFlashObjective(model, LossConfig(), "all").clean_pass == "joint"
+        LoRADraftObjective(model, LossConfig(), "all", "cached")
+    assert LoRADraftObjective(model, LossConfig(), "all").clean_pass == "joint"
     with pytest.raises(ValueError, match="--clean-pass cached is not supported with --attn-implementation flex"):
         resolve_clean_pass("cached", "block", "flex_attention")
     assert resolve_clean_pass("auto", "block", "sdpa") == "cached"
@@ -167,7 +167,7 @@ def test_flex_attention_block_mask_matches_sdpa():
     flex_model = tiny_qwen3(attn_implementation="flex_attention")
     apply_lora(flex_model, LoRAConfig(r=4, alpha=8, scope="block"))
     flex_model.load_state_dict(objective.model.state_dict())
-    flex = DFlashObjective(flex_model, objective.loss_config, "block")
+    flex = LoRADraftObjective(flex_model, objective.loss_config, "block")
     assert flex.clean_pass == "joint" and objective.clean_pass == "cached"
     with torch.no_grad():
         a = objective.hidden_states(ids, attn_mask, layout)

@@ -13,7 +13,7 @@ import zlib
 import pytest
 
 from dflash_ds import plots
-from dflash_ds.benchmarks import BenchPrompt, MissingExtra, benchmark_report
+from dflash_ds.evaluate.benchmarks import BenchPrompt, MissingExtra, benchmark_report
 
 from test_benchmarks import fake_run, tiny_setup
 
@@ -163,8 +163,8 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
 
 def test_package_imports_without_matplotlib():
     code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "import dflash_ds.plots, dflash_ds.benchmarks\n"
-            "try:\n    dflash_ds.plots.require_matplotlib()\nexcept dflash_ds.benchmarks.MissingExtra as e:\n"
+            "import dflash_ds.plots, dflash_ds.evaluate.benchmarks\n"
+            "try:\n    dflash_ds.plots.require_matplotlib()\nexcept dflash_ds.evaluate.benchmarks.MissingExtra as e:\n"
             "    print('missing:', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -10,12 +10,11 @@ import pytest
 from dflash_ds.blocks import BlockConfig
 from dflash_ds.config import OptimConfig, TrainConfig, build_parser, parse_train_args
 from dflash_ds.data import DataConfig
-from dflash_ds.evaluate import EvalConfig
-from dflash_ds.evaluate import build_parser as eval_parser
+from dflash_ds.evaluate import build_parser as eval_parser, EvalConfig
 from dflash_ds.lora import LoRAConfig
 from dflash_ds.loss import LossConfig
 from dflash_ds.settings import add_flags, flag_name, from_args, setting
-from dflash_ds.speculative import FusedConfig
+from dflash_ds.kinds import FusedConfig
 
 REQUIRED = ["--model-path", "m", "--output-dir", "o", "--train-data", "d.jsonl"]
 

@@ -13,14 +13,14 @@ from conftest import tiny_config
 from dflash_ds.lora import LoRAConfig, apply_lora, lora_modules
 from dflash_ds.speculative import (
     Draft,
-    LoRABlockDrafter,
     accept_greedy,
     accept_greedy_lazy,
     NgramDrafter,
     autoregressive_generate,
     speculative_generate,
-    untrained_floor_drafter,
 )
+from dflash_ds.kinds.lora import LoRABlockDrafter
+from dflash_ds.kinds import untrained_floor_drafter
 
 MASK = 3
 VOCAB = 96
@@ -283,7 +283,7 @@ def test_cache_holds_exactly_committed_tokens(scope, attn, sdpa_model, eager_mod
 
 
 def _training_style_block_logits(model, tokens: list[int], block: int, scope: str) -> torch.Tensor:
-    """Logits of block positions 1..B-1 as the training forward computes them (dflash_ds.model): clean
+    """Logits of block positions 1..B-1 as the training forward computes them (dflash_ds.kinds.lora.lora_objective): clean
     tokens ``x[:a]`` then the block ``[x[a], MASK...]`` at positions ``a..a+B-1`` in one sequence, block queries
     seeing clean keys < a and their block; scope block gates the adapter to the block tokens."""
     from dflash_ds.blocks import additive_mask

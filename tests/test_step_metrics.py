@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dflash_ds.blocks import BlockLayout
-from dflash_ds.model import ObjectiveOutput
+from dflash_ds.objective import ObjectiveOutput
 from dflash_ds.parallel import ParallelLayout, TPGroup
 from dflash_ds.metrics import StepMetrics
 

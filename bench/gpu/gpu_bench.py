@@ -6,7 +6,7 @@ and writes it to ``--out`` (default ``$OUT/gpu_bench.json`` when ``$OUT`` is set
 (an error or out-of-memory is recorded and the next part runs) and skipped once ``--time-budget-s`` is spent:
 
 1. ``train_8b``: a Qwen3-8B-shaped model (random weights from a config, bf16, SDPA) with gated LoRA (r 16, alpha 32,
-   scope ``block``, q/k/v/o/gate/up/down) through :class:`dflash_ds.model.DFlashObjective` and the fused CE + KL loss
+   scope ``block``, q/k/v/o/gate/up/down) through :class:`dflash_ds.kinds.lora.lora_objective.LoRADraftObjective` and the fused CE + KL loss
    over ``[clean S | N*B block tokens]`` (default S = 2048, B = 16, N = 128, so 4096 tokens in one forward; the
    additive 4D mask through SDPA):
      * ``dflash_gc``: forward + backward with activation checkpointing (non-reentrant), as the trainer runs it;
@@ -248,7 +248,7 @@ class Bench:
         self.guarded("naive", run("naive", False), cases)
 
         def with_flex(fn):
-            # the same model through FlexAttention: DFlashObjective builds a sparse BlockMask when the model's
+            # the same model through FlexAttention: LoRADraftObjective builds a sparse BlockMask when the model's
             # attention implementation is flex_attention (dflash_ds.blocks.build_flex_block_mask)
             def wrapped():
                 state["model"].config._attn_implementation = "flex_attention"

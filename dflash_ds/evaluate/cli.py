@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ..benchmarks import BENCHMARKS, MissingExtra
+from .benchmarks import BENCHMARKS, MissingExtra
 from ..files import write_json_atomic
 from ..settings import add_flags, from_args
 from .config import EvalConfig
@@ -82,7 +82,7 @@ def _main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..lora import stack_projections
-    from .drafters import load_drafters, open_drafters
+    from ..kinds import load_drafters, open_drafters
 
     config = from_args(EvalConfig, args, "decoding.")
     if args.limit is not None and args.limit < 1:
@@ -102,7 +102,7 @@ def _main(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.model_path}: model directory not found")
     artifacts = open_drafters(args.drafters)  # every drafter's kind and metadata, before any model loads
     if args.benchmark is not None:  # the questions (and a missing wheel) before the model loads
-        from ..benchmarks import benchmark_source, load_questions
+        from .benchmarks import benchmark_source, load_questions
 
         questions = load_questions(args.benchmark)[: args.limit]
         source = benchmark_source(args.benchmark)

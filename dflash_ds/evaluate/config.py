@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
+from ..kinds import DRAFTER, DRAFTER_OTHER_LOOP, FusedConfig, kind_class, kind_of
 from ..settings import check_choices, setting
-from ..speculative import DFLASH, FusedConfig, kind_of
 
 BASELINE_CHOICES = ("none", "fast", "all")
 SPLIT_AT = 32  # tau is split into steps that start within the first 32 generated tokens and the rest
 
-# method keys, in table order
-DRAFTER = "drafter"
-DRAFTER_OTHER_LOOP = "drafter_other_loop"  # the drafter through the loop --loop did not pick (with --loop both)
+# method keys, in table order (DRAFTER, DRAFTER_OTHER_LOOP: the drafters' rows, named by the kinds' seam)
 NGRAM = "ngram"
 PROMPT_LOOKUP = "prompt_lookup_hf"
 FLOOR = "untrained_floor"
@@ -25,16 +21,7 @@ HF_GREEDY = "hf_greedy"
 AR = "autoregressive"
 TABLE_ORDER = (DRAFTER, DRAFTER_OTHER_LOOP, NGRAM, PROMPT_LOOKUP, FLOOR, HF_GREEDY)
 LOOP_CHOICES = ("auto", "fused", "two_forward", "both")
-DFLASH_LOOP = "dflash"  # a standalone drafter's loop: the two-forward loop with the drafter's own forward
-LOOP_LABELS = {"fused": "fused loop", "two_forward": "two-forward loop", DFLASH_LOOP: "dflash loop"}
 COMPILE_CHOICES = ("none", "static", "compile")
-
-
-def default_loop(device: torch.device) -> str:
-    """The drafter's loop when both run: the one that measured faster where it was measured. On a CPU the
-    two-forward loop (a fused forward's extra rows cost compute there: docs/benchmarks.md); on a GPU the fused loop,
-    whose extra rows are nearly free at batch 1 (one forward per step instead of a draft and a verify)."""
-    return "fused" if device.type == "cuda" else "two_forward"
 
 
 def compile_mode(model: nn.Module) -> str | None:
@@ -86,27 +73,4 @@ class EvalConfig:
         drafter's): the loop, the block size (checked against the trained one) and prompt lookup's K. ``name``
         (the drafter's) goes into the errors."""
         who = f"{name}: " if name else ""
-        standalone = kind_of(meta) == DFLASH
-        if standalone:
-            loop = DFLASH_LOOP
-        else:
-            loop = self.loop if self.loop != "auto" else ("both" if meta.scope == "block" else "two_forward")
-        trained = int(meta.block_size)
-        B = int(self.block_size or trained)
-        lowest = 2 if loop in ("two_forward", DFLASH_LOOP) else 3
-        if not lowest <= B <= trained:
-            raise ValueError(f"{who}--block-size must be in [{lowest}, {trained}] (the "
-                             f"{'drafter' if standalone else 'adapter'} was trained with "
-                             f"{trained}{'; the fused loop drafts positions 2 .. B-1' if lowest == 3 else ''})")
-        if standalone:  # not dataclasses.replace: "dflash" is no --loop choice (a standalone drafter has one loop)
-            out = copy.copy(self)
-            out.loop, out.block_size, out.prompt_lookup_tokens = loop, B, int(self.prompt_lookup_tokens or B - 1)
-            return out
-        if loop != "two_forward" and meta.scope != "block":
-            raise ValueError(f"{who}--loop {loop}: the fused loop needs a scope 'block' adapter (this one is "
-                             f"{meta.scope!r}); use --loop two_forward")
-        if self.compile != "none" and meta.scope != "block":
-            raise ValueError(f"{who}--compile static/compile needs a scope 'block' adapter (scope 'all' keeps a second "
-                             "cache)")
-        return dataclasses.replace(self, loop=loop, block_size=B,
-                                   prompt_lookup_tokens=int(self.prompt_lookup_tokens or B - 1))
+        return kind_class(kind_of(meta)).resolve_eval(self, meta, who)

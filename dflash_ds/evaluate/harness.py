@@ -9,15 +9,34 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..benchmarks import BenchPrompt
 from ..families import check_decode_length
+from ..kinds import DRAFTER, EvalDrafter, in_memory_lora, kind_class, kind_of
 from ..lora import adapter_preserved
-from ..speculative import DFLASH, FeatureTap, Lockstep, StaticDecoding, eos_ids_of, unwrap_model
+from ..speculative import Lockstep, StaticDecoding, eos_ids_of, unwrap_model
+from ..speculative.decoders import DecodeSetup, Method
+from .benchmarks import BenchPrompt, greedy_answerer, turn_prompts
 from .config import EvalConfig, compile_mode
-from .drafters import as_drafters
-from .methods import DecodeSetup, Method, build_methods
+from .methods import build_methods
 from .prompts import render_prompt
 from .report import Runs, build_report
+
+
+def as_drafters(model: nn.Module, given) -> list[EvalDrafter]:
+    """``run_eval``'s drafters: a LoRA ``DraftMeta`` (the adapter on ``model``), one :class:`EvalDrafter` or a
+    sequence of them; keys ``drafter``, ``drafter_2``, ... in order."""
+    if isinstance(given, EvalDrafter):
+        drafters = [given]
+    elif isinstance(given, (list, tuple)):
+        drafters = list(given)
+        if not drafters or not all(isinstance(d, EvalDrafter) for d in drafters):
+            raise ValueError("run_eval needs a DraftMeta, an EvalDrafter or a non-empty list of EvalDrafters")
+    elif kind_of(given) == "lora":
+        drafters = [in_memory_lora(model, given)]
+    else:
+        raise ValueError("a standalone drafter's metadata alone cannot decode: pass standalone_drafter(draft_model)")
+    for i, d in enumerate(drafters):
+        d.key = DRAFTER if i == 0 else f"{DRAFTER}_{i + 1}"
+    return drafters
 
 
 def run_eval(
@@ -37,8 +56,8 @@ def run_eval(
 
     ``meta``: the adapter's :class:`dflash_ds.lora.DraftMeta` (block size, MASK id, scope) for the adapter already
     on ``model`` (:func:`dflash_ds.lora.apply_lora` / ``load_adapter_dir``: the trainer's call), or the drafters
-    (:class:`~dflash_ds.evaluate.drafters.EvalDrafter`, a list for several: :func:`~.drafters.load_drafters` fits
-    directories of either kind to ``model``, :func:`~.drafters.standalone_drafter` wraps an in-memory standalone
+    (:class:`~dflash_ds.kinds.EvalDrafter`, a list for several: :func:`dflash_ds.kinds.load_drafters` fits
+    directories of any kind to ``model``, :func:`dflash_ds.kinds.standalone_drafter` wraps an in-memory standalone
     drafter). The first drafter is the report's headline (its top-level fields, as with one drafter), every
     drafter has its entry in ``report["drafters"]`` and its rows in the table; the autoregressive baseline runs
     once, on the same model and engine as every row, and every speedup is over it. ``prompts`` are
@@ -49,7 +68,7 @@ def run_eval(
     model's train/eval mode and adapter switch are restored.
 
     ``benchmark = (name, bench_prompts, source)``: ``prompts`` are ``[p.prompt for p in bench_prompts]``
-    (:func:`dflash_ds.benchmarks.turn_prompts`); the report gets the per-category ``benchmark`` section and every
+    (:func:`dflash_ds.evaluate.benchmarks.turn_prompts`); the report gets the per-category ``benchmark`` section and every
     ``per_prompt`` entry its question id, category and turn.
 
     ``shard = (rank, world)`` with ``world > 1`` (torch.distributed initialised, one process per rank): this process
@@ -86,9 +105,8 @@ def run_eval(
     # a sliding-window model: refused here, before any decoding, if the longest decode can reach the window
     check_decode_length(hf_model.config, slots,
                         f"--max-new-tokens {cfg.max_new_tokens} after the longest prompt with --block-size {B}")
-    for d in drafters:  # the feature tap before any (compiled) forward: a compiled decoder traces it once
-        if d.kind == DFLASH:
-            FeatureTap.of(hf_model, d.meta.target_layer_ids)
+    for d in drafters:  # before any (compiled) forward: e.g. the standalone kind's feature tap, traced once
+        kind_class(d.kind).prepare_target(hf_model, d.meta)
     static = None
     if cfg.compile != "none":
         static = StaticDecoding(hf_model, slots, compile=cfg.compile == "compile", mode=compile_mode(hf_model))
@@ -158,14 +176,12 @@ def progress_bar(total: int, enabled: bool, desc: str = "dflash-ds eval", unit: 
 def benchmark_prompts(questions: Sequence, model: nn.Module, tokenizer, max_new_tokens: int, *,
                       max_turns: int | None = None, shard: tuple[int, int] = (0, 1),
                       progress: bool = True) -> list[BenchPrompt]:
-    """One prompt per turn of every question (:func:`dflash_ds.benchmarks.turn_prompts`), the later turns following
-    the target's own greedy answers (:func:`dflash_ds.benchmarks.greedy_answerer`: what the eval's autoregressive
+    """One prompt per turn of every question (:func:`dflash_ds.evaluate.benchmarks.turn_prompts`), the later turns following
+    the target's own greedy answers (:func:`dflash_ds.evaluate.benchmarks.greedy_answerer`: what the eval's autoregressive
     baseline generates with the same ``max_new_tokens``) to the earlier ones.
 
     ``shard = (rank, world)`` with ``world > 1`` (torch.distributed initialised): each rank answers the questions
     ``rank, rank + world, ...`` and every rank gets every prompt, in question order."""
-    from ..benchmarks import greedy_answerer, turn_prompts
-
     rank, world = shard
     mine = list(questions[rank::world])
     answer, bar = None, None

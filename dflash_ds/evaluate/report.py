@@ -9,10 +9,11 @@ import dataclasses
 import statistics
 from typing import Any, Sequence
 
-from ..benchmarks import BenchPrompt, benchmark_report, format_benchmark_table, prompt_record
+from ..kinds import DRAFTER
 from ..speculative import SpecResult
 from ..stats import bootstrap_ci, repetition_rate, t_interval
-from .config import AR, DRAFTER, PROMPT_LOOKUP, SPLIT_AT, TABLE_ORDER, EvalConfig
+from .benchmarks import BenchPrompt, benchmark_report, format_benchmark_table, prompt_record
+from .config import AR, PROMPT_LOOKUP, SPLIT_AT, TABLE_ORDER, EvalConfig
 
 LOOP_STATS = ("loop", "forwards_per_step", "tokens_per_forward", "rows_per_forward", "fallback_rate")
 
@@ -38,7 +39,7 @@ class Runs:
         self._next = 0
 
     def add(self, repeat: int, g) -> None:
-        """Record a :class:`~dflash_ds.evaluate.methods.Generation` of the next prompt in round ``repeat``."""
+        """Record a :class:`~dflash_ds.speculative.decoders.Generation` of the next prompt in round ``repeat``."""
         self.tokens[-1] += len(g.ids)
         self.times[-1] += g.seconds
         if repeat == 0:
@@ -181,7 +182,7 @@ def drafter_keys(drafters: Sequence, runs: dict[str, Runs]) -> list[str]:
 def build_report(runs: dict[str, Runs], prompt_ids: list[list[int]], cfg: EvalConfig, drafters: Sequence,
                  eos: list[int], benchmark: tuple[str, Sequence[BenchPrompt], dict | None] | None = None,
                  configs: Sequence[EvalConfig] | None = None) -> dict[str, Any]:
-    """The report of an eval of ``drafters`` (:class:`~dflash_ds.evaluate.drafters.EvalDrafter`, ``configs[i]``
+    """The report of an eval of ``drafters`` (:class:`~dflash_ds.kinds.EvalDrafter`, ``configs[i]``
     resolved for ``drafters[i]``; ``cfg`` the first's).
 
     The first drafter is the headline: its τ, acceptance and speedup at the top level (with its loop's accounting),
@@ -266,7 +267,7 @@ def build_report(runs: dict[str, Runs], prompt_ids: list[list[int]], cfg: EvalCo
 def benchmark_section(runs: dict[str, Runs], name: str, prompts: Sequence[BenchPrompt], source: dict | None,
                       block_size: int, widths: dict[str, int] | None = None,
                       order: Sequence[str] | None = None) -> dict[str, Any]:
-    """The report's ``benchmark`` section (:func:`dflash_ds.benchmarks.benchmark_report`): τ, speedup over the
+    """The report's ``benchmark`` section (:func:`dflash_ds.evaluate.benchmarks.benchmark_report`): τ, speedup over the
     autoregressive baseline and acceptance by draft position, with intervals, per category, per turn and overall,
     for every method, from each method's per-prompt results and timings (``prompts[i]`` was decoded as prompt i).
     ``widths``: a method's block size where it is not ``block_size`` (drafters of other block sizes); ``order``:
@@ -356,7 +357,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def format_benchmark(report: dict[str, Any]) -> str:
-    """The benchmark's per-category table (:func:`dflash_ds.benchmarks.format_benchmark_table`) under a line naming
+    """The benchmark's per-category table (:func:`dflash_ds.evaluate.benchmarks.format_benchmark_table`) under a line naming
     the set, its questions and prompts; empty for a report without a benchmark."""
     section = report.get("benchmark")
     if not section:

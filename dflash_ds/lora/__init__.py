@@ -21,7 +21,8 @@ projections that share an input as one matmul).
 
 from ..families import PROJECTIONS as DEFAULT_TARGETS
 from .adapter_dir import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, DRAFT_META, DraftMeta, load_adapter_dir, read_adapter_dir, save_adapter_dir,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, DRAFT_META, DraftMeta, load_adapter_dir, read_adapter_dir, read_adapter_meta,
+    save_adapter_dir,
 )
 from .apply import SCOPES, LoRAConfig, adapter_control, adapter_disabled, adapter_preserved, apply_lora
 from .layers import AdapterControl, LoRALinear
@@ -56,6 +57,7 @@ __all__ = [
     "peft_key",
     "projection_names",
     "read_adapter_dir",
+    "read_adapter_meta",
     "save_adapter_dir",
     "shard_target",
     "stack_projections",

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..families import PROJECTIONS as DEFAULT_TARGETS
+from ..files import replace_dir
 from ..parallel import TPGroup
 from .apply import LoRAConfig, apply_lora
 from .stacking import stack_projections
@@ -31,7 +32,7 @@ class DraftMeta:
     base_model: str = ""
     mask_token: str | None = None  # the MASK's token text (None: an embedding row no token uses)
     mask_token_rule: str = ""  # which rule chose it (dflash_ds.mask_token.RULES); "" in adapters from before
-    # the drafter kind (dflash_ds.speculative.artifact): "lora" for an adapter directory; dflash.json files written
+    # the drafter kind (dflash_ds.kinds): "lora" for an adapter directory; dflash.json files written
     # before the field existed have none and read as "lora". A standalone DFlash drafter is described by its
     # config.json (architectures ["DFlashDraftModel"]), not by a dflash.json
     kind: str = "lora"
@@ -44,8 +45,6 @@ def save_adapter_dir(out_dir, state: dict[str, torch.Tensor], config: LoRAConfig
     from pathlib import Path
 
     from peft import LoraConfig as PeftLoraConfig
-
-    from ..files import replace_dir
     from safetensors.torch import save_file
 
     out = Path(out_dir)

@@ -5,16 +5,13 @@ tensor-parallel all-reduces."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from .. import collectives
 from ..parallel import TPGroup
-
-if TYPE_CHECKING:
-    from .stacking import StackedProjections
 
 
 class AdapterControl:
@@ -115,8 +112,9 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / r if r > 0 else 0.0
         # no module at all for p = 0: a module call per projection is measurable at decode batch sizes
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
-        # set by stack_projections (decoding only), outside the module tree: the stack is the parent layer's submodule
-        self.stacked: StackedProjections | None = None
+        # the StackedProjections (.stacking) this layer joined: set by stack_projections (decoding only), outside the
+        # module tree (the stack is the parent layer's submodule)
+        self.stacked: nn.Module | None = None
         if r > 0:
             self._make_factors()
 

@@ -30,8 +30,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULT_DS_CONFIG
+from ..evaluate import LOOP_CHOICES, cli
+from ..kinds import KINDS, kind_class
+from .. import plots
+from ..regenerate import regenerate_file
 from .corpus import EVAL_CODE_BASES, write_function_prompts
 from .launcher import LauncherNotFound, deepspeed_launcher, launch_command, rank_env
+from .real_target import ensure_real_target
+from .tiny_target import ensure_tiny_target
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -60,7 +67,7 @@ class Recipe:
     floor_tokens: int | None = None  # eval's --floor-tokens
     group_by_length: int = 0  # training's --group-by-length
     eval_ranks: int = 1  # processes sharing the eval's prompts (1 thread each when > 1)
-    drafters: str = "lora"  # the drafter kinds to train and compare, comma-separated (dflash_ds.drafters)
+    drafters: str = "lora"  # the drafter kinds to train and compare, comma-separated (dflash_ds.kinds)
     draft_layers: int = 1  # the standalone drafter's layers
     dflash_steps: int = 0  # the standalone drafter's optimizer steps (0: --steps)
     dflash_lr: float = 0.0  # the standalone drafter's learning rate (0: --lr)
@@ -94,8 +101,6 @@ def _ds_config(stage: int, workdir: Path) -> Path:
     repo = REPO_CONFIGS / f"zero{stage}.json"
     if repo.exists():
         return repo
-    from ..config import DEFAULT_DS_CONFIG
-
     cfg = json.loads(json.dumps(DEFAULT_DS_CONFIG))
     cfg["zero_optimization"] = {"stage": stage, "overlap_comm": False}
     if stage == 3:
@@ -109,8 +114,6 @@ def prepare_data(target: Path, prompts: Path, workdir: Path, args) -> Path:
     """Regenerate ``args.num_train`` training conversations with the target (``args.regen_ranks`` processes).
     Cached next to the prompts when that directory is writable (the tiny target's cache), so later demos skip
     this step; else in the workdir. An interrupted run resumes where it stopped."""
-    from ..regenerate import regenerate_file
-
     # v2: records carry "truncated" (a cache from before would silently train on cut-off answers' end-of-turn)
     name = f"train_selfdistill_v2_{args.num_train}_{args.distill_tokens}.jsonl"
     out = (prompts.parent if os.access(prompts.parent, os.W_OK) else workdir / "data") / name
@@ -138,8 +141,6 @@ def run_dir(workdir: Path, kind: str) -> Path:
 
 def artifact(workdir: Path, kind: str) -> Path:
     """The exported drafter of a kind: ``run/adapter`` (LoRA) or ``run_dflash/drafter``."""
-    from ..drafters import kind_class
-
     return run_dir(workdir, kind) / kind_class(kind).artifact_dir
 
 
@@ -181,8 +182,6 @@ def evaluate(target: Path, drafters: list[Path], prompts: Path, report_path: Pat
     """Every drafter side by side in one ``dflash-ds eval`` on the held-out prompts: in this process, or with
     ``args.eval_ranks > 1`` under the launcher, the ranks sharing the prompts. The report is kept at
     ``report_path``."""
-    from ..evaluate import cli
-
     argv = ["--model-path", str(target), "--prompts", str(prompts), "--limit", str(args.eval_prompts),
             "--report", str(report_path), "--max-new-tokens", str(args.max_new_tokens), "--repeats",
             str(args.repeats), "--baselines", "fast", "--loop", args.loop]
@@ -209,10 +208,8 @@ def training_summary(run: Path, train_s: float | None) -> dict:
 
 def plots_available() -> bool:
     """matplotlib is importable; else one line says how to install it (the demo goes on without plots)."""
-    from ..plots import require_matplotlib
-
     try:
-        require_matplotlib()
+        plots.require_matplotlib()
     except ImportError as exc:  # MissingExtra, whose message names the pip command
         print(f"no plots ({exc}); the demo goes on without them", flush=True)
         return False
@@ -221,10 +218,8 @@ def plots_available() -> bool:
 
 def write_demo_plots(report: dict[str, Any], plot_dir: Path) -> list[Path]:
     """The eval report's plots as PNGs in ``plot_dir``; a failure is one line, never the demo's failure."""
-    from ..plots import write_plots
-
     try:
-        return write_plots(report, plot_dir)
+        return plots.write_plots(report, plot_dir)
     except Exception as exc:  # noqa: BLE001 - plots are an extra: the demo's result is the report
         print(f"no plots: {type(exc).__name__}: {exc}", flush=True)
         return []
@@ -265,8 +260,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, field, value)
     if args.eval_ranks < 1:
         p.error(f"--eval-ranks must be >= 1, got {args.eval_ranks}")
-    from ..config import KINDS
-
     kinds = [k.strip() for k in args.drafters.split(",") if k.strip()]
     if not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
         p.error(f"--drafters must list drafter kinds from {', '.join(KINDS)} (comma-separated, each once), "
@@ -274,8 +267,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.drafters = kinds
     if args.truncated not in ("drop", "keep"):
         p.error(f"--truncated must be drop or keep, got {args.truncated!r}")
-    from ..evaluate import LOOP_CHOICES
-
     if args.loop not in LOOP_CHOICES:
         p.error(f"--loop must be one of {', '.join(LOOP_CHOICES)}, got {args.loop!r}")
     return args
@@ -288,15 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     except LauncherNotFound as exc:
         print(f"dflash-ds demo: error: {exc}", file=sys.stderr)
         return 2
-    from .tiny_target import ensure_tiny_target
-
     t0 = time.perf_counter()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     plot_dir = None if args.no_plots or not plots_available() else workdir / "plots"  # checked before the work
     if args.target == "smollm2":
-        from .real_target import ensure_real_target
-
         target = ensure_real_target()
         train_prompts, eval_prompts = write_function_prompts(workdir, args.num_train, args.eval_prompts)
         held_out = f"prompts from another code base ({', '.join(EVAL_CODE_BASES)})"

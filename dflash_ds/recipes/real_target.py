@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..files import build_dir
+from ..mask_token import resolve_mask_token
 from .cache import default_cache_dir, ensure_built
 
 CACHE_NAME = "smollm2-135m-instruct-v1"
@@ -123,8 +124,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> dict[
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..mask_token import resolve_mask_token
 
     _require_gguf()
     t0 = time.perf_counter()

@@ -39,12 +39,17 @@ class Lockstep:
         with the same ``capacity``; what the other ranks pass is ignored.
 
         One broadcast of ``[capacity + 1]`` longs: the count, then the values (a fixed size, so the ranks need not
-        agree on the count beforehand)."""
+        agree on the count beforehand). More than ``capacity`` values raise ValueError on every rank: rank 0
+        broadcasts the overflow (a negative count) instead of leaving the others waiting out the timeout."""
         buf = torch.zeros(capacity + 1, dtype=torch.long, device=device)
         if self.leader:
             if len(values) > capacity:
-                raise ValueError(f"Lockstep.agree: {len(values)} values for a capacity of {capacity}")
-            buf[0] = len(values)
-            buf[1 : 1 + len(values)] = torch.tensor(list(values), dtype=torch.long)
+                buf[0] = -len(values)
+            else:
+                buf[0] = len(values)
+                buf[1 : 1 + len(values)] = torch.tensor(list(values), dtype=torch.long)
         dist.broadcast(buf, self.src, group=self.group)
-        return buf[1 : 1 + int(buf[0])].tolist()
+        count = int(buf[0])
+        if count < 0:
+            raise ValueError(f"Lockstep.agree: rank {self.src} had {-count} values for a capacity of {capacity}")
+        return buf[1 : 1 + count].tolist()

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..lora import adapter_preserved
 from .accept import accept_greedy_lazy, accept_sampling
-from .drafters import Draft, Drafter
+from .proposal import Draft, Drafter
 from .engine import DecodeSession, StaticDecoding, cache_len, crop_cache, unwrap_model
 from .lockstep import Lockstep
 
@@ -156,8 +156,8 @@ def speculative_generate(
     tokens, eos, generator = prepare_generation(model, prompt_ids, eos_token_ids, temperature, generator, "speculative_generate")
     session = DecodeSession(model, len(tokens) + max_new_tokens, block_size, static=static, lockstep=lockstep)
     result = SpecResult()
-    # optional drafter hooks (a drafter that reads the target's features, dflash_loop.DFlashBlockDrafter): before
-    # the prefill, after each verify forward (n drafts accepted, the cache cropped), and at the end
+    # optional drafter hooks (a drafter that reads the target's features: the standalone kind's): before the prefill,
+    # after each verify forward (n drafts accepted, the cache cropped), and at the end
     begin, verified, end = (getattr(drafter, name, None) for name in ("begin", "verified", "end"))
     with adapter_preserved(session.model):
         if begin is not None:

@@ -22,13 +22,15 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..lora import adapter_preserved
-from ..settings import check_choices, setting
-from .accept import accept_greedy_lazy, accept_sampling
-from .drafters import LoRABlockDrafter, sample_rows
-from .engine import DecodeSession, StaticDecoding, cache_len, crop_cache
-from .lockstep import Lockstep
-from .loop import SpecResult, finish_result, prefill_cache, prepare_generation
+from ...blocks import visibility
+from ...lora import adapter_preserved
+from ...settings import check_choices, setting
+from ...speculative.accept import accept_greedy_lazy, accept_sampling
+from ...speculative.engine import DecodeSession, StaticDecoding, cache_len, crop_cache
+from ...speculative.lockstep import Lockstep
+from ...speculative.loop import SpecResult, finish_result, prefill_cache, prepare_generation
+from ...speculative.proposal import sample_rows
+from .lora_decode import LoRABlockDrafter
 
 
 FALLBACKS = ("refill", "draft")
@@ -75,8 +77,6 @@ def fused_step_layout(num_drafts: int, anchors: Sequence[int], block_size: int) 
 
     Returns ``visible [R, R]`` bool and ``offsets [R]`` long, ``R = k + 1 + len(anchors) * B``.
     """
-    from ..blocks import visibility
-
     V, B = num_drafts + 1, block_size
     a = torch.tensor([list(anchors)], dtype=torch.long)
     visible = visibility(a, torch.ones_like(a, dtype=torch.bool), B, torch.ones(1, V, dtype=torch.bool))[0]

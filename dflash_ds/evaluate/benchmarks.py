@@ -30,8 +30,10 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .data import parse_json_object
-from .stats import bootstrap_ci, t_interval
+from ..data import parse_json_object
+from ..speculative import autoregressive_generate, eos_ids_of, unwrap_model
+from ..stats import bootstrap_ci, t_interval
+from .prompts import render_prompt
 
 #: DFlash's benchmark harness (and Qwen's instruct HumanEval) present the code prompt to a chat model like this
 HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"
@@ -256,8 +258,6 @@ def greedy_answerer(model, tokenizer, max_new_tokens: int, eos_token_ids: Sequen
     """``answer_fn`` for :func:`turn_prompts`: the target's greedy answer (adapter off, dflash-ds's AR engine, the
     eval's chat rendering), decoded without special tokens. With the eval's ``max_new_tokens`` and EOS ids it is
     the text of the AR baseline's output for that prompt."""
-    from .evaluate import render_prompt
-    from .speculative import autoregressive_generate, eos_ids_of, unwrap_model
 
     hf = unwrap_model(model)
     eos = sorted(set(eos_token_ids)) if eos_token_ids is not None else eos_ids_of(tokenizer, hf)

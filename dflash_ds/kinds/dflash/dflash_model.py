@@ -1,4 +1,5 @@
-"""The standalone DFlash draft model (the published design), its context cache and its export format.
+"""The standalone DFlash draft model (the published design): its config, its context cache and its initialisation
+from the target. Its export format is :mod:`.dflash_artifact`.
 
 A few decoder layers that draft a block of ``B`` tokens in one forward, reading the frozen target's hidden states:
 
@@ -12,7 +13,7 @@ A few decoder layers that draft a block of ``B`` tokens in one forward, reading 
   enters the residual stream. A final ``norm``; the target's embedding and lm_head (frozen, shared, not saved).
 * **Block.** Position 0 = the anchor (the last committed token), 1..B-1 = MASK; row ``k`` predicts
   ``token[anchor + k]`` (same-position labels). Training: a block sees context rows ``< anchor`` (strictly) and its
-  own block bidirectionally, never another block (:func:`training_attention_mask`). Inference: the committed
+  own block bidirectionally, never another block (:func:`dflash_ds.blocks.block_rows_visibility`). Inference: the committed
   context (cached per layer in :class:`DFlashContextCache`) and the block, no mask.
 
 The layers are always Qwen3-shaped, also for a Llama target (dims, RoPE and biases from the target; fresh
@@ -24,18 +25,20 @@ The layers are always Qwen3-shaped, also for a Llama target (dims, RoPE and bias
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import Qwen3Config
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
+
+from ...blocks import additive_mask
+from ...families import decoder
 
 ARCHITECTURE = "DFlashDraftModel"
 SUPPORTED_TARGETS = ("qwen3", "llama")
-WEIGHTS_NAME = "model.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,6 +72,33 @@ def _check_layer_ids(ids: Sequence[int], num_target_layers: int) -> list[int]:
     return ids
 
 
+def target_layer_ids_of(dflash_config: dict | None, num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """The ids a config's ``dflash_config`` names; an export without them (older z-lab configs) reads the default
+    rule's (:func:`default_target_layer_ids`)."""
+    ids = (dflash_config or {}).get("target_layer_ids")
+    return [int(i) for i in ids] if ids is not None else default_target_layer_ids(num_target_layers, num_draft_layers)
+
+
+def last_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """The target layers a ``--draft-init target`` drafter copies: its last ``L``, in order (they feed the lm_head
+    the drafter's output goes through)."""
+    N, L = int(num_target_layers), int(num_draft_layers)
+    if L > N:
+        raise ValueError(f"--draft-init target copies the target's last --draft-layers layers: {L} > the target's "
+                         f"{N}; use fewer layers or --draft-init random")
+    return list(range(N - L, N))
+
+
+def check_pairing(target_config, num_target_layers: int, hidden_size: int, vocab_size: int | None = None) -> None:
+    """ValueError unless a drafter built for a target of that depth, width (and vocabulary) can read
+    ``target_config``'s: the one pairing rule of training, export and loading."""
+    for key, ours in (("num_hidden_layers", num_target_layers), ("hidden_size", hidden_size),
+                      ("vocab_size", vocab_size)):
+        if ours is not None and int(getattr(target_config, key)) != int(ours):
+            raise ValueError(f"draft/target mismatch: target {key}={getattr(target_config, key)}, drafter expects "
+                             f"{ours}")
+
+
 def make_draft_config(target_config, num_hidden_layers: int = 1, target_layer_ids: Sequence[int] | None = None,
                       block_size: int = 16, mask_token_id: int | None = None):
     """The draft's config (a ``Qwen3Config`` carrying the DFlash keys) from the target's config.
@@ -76,8 +106,6 @@ def make_draft_config(target_config, num_hidden_layers: int = 1, target_layer_id
     Dims (hidden, intermediate, heads, kv heads, head_dim, eps, RoPE, vocab, attention bias) are the target's;
     ``num_hidden_layers`` draft layers; ``num_target_layers`` = the target's depth; ``block_size``;
     ``dflash_config = {mask_token_id, target_layer_ids}`` (default ids: :func:`default_target_layer_ids`)."""
-    from transformers import Qwen3Config
-
     model_type = getattr(target_config, "model_type", None)
     if model_type not in SUPPORTED_TARGETS:
         raise ValueError(f"the standalone DFlash drafter supports targets {SUPPORTED_TARGETS}, got {model_type!r}")
@@ -132,33 +160,11 @@ def make_draft_config(target_config, num_hidden_layers: int = 1, target_layer_id
 # masks and the context cache
 
 
-def training_attention_mask(anchors: torch.Tensor, block_size: int, context_len: int,
-                            block_valid: torch.Tensor | None = None,
-                            context_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """``[b, 1, N*B, T+N*B]`` bool (True = visible) for ``N`` blocks over a context of ``T`` rows.
-
-    Block ``j`` (rows ``j*B .. j*B+B-1``) sees context rows ``< anchors[:, j]`` (strictly: the feature at the anchor
-    is not committed at inference) that are real (``context_valid`` ``[b, T]``, default all) and every row of its
-    own block; never another block. Invalid blocks (``block_valid`` ``[b, N]`` False) see nothing."""
-    b, N = anchors.shape
-    B, T, device = block_size, context_len, anchors.device
-    sees_ctx = torch.arange(T, device=device)[None, None, :] < anchors[:, :, None]  # [b, N, T]
-    if context_valid is not None:
-        sees_ctx = sees_ctx & context_valid.to(device=device, dtype=torch.bool)[:, None, :]
-    own = torch.eye(N, dtype=torch.bool, device=device)[None].expand(b, N, N)
-    rows = torch.cat([sees_ctx, own.repeat_interleave(B, dim=2)], dim=2)  # [b, N, T+N*B]
-    if block_valid is not None:
-        rows = rows & block_valid.to(device=device, dtype=torch.bool)[:, :, None]
-    return rows.repeat_interleave(B, dim=1)[:, None]
-
-
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool (True = visible) -> additive (0 / finfo.min: a fully masked row gives finite numbers, not NaN)."""
-    if mask.dim() == 3:
-        mask = mask[:, None]
-    if mask.dtype != torch.bool:
-        return mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    """``[b, M, keys]`` or ``[b, 1, M, keys]``, bool (True = visible) or additive -> additive ``[b, 1, M, keys]``."""
+    if mask.dim() == 4:
+        mask = mask[:, 0]
+    return additive_mask(mask, dtype) if mask.dtype == torch.bool else mask[:, None].to(dtype)
 
 
 class DFlashContextCache:
@@ -179,13 +185,6 @@ class DFlashContextCache:
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
-    def crop(self, length: int) -> None:
-        """Keep the first ``length`` context rows (the committed ones) in every layer."""
-        if length < 0 or length > self.length:
-            raise ValueError(f"cannot crop a context cache of {self.length} rows to {length}")
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            if k is not None:
-                self.keys[i], self.values[i] = k[:, :, :length], v[:, :, :length]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,10 +213,9 @@ class DFlashDraftModel(nn.Module):
 
     def __init__(self, config) -> None:
         super().__init__()
-        from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
-
         self.config = config
-        self.target_layer_ids = list(config.dflash_config["target_layer_ids"])
+        self.target_layer_ids = target_layer_ids_of(config.dflash_config, config.num_target_layers,
+                                                    config.num_hidden_layers)
         self.mask_token_id = config.dflash_config.get("mask_token_id")
         self.block_size = int(config.block_size)
         self.num_target_layers = int(config.num_target_layers)
@@ -250,7 +248,7 @@ class DFlashDraftModel(nn.Module):
 
     def context_features(self, hidden_states) -> torch.Tensor:
         """``[b, T, K*H]`` from one of: that tensor itself; a sequence of the ``K`` per-layer features
-        ``[b, T, H]`` (in ``target_layer_ids`` order, e.g. from :class:`TargetFeatureHook`); or the target's HF
+        ``[b, T, H]`` (in ``target_layer_ids`` order, e.g. from :class:`~.feature_tap.FeatureTap`); or the target's HF
         ``hidden_states`` tuple (``num_target_layers + 1`` entries; layer ``id`` is entry ``id + 1``)."""
         if isinstance(hidden_states, torch.Tensor):
             return hidden_states
@@ -307,7 +305,7 @@ class DFlashDraftModel(nn.Module):
         context rows are appended to it and every cached row is a key; the block rows are never cached.
         ``attention_mask`` over the keys ``[cached rows | context rows | block rows]``: bool (True = visible) or
         additive, ``[b, 1, M, keys]`` or ``[b, M, keys]``; None = all visible (inference). Training:
-        :func:`training_attention_mask`."""
+        :func:`dflash_ds.blocks.block_rows_visibility`."""
         b, M, _ = block_embeds.shape
         past = cache.length if cache is not None else 0
         T = 0 if context is None else context.shape[1]
@@ -335,63 +333,23 @@ class DFlashDraftModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# target features and initialisation from the target
-
-
-class TargetFeatureHook:
-    """Records the outputs of the target's decoder layers ``layer_ids`` during its forward (forward hooks: no
-    ``output_hidden_states``, so only the K tapped layers are kept). ``features()`` -> list of ``[b, T, H]``."""
-
-    def __init__(self, target_model: nn.Module, layer_ids: Sequence[int]) -> None:
-        from .families import decoder
-
-        self.layer_ids = list(layer_ids)
-        self._out: dict[int, torch.Tensor] = {}
-        layers = decoder(target_model).layers
-        self._handles = [layers[i].register_forward_hook(self._hook(i)) for i in sorted(set(self.layer_ids))]
-
-    def _hook(self, i: int):
-        def hook(_module, _args, output):
-            self._out[i] = output[0] if isinstance(output, tuple) else output
-        return hook
-
-    def features(self) -> list[torch.Tensor]:
-        return [self._out[i] for i in self.layer_ids]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+# initialisation from the target
 
 
 @torch.no_grad()
 def init_from_target(draft: DFlashDraftModel, target_model: nn.Module,
-                     source_layers: str | Sequence[int] = "last") -> list[int]:
+                     source_layers: Sequence[int] | None = None) -> list[int]:
     """Copy target decoder layers into the draft layers; returns the target layer index of each draft layer.
 
-    ``"last"`` (default): the last L target layers, in order. The draft's output goes through ``norm`` and the
-    target's lm_head, and the last layers are the ones whose outputs that head reads, so the copy starts the MASK
-    rows "predicting the next token from late features"; ``norm`` copies the target's final norm. ``"tapped"``:
-    the layers at ``target_layer_ids`` (needs K >= L). Or explicit indices. ``fc`` starts as the mean of the K
-    features (``[I/K ... I/K]``), so the projected context lies in the residual space the copied k/v projections
-    read. Llama targets have no ``q_norm``/``k_norm``: those stay at 1 (not an identity: they normalise per head)."""
-    from .families import decoder
-
+    ``source_layers`` default: the last L target layers, in order (:func:`last_layer_ids`). The draft's output goes
+    through ``norm`` and the target's lm_head, and the last layers are the ones whose outputs that head reads, so
+    the copy starts the MASK rows "predicting the next token from late features"; ``norm`` copies the target's
+    final norm. ``fc`` starts as the mean of the K features (``[I/K ... I/K]``), so the projected context lies in
+    the residual space the copied k/v projections read. Llama targets have no ``q_norm``/``k_norm``: those stay at
+    1 (not an identity: they normalise per head)."""
     dec = decoder(target_model)
     N, L = len(dec.layers), len(draft.layers)
-    if source_layers == "last":
-        src = list(range(N - L, N))
-    elif source_layers == "tapped":
-        if len(draft.target_layer_ids) < L:
-            raise ValueError("source_layers='tapped' needs at least as many target_layer_ids as draft layers")
-        src = list(draft.target_layer_ids[:L])
-    else:
-        src = [int(i) for i in source_layers]
+    src = last_layer_ids(N, L) if source_layers is None else [int(i) for i in source_layers]
     if len(src) != L or any(not 0 <= i < N for i in src):
         raise ValueError(f"need {L} target layer indices in [0, {N}), got {src}")
     for d_layer, i in zip(draft.layers, src):
@@ -412,87 +370,5 @@ def init_from_target(draft: DFlashDraftModel, target_model: nn.Module,
     return src
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# export / load (the published format)
-
-
-def config_dict(config) -> dict:
-    """``config.json`` content: the Qwen3 config with the DFlash keys, plus the legacy ``rope_theta`` /
-    ``rope_scaling`` keys beside ``rope_parameters`` so that readers of either transformers generation agree."""
-    d = config.to_dict()
-    rope = dict(d.get("rope_parameters") or {})
-    d["architectures"] = [ARCHITECTURE]
-    d["rope_theta"] = rope.get("rope_theta", 10000.0)
-    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    d["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
-    return d
-
-
-def save_dflash_draft(model: DFlashDraftModel, out_dir, target_config=None, block_size: int | None = None,
-                      mask_token_id: int | None = None, state_dict: dict | None = None,
-                      dtype: torch.dtype | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` loadable by SGLang (``--speculative-algorithm DFLASH``) and
-    vLLM (``"method": "dflash"``). ``target_config`` checks the pairing (depth, width, vocab); ``block_size`` /
-    ``mask_token_id`` override the config's. ``state_dict``: gathered weights (ZeRO-3), default the model's.
-    ``dtype``: cast floating weights (e.g. ``torch.bfloat16``), default as they are."""
-    from safetensors.torch import save_file
-
-    cfg = config_dict(model.config)
-    if block_size is not None:
-        cfg["block_size"] = int(block_size)
-    if mask_token_id is not None:
-        cfg["dflash_config"] = {**cfg["dflash_config"], "mask_token_id": int(mask_token_id)}
-    if cfg["dflash_config"].get("mask_token_id") is None:
-        raise ValueError("a DFlash export needs a mask_token_id (the serving engines embed it at block rows 1..B-1)")
-    if target_config is not None:
-        for key, ours in (("num_hidden_layers", cfg["num_target_layers"]), ("hidden_size", cfg["hidden_size"]),
-                          ("vocab_size", cfg["vocab_size"])):
-            if int(getattr(target_config, key)) != int(ours):
-                raise ValueError(f"draft/target mismatch: target {key}={getattr(target_config, key)}, draft {ours}")
-    sd = model.state_dict() if state_dict is None else state_dict
-    tensors = {}
-    for k, v in sd.items():
-        v = v.detach().to("cpu")
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        tensors[k] = v.contiguous()
-    floats = [v.dtype for v in tensors.values() if v.is_floating_point()]
-    if floats:  # what the weights are stored in (v5 reads "dtype", v4 "torch_dtype")
-        cfg["dtype"] = cfg["torch_dtype"] = str(floats[0]).removeprefix("torch.")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return out
-
-
-def load_dflash_draft(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> DFlashDraftModel:
-    """Read an export back (``config.json`` via transformers' ``Qwen3Config``, weights strictly)."""
-    from safetensors.torch import load_file
-    from transformers import Qwen3Config
-
-    path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
-    if ARCHITECTURE not in (raw.get("architectures") or []):
-        raise ValueError(f"{path} is not a DFlash draft (architectures={raw.get('architectures')})")
-    config = Qwen3Config.from_pretrained(path)
-    dc = dict(getattr(config, "dflash_config", None) or {})
-    if "target_layer_ids" not in dc:
-        dc["target_layer_ids"] = default_target_layer_ids(config.num_target_layers, config.num_hidden_layers)
-    config.dflash_config = dc
-    model = DFlashDraftModel(config)
-    model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
-    if dtype is not None:
-        model.to(dtype)
-    return model.to(device).eval()
-
-
-def count_parameters(model: DFlashDraftModel) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-__all__ = [
-    "ARCHITECTURE", "DFlashContextCache", "DFlashDraftModel", "TargetFeatureHook", "config_dict", "count_parameters",
-    "default_target_layer_ids", "init_from_target", "load_dflash_draft", "make_draft_config", "save_dflash_draft",
-    "training_attention_mask",
-]
+__all__ = ["ARCHITECTURE", "DFlashContextCache", "DFlashDraftModel", "check_pairing", "default_target_layer_ids",
+           "init_from_target", "last_layer_ids", "make_draft_config", "target_layer_ids_of"]

@@ -1,4 +1,4 @@
-"""Lossless draft-then-verify decoding with the standalone DFlash drafter (:mod:`dflash_ds.dflash_model`), on the
+"""Lossless draft-then-verify decoding with the standalone DFlash drafter (:mod:`.dflash_model`), on the
 same engine as the LoRA loops: :func:`speculative_generate`'s :class:`DecodeSession` (dynamic or static KV cache,
 compiled verify forwards, lockstep decisions) with a :class:`DFlashBlockDrafter`.
 
@@ -27,19 +27,18 @@ the static cache / compiled graphs. ``drafter=None`` gives the autoregressive ba
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ..dflash_model import DFlashContextCache, DFlashDraftModel
-from ..families import decoder
-from .drafters import Draft, sample_rows
-from .engine import DecodeSession, StaticDecoding, unwrap_model
-from .lockstep import Lockstep
-from .loop import SpecResult, autoregressive_generate, speculative_generate
+from ...speculative.engine import DecodeSession, StaticDecoding, unwrap_model
+from ...speculative.lockstep import Lockstep
+from ...speculative.loop import SpecResult, autoregressive_generate, speculative_generate
+from ...speculative.proposal import Draft, sample_rows
+from .dflash_model import DFlashContextCache, DFlashDraftModel
+from .feature_tap import FeatureTap
 
 
 @dataclass
@@ -50,62 +49,6 @@ class DFlashSpecResult(SpecResult):
     loop: str = "dflash"
     target_rows: int = 0
     draft_rows: int = 0
-
-
-class FeatureTap:
-    """Forward hooks on the target's decoder layers that record their outputs while :attr:`active`.
-
-    One tap per model (:meth:`of`), installed once and kept: a compiled decoder traces the hooks when it compiles
-    (dynamo does not notice hooks added later), so the tap must be there before the first compiled forward
-    (``run_eval`` installs it before building the static cache). Off (``active`` False, the AR baseline and the LoRA
-    loops), a hook returns at once; a compiled decoder keeps one graph per setting of the flag."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = decoder(model).layers
-        self.active = False
-        self.out: dict[int, torch.Tensor] = {}
-        self.handles: dict[int, object] = {}
-
-    @classmethod
-    def of(cls, model: nn.Module, layer_ids: Sequence[int] = ()) -> "FeatureTap":
-        """The model's tap (made on first use), hooked on at least ``layer_ids``."""
-        model = unwrap_model(model)
-        tap = _TAPS.get(model)
-        if tap is None:
-            # kept beside the model, not on it: a deep copy of the model gets a tap of its own (its layers carry the
-            # original's hooks, off unless the original decodes), state_dict and named_modules stay unchanged
-            tap = _TAPS[model] = cls(model)
-        for i in layer_ids:
-            if int(i) not in tap.handles:
-                tap.handles[int(i)] = tap.layers[int(i)].register_forward_hook(tap._hook(int(i)))
-        return tap
-
-    def _hook(self, i: int):
-        def hook(_module, _args, output):
-            if self.active:
-                self.out[i] = output[0] if isinstance(output, tuple) else output
-        return hook
-
-    def take(self, layer_ids: Sequence[int]) -> torch.Tensor:
-        """``[1, q, K*H]``: the last forward's features of ``layer_ids``, concatenated (a new tensor: safe to keep
-        past the next forward, also a CUDA graph's); forgets them."""
-        try:
-            feats = torch.cat([self.out[i] for i in layer_ids], dim=-1)
-        except KeyError as exc:
-            raise RuntimeError(f"no features of target layer {exc.args[0]} were recorded: the target's decoder was "
-                               "compiled before this tap was installed (a compiled graph does not see hooks added "
-                               "later); install it first (FeatureTap.of(model, layer_ids)), or torch._dynamo.reset()"
-                               ) from None
-        self.out.clear()
-        return feats
-
-    def remove(self) -> None:
-        for h in self.handles.values():
-            h.remove()
-        self.handles.clear()
-
-
-_TAPS: "weakref.WeakKeyDictionary[nn.Module, FeatureTap]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -282,5 +225,5 @@ def dflash_autoregressive_generate(target: nn.Module, prompt_ids, max_new_tokens
     return dflash_generate(target, None, prompt_ids, max_new_tokens, eos_token_ids, temperature, generator)
 
 
-__all__ = ["DFlashBlockDrafter", "DFlashDecodeState", "DFlashSpecResult", "FeatureTap",
+__all__ = ["DFlashBlockDrafter", "DFlashDecodeState", "DFlashSpecResult",
            "dflash_autoregressive_generate", "dflash_generate", "extend_pending", "resolve_block"]

@@ -1,6 +1,6 @@
-"""The training objective: the target's forward over ``[clean | blocks]`` and the fused loss.
+"""The LoRA kind's training objective: the target's forward over ``[clean | blocks]`` and the fused loss.
 
-:class:`DFlashObjective` wraps a causal LM that :func:`dflash_ds.lora.apply_lora` has fitted with an adapter. It is
+:class:`LoRADraftObjective` wraps a causal LM that :func:`dflash_ds.lora.apply_lora` has fitted with an adapter. It is
 the module DeepSpeed wraps. Two ways to run the clean tokens, the same numbers (tested):
 
 * ``joint``: one forward over the concatenation under the block mask;
@@ -9,31 +9,33 @@ the module DeepSpeed wraps. Two ways to run the clean tokens, the same numbers (
   frozen target whatever the adapter holds, so nothing the loss needs flows back through it, and the joint
   forward's backward over the clean rows (about half of a step's rows) is skipped.
 
-The loss runs inside the :class:`LMHeadLoss` submodule so that, under ZeRO-3, the trainer can register
-``lm_head.weight`` as that module's external parameter and DeepSpeed gathers it for exactly that call; this file
-stays plain PyTorch.
+The loss runs inside the shared :class:`~dflash_ds.objective.LMHeadLoss` submodule (ZeRO-3 gathers ``lm_head`` for
+that call: :func:`~dflash_ds.objective.register_lm_head`); this file stays plain PyTorch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import torch
 from torch import nn
 
 from transformers import DynamicCache
 
-from .blocks import IGNORE_INDEX, BlockLayout, build_attention_mask, build_flex_block_mask, build_split_attention_masks
-from .loss import LossConfig, LossOutput, accepted_lengths, fused_ce_kl_loss
-from .families import cache_kwarg, decoder
-from .lora import adapter_control
+from ...blocks import IGNORE_INDEX, BlockLayout, build_attention_mask, build_flex_block_mask, build_split_attention_masks
+from ...families import cache_kwarg, decoder
+from ...lora import adapter_control
+from ...loss import LossConfig
+from ...objective import LMHeadLoss, ObjectiveOutput, block_metrics, gather_rows
+
+
+CLEAN_PASSES = ("auto", "cached", "joint")
 
 
 def resolve_clean_pass(clean_pass: str, scope: str, attn_implementation: str | None = None) -> str:
-    """``auto`` (the choices: :data:`dflash_ds.config.CLEAN_PASSES`) -> ``cached`` for scope ``block`` with SDPA or
+    """``auto`` (the choices: :data:`CLEAN_PASSES`) -> ``cached`` for scope ``block`` with SDPA or
     eager attention; ``joint`` for scope ``all`` (whose clean rows carry the adapter, so the loss needs their
     backward) and for FlexAttention (the cached pass is untested there: the CPU's compiled FlexAttention fails on
     the split masks, so no test here can check it)."""
-    if clean_pass not in ("auto", "cached", "joint"):
+    if clean_pass not in CLEAN_PASSES:
         raise ValueError(f"--clean-pass must be auto, cached or joint, got {clean_pass!r}")
     flex = attn_implementation == "flex_attention"
     if clean_pass == "auto":
@@ -67,41 +69,12 @@ class PrefixCache(DynamicCache):
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
-@dataclass
-class ObjectiveOutput:
-    """loss: differentiable scalar. Metric tensors are sums and counts so ranks can add them up:
-    correct_by_pos/count_by_pos [B] (block position k; k = 0 is the anchor and always 0), accept_sum/accept_count
-    (simulated acceptance over fully supervised blocks), ce/kl (weighted means of this micro-batch)."""
-
-    loss: torch.Tensor
-    ce: torch.Tensor
-    kl: torch.Tensor
-    correct_by_pos: torch.Tensor
-    count_by_pos: torch.Tensor
-    accept_sum: torch.Tensor
-    accept_count: torch.Tensor
-    supervised_rows: int
-
-
-class LMHeadLoss(nn.Module):
-    """Holds no parameters: a module boundary around :func:`fused_ce_kl_loss` for ZeRO-3's parameter hooks."""
-
-    def __init__(self, config: LossConfig) -> None:
-        super().__init__()
-        self.config = config
-
-    def forward(self, student, lm_head_weight, labels, weights, teacher):
-        # a plain tuple: ZeRO-3 finds tensors to hook in tuples, not in dataclasses
-        out = fused_ce_kl_loss(student, lm_head_weight, labels, weights, teacher, self.config)
-        return out.loss, out.ce, out.kl, out.correct
-
-
-class DFlashObjective(nn.Module):
+class LoRADraftObjective(nn.Module):
     """The training objective as the module DeepSpeed wraps: the target with its adapter, its forward over
     ``[clean | blocks]`` (``clean_pass``: see the module docstring) and the fused loss.
     ``forward(input_ids [b, S], attention_mask [b, S], layout)`` returns an :class:`ObjectiveOutput`."""
 
-    drafter_kind = "lora"  # dflash_ds.drafters: how checkpoints gather and export what this objective trains
+    drafter_kind = "lora"  # dflash_ds.kinds: how checkpoints gather and export what this objective trains
 
     def __init__(
         self,
@@ -193,38 +166,18 @@ class DFlashObjective(nn.Module):
             return decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout) -> ObjectiveOutput:
-        b, S = input_ids.shape
-        B = layout.block_size
+        S = input_ids.shape[1]
         hidden = self.hidden_states(input_ids, attention_mask, layout)
         supervised = layout.labels != IGNORE_INDEX  # [b, N*B]
         student = hidden[:, S:][supervised]  # [n, H]
         teacher = None
         if self.loss_config.kl_weight > 0:
             clean = self.teacher_hidden(input_ids, attention_mask, hidden)
-            index = layout.teacher_positions[:, :, None].expand(-1, -1, clean.shape[-1])
-            teacher = clean.gather(1, index)[supervised]
+            teacher = gather_rows(clean, layout.teacher_positions)[supervised]
         lm_head = self.model.get_output_embeddings()
-        out = LossOutput(*self.loss_head(student, lm_head.weight, layout.labels[supervised], layout.weights[supervised], teacher))
-        return self._metrics(out, supervised, layout, B)
+        out = self.loss_head.loss(student, lm_head.weight, layout.labels[supervised], layout.weights[supervised],
+                                  teacher)
+        return block_metrics(out, supervised, layout)
 
-    @staticmethod
-    def _metrics(out, supervised: torch.Tensor, layout: BlockLayout, B: int) -> ObjectiveOutput:
-        b = supervised.shape[0]
-        N = layout.num_blocks
-        correct = torch.zeros_like(supervised)
-        correct[supervised] = out.correct
-        correct, supervised_3d = correct.view(b, N, B), supervised.view(b, N, B)
-        correct_by_pos = correct.sum(dim=(0, 1)).float()
-        count_by_pos = supervised_3d.sum(dim=(0, 1)).float()
-        full = supervised_3d[:, :, 1:].all(dim=-1).reshape(-1)
-        accept_sum = accepted_lengths(correct[:, :, 1:].reshape(b * N, B - 1)[full]).sum()
-        return ObjectiveOutput(
-            loss=out.loss,
-            ce=out.ce,
-            kl=out.kl,
-            correct_by_pos=correct_by_pos,
-            count_by_pos=count_by_pos,
-            accept_sum=accept_sum,
-            accept_count=full.sum().float(),
-            supervised_rows=int(supervised.sum()),
-        )
+
+__all__ = ["CLEAN_PASSES", "LoRADraftObjective", "PrefixCache", "resolve_clean_pass"]
