@@ -102,36 +102,55 @@ def _run_job(job: dict, fork: bool) -> dict:
     import signal
     import time
 
-    pids = {}
+    # rank -> its pid (forked) or its Popen (spawned). The Popen objects are kept: one dropped while its rank runs
+    # joins subprocess's list of unwaited children, which the next Popen() reaps, and its exit status is lost here.
+    # Every rank is waited for by its own pid (never waitpid(-1), which could take another child of this process).
+    ranks: dict[int, int | subprocess.Popen] = {}
     for rank in range(job["nproc"]):
         if fork:
             pid = os.fork()
             if pid == 0:
                 _child(job, rank)
+            ranks[rank] = pid
         else:
-            pid = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job), str(rank)]).pid
-        pids[pid] = rank
+            ranks[rank] = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job), str(rank)])
+
+    def poll(rank: int) -> int | None:  # its exit code as torchrun reports it (-N: killed by signal N), or None
+        p = ranks[rank]
+        if isinstance(p, subprocess.Popen):
+            return p.poll()
+        pid, status = os.waitpid(p, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) if pid else None
+
+    def stop(sig: int) -> None:  # the ranks still running (not yet reaped: their pids are still theirs)
+        for rank, p in ranks.items():
+            if rank not in codes:
+                if isinstance(p, subprocess.Popen):
+                    p.send_signal(sig)
+                else:
+                    os.kill(p, sig)
+
     codes: dict[int, int] = {}
     first_failure = 0
     deadline = time.monotonic() + job["timeout"]
     stop_at, timed_out = None, False
-    while len(codes) < len(pids):
-        pid, status = os.waitpid(-1, os.WNOHANG)
-        if pid:
-            codes[pids[pid]] = os.waitstatus_to_exitcode(status)
-            if codes[pids[pid]] != 0 and stop_at is None:  # torchrun: one rank failed, the job failed
-                first_failure, stop_at = codes[pids[pid]], time.monotonic()
-                for other in pids:
-                    if pids[other] not in codes:
-                        os.kill(other, signal.SIGTERM)
+    while len(codes) < len(ranks):
+        exited = False
+        for rank in ranks:
+            code = None if rank in codes else poll(rank)
+            if code is None:
+                continue
+            codes[rank], exited = code, True
+            if code != 0 and stop_at is None:  # torchrun: one rank failed, the job failed
+                first_failure, stop_at = code, time.monotonic()
+                stop(signal.SIGTERM)
+        if exited:
             continue
         now = time.monotonic()
         if now > deadline:
             timed_out = True
         if timed_out or (stop_at is not None and now - stop_at > GRACE_S):
-            for other in pids:
-                if pids[other] not in codes:
-                    os.kill(other, signal.SIGKILL)
+            stop(signal.SIGKILL)
         time.sleep(0.02)
     return {"code": first_failure, "timed_out": timed_out}
 

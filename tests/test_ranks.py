@@ -94,3 +94,39 @@ def test_the_zygote_forks_only_while_it_is_the_only_thread(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert json.loads(out.splitlines()[0]) == {"ready": True, "fork": False}
     assert "ranks start as fresh interpreters" in err
+
+
+# starts each rank only once the ranks before it have exited (zombies, not yet reaped), then runs one spawned job
+# in this fresh process (the zygote's loop, _run_job, reaps its children itself)
+ORDERED_SPAWN = '''
+import json, subprocess, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import ranks
+
+started = []
+class OneAfterAnother(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        deadline = time.monotonic() + 60
+        while any(Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+                  for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        super().__init__(*args, **kwargs)
+        started.append(self.pid)
+subprocess.Popen = OneAfterAnother
+print(json.dumps(ranks._run_job(json.loads(sys.argv[2]), fork=False)))
+'''
+
+
+def test_a_spawned_rank_that_exits_before_the_next_one_starts_is_reaped_by_the_job(tmp_path):
+    """The fallback keeps each rank's Popen: one dropped while its rank runs joins subprocess's list of unwaited
+    children, which the next Popen() reaps, so the job would never see that rank's exit status (and would end on
+    ChildProcessError, waiting for it). Here rank 0 has exited, status 5, before rank 1 is started."""
+    script = tmp_path / "exits.py"
+    script.write_text("import os, sys\nsys.exit(5 if os.environ['RANK'] == '0' else 0)\n")
+    job = {"nproc": 2, "target": str(script), "args": [], "env": env(), "cwd": str(tmp_path), "timeout": 60,
+           "port": ranks.free_port(), "logs": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", ORDERED_SPAWN, str(Path(ranks.__file__).parent), json.dumps(job)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == {"code": 5, "timed_out": False}
