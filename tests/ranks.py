@@ -6,7 +6,9 @@ A *zygote* process (``python tests/ranks.py``, started once per test session) im
 and nothing of ``dflash_ds``, then forks one child per rank for every job it is sent. Each child gets the job's
 environment (with torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``), working directory and argv, and
 runs the module as ``__main__`` with a fresh import of the package, so environment read at import time
-(``dflash_ds.faults``) is the job's. As under torchrun, when one rank fails the others are stopped, and the job's
+(``dflash_ds.faults``) is the job's. What the third-party imports read from the environment (OMP_NUM_THREADS,
+DS_ACCELERATOR, TORCH*, HF_*: IMPORT_ENV_PREFIXES) is fixed in the zygote, so there is one zygote per distinct set
+of those values, started when a job first needs it. As under torchrun, when one rank fails the others are stopped, and the job's
 output is every rank's stdout and stderr. What the launchers themselves do (hostfiles, node ranks, exit-code
 passing) stays tested through the real ``deepspeed`` launcher in test_cluster.py, the demo and the GPU smoke.
 
@@ -31,6 +33,11 @@ WARM_IMPORTS = ("torch", "torch.distributed", "transformers", "transformers.mode
                 "deepspeed.runtime.zero.muon.muon_optimizer", "safetensors.torch")
 # not datasets: pyarrow starts a jemalloc background thread at import, and a process with threads must not fork
 GRACE_S = 10.0  # how long the other ranks get to exit after one failed, before SIGKILL
+# environment variables that WARM_IMPORTS read when they are imported (OMP_NUM_THREADS fixes torch's thread count,
+# DS_ACCELERATOR DeepSpeed's accelerator, TORCH*/HF_* settings become module constants), by name prefix: a forked
+# rank keeps the zygote's values whatever its job's environment says, so every distinct set of them gets a zygote
+# of its own (see _zygote). Everything else in a job's environment is read by the job itself, in the rank.
+IMPORT_ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "DS_", "TORCH", "PYTORCH", "HF_", "HUGGINGFACE", "TRANSFORMERS")
 
 
 def free_port() -> int:
@@ -179,11 +186,19 @@ def serve(spawn: bool = False) -> None:
 
 # ------------------------------------------------------------------------------------------------ the test side
 
-_zygotes: dict[bool, subprocess.Popen] = {}  # forking, and (tests of the fallback) spawning
+def import_env(env: dict) -> tuple:
+    """The part of ``env`` that the zygote's imports read (IMPORT_ENV_PREFIXES), as a hashable key."""
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_ENV_PREFIXES)))
+
+
+# one zygote per (spawning, import_env(job's environment)): a job runs only in a zygote whose imports read the same
+# values as its own environment holds; each is started on first use, kept for the session, killed at exit
+_zygotes: dict[tuple[bool, tuple], subprocess.Popen] = {}
 
 
 def _zygote(env: dict, spawn: bool) -> subprocess.Popen:
-    proc = _zygotes.get(spawn)
+    key = (spawn, import_env(env))
+    proc = _zygotes.get(key)
     if proc is not None and proc.poll() is None:
         return proc
     proc = subprocess.Popen([sys.executable, "-u", __file__, *(["--spawn"] if spawn else [])], stdin=subprocess.PIPE,
@@ -195,18 +210,18 @@ def _zygote(env: dict, spawn: bool) -> subprocess.Popen:
     import atexit
 
     atexit.register(proc.kill)
-    _zygotes[spawn] = proc
+    _zygotes[key] = proc
     return proc
 
 
 def run_ranks(nproc: int, target: str, args, env: dict, cwd, timeout: float = 600,
               spawn: bool = False) -> subprocess.CompletedProcess:
-    """``nproc`` ranks of ``target`` (a module name, or a ``.py`` script path) with ``args``, in ``env`` (whose
-    DS_ACCELERATOR and OMP_NUM_THREADS the zygote also imports under) and ``cwd``; one rank is a plain ``python -m``
-    (no torchrun variables). Returns what ``subprocess.run`` would for torchrun: the exit status of the rank that
-    failed first (or 0), every rank's stdout and stderr in rank order. Raises ``subprocess.TimeoutExpired`` past
-    ``timeout`` (the ranks are killed first). ``spawn``: start the ranks as fresh interpreters (the fallback taken
-    where the zygote cannot fork safely), for its tests."""
+    """``nproc`` ranks of ``target`` (a module name, or a ``.py`` script path) with ``args``, in ``env`` (the
+    zygote they fork from imported torch & co. under the same IMPORT_ENV_PREFIXES variables) and ``cwd``; one rank
+    is a plain ``python -m`` (no torchrun variables). Returns what ``subprocess.run`` would for torchrun: the exit
+    status of the rank that failed first (or 0), every rank's stdout and stderr in rank order. Raises
+    ``subprocess.TimeoutExpired`` past ``timeout`` (the ranks are killed first). ``spawn``: start the ranks as fresh
+    interpreters (the fallback taken where the zygote cannot fork safely), for its tests."""
     zygote = _zygote({**env}, spawn)
     with tempfile.TemporaryDirectory(prefix="ranks_") as logs:
         job = {"nproc": nproc, "target": str(target), "args": [str(a) for a in args], "env": dict(env),

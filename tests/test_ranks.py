@@ -130,3 +130,28 @@ def test_a_spawned_rank_that_exits_before_the_next_one_starts_is_reaped_by_the_j
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout) == {"code": 5, "timed_out": False}
+
+
+def test_a_job_whose_import_time_environment_differs_gets_a_zygote_imported_under_it(tmp_path):
+    """OMP_NUM_THREADS (torch's thread count), HF_*/TORCH*/DS_ACCELERATOR are read when the zygote imports torch,
+    transformers and DeepSpeed, before any job: a job with other values than the zygote's must not run in it. One
+    with the same values reuses it."""
+    script = tmp_path / "imported.py"
+    script.write_text("import torch, huggingface_hub.constants as c\n"
+                      "print(torch.get_num_threads(), c.HF_HUB_OFFLINE)\n")
+    first = run_ranks(1, script, [], env(), tmp_path, timeout=120)  # in the zygote the other tests use
+    threads, offline = first.stdout.split()
+    assert first.returncode == 0 and threads == "1", first.stdout + first.stderr[-3000:]
+    other = env(OMP_NUM_THREADS="2", HF_HUB_OFFLINE="0" if offline == "True" else "1")
+    try:
+        second = run_ranks(1, script, [], other, tmp_path, timeout=120)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert second.stdout.split() == ["2", str(offline != "True")]
+        assert run_ranks(1, script, [], env(), tmp_path, timeout=120).stdout == first.stdout
+        assert ranks._zygote(other, spawn=False) is not ranks._zygote(env(), spawn=False)
+        assert ranks._zygote(env(JOB_VALUE="x"), spawn=False) is ranks._zygote(env(), spawn=False)  # the job's own
+    finally:
+        extra = ranks._zygotes.pop((False, ranks.import_env(other)), None)
+        if extra is not None:  # the only job that needs it has run
+            extra.kill()
+            extra.wait()
