@@ -8,9 +8,11 @@ environment (with torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``
 runs the module as ``__main__`` with a fresh import of the package, so environment read at import time
 (``dflash_ds.faults``) is the job's. What the third-party imports read from the environment (OMP_NUM_THREADS,
 DS_ACCELERATOR, TORCH*, HF_*: IMPORT_ENV_PREFIXES) is fixed in the zygote, so there is one zygote per distinct set
-of those values, started when a job first needs it. As under torchrun, when one rank fails the others are stopped, and the job's
-output is every rank's stdout and stderr. What the launchers themselves do (hostfiles, node ranks, exit-code
-passing) stays tested through the real ``deepspeed`` launcher in test_cluster.py, the demo and the GPU smoke.
+of those values, started when a job first needs it. A forked rank reseeds python's, torch's and numpy's global
+generators from the OS, as a fresh interpreter seeds them, rather than share the zygote's state. As under
+torchrun, when one rank fails the others are stopped, and the job's output is every rank's stdout and stderr. What
+the launchers themselves do (hostfiles, node ranks, exit-code passing) stays tested through the real ``deepspeed``
+launcher in test_cluster.py, the demo and the GPU smoke.
 
 Public API::
 
@@ -49,11 +51,28 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------------------------------- the zygote
 
 
-def _child(job: dict, rank: int) -> None:
-    """In the rank's process (a fork of the zygote, or a fresh interpreter): become rank ``rank`` of ``job``, never
-    return."""
+def _reseed() -> None:
+    """In a forked rank: what a fresh interpreter draws from the OS at start, drawn again, so that ranks and jobs do
+    not share the zygote's random state: python's ``random`` (the stdlib reseeds it after a fork too), torch's
+    default generators (``torch.seed()``: the CPU one, and the accelerators' when they start) and, if the zygote
+    imported it, numpy's global one. Left shared: the str hash seed (fixed at interpreter start; set
+    PYTHONHASHSEED where a test depends on it)."""
+    import random
+
+    random.seed()  # from os.urandom
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()
+    if "numpy.random" in sys.modules:  # else a rank that imports it seeds it from the OS itself
+        sys.modules["numpy.random"].seed()
+
+
+def _child(job: dict, rank: int, forked: bool = False) -> None:
+    """In the rank's process (a fork of the zygote, ``forked``, or a fresh interpreter): become rank ``rank`` of
+    ``job``, never return."""
     code = 1
     try:
+        if forked:
+            _reseed()
         os.chdir(job["cwd"])
         os.environ.clear()
         os.environ.update(job["env"])
@@ -117,7 +136,7 @@ def _run_job(job: dict, fork: bool) -> dict:
         if fork:
             pid = os.fork()
             if pid == 0:
-                _child(job, rank)
+                _child(job, rank, forked=True)
             ranks[rank] = pid
         else:
             ranks[rank] = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job), str(rank)])

@@ -155,3 +155,21 @@ def test_a_job_whose_import_time_environment_differs_gets_a_zygote_imported_unde
         if extra is not None:  # the only job that needs it has run
             extra.kill()
             extra.wait()
+
+
+@pytest.mark.parametrize("spawn", [False, True], ids=["forked", "spawned"])
+def test_every_rank_of_every_job_draws_its_own_random_numbers(tmp_path, spawn):
+    """As in fresh interpreters (torchrun), a forked rank must not inherit the zygote's random state: python's
+    random, torch's default generator (seeded from the OS in a fresh process) and numpy's global one differ per rank
+    and per job, so two ranks' unseeded draws (dropout masks, shuffles) are not the same numbers."""
+    script = tmp_path / "draws.py"
+    script.write_text("import random, numpy, torch\n"
+                      "print(random.random(), torch.rand(1).item(), torch.initial_seed(), numpy.random.rand())\n")
+    draws = []
+    for _ in range(2):
+        proc = run_ranks(2, script, [], env(), tmp_path, timeout=120, spawn=spawn)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        draws += [line.split() for line in proc.stdout.splitlines()]
+    assert len(draws) == 4
+    for name, values in zip(("random", "torch.rand", "torch.initial_seed", "numpy.random"), zip(*draws)):
+        assert len(set(values)) == 4, (name, values)
