@@ -6,9 +6,13 @@ A *zygote* process (``python tests/ranks.py``, started once per test session) im
 and nothing of ``dflash_ds``, then forks one child per rank for every job it is sent. Each child gets the job's
 environment (with torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``), working directory and argv, and
 runs the module as ``__main__`` with a fresh import of the package, so environment read at import time
-(``dflash_ds.faults``) is the job's. As under torchrun, when one rank fails the others are stopped, and the job's
-output is every rank's stdout and stderr. What the launchers themselves do (hostfiles, node ranks, exit-code
-passing) stays tested through the real ``deepspeed`` launcher in test_cluster.py, the demo and the GPU smoke.
+(``dflash_ds.faults``) is the job's. What the third-party imports read from the environment (OMP_NUM_THREADS,
+DS_ACCELERATOR, TORCH*, HF_*: IMPORT_ENV_PREFIXES) is fixed in the zygote, so there is one zygote per distinct set
+of those values, started when a job first needs it. A forked rank reseeds python's, torch's and numpy's global
+generators from the OS, as a fresh interpreter seeds them, rather than share the zygote's state. As under
+torchrun, when one rank fails the others are stopped, and the job's output is every rank's stdout and stderr. What
+the launchers themselves do (hostfiles, node ranks, exit-code passing) stays tested through the real ``deepspeed``
+launcher in test_cluster.py, the demo and the GPU smoke.
 
 Public API::
 
@@ -31,6 +35,11 @@ WARM_IMPORTS = ("torch", "torch.distributed", "transformers", "transformers.mode
                 "deepspeed.runtime.zero.muon.muon_optimizer", "safetensors.torch")
 # not datasets: pyarrow starts a jemalloc background thread at import, and a process with threads must not fork
 GRACE_S = 10.0  # how long the other ranks get to exit after one failed, before SIGKILL
+# environment variables that WARM_IMPORTS read when they are imported (OMP_NUM_THREADS fixes torch's thread count,
+# DS_ACCELERATOR DeepSpeed's accelerator, TORCH*/HF_* settings become module constants), by name prefix: a forked
+# rank keeps the zygote's values whatever its job's environment says, so every distinct set of them gets a zygote
+# of its own (see _zygote). Everything else in a job's environment is read by the job itself, in the rank.
+IMPORT_ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "DS_", "TORCH", "PYTORCH", "HF_", "HUGGINGFACE", "TRANSFORMERS")
 
 
 def free_port() -> int:
@@ -42,11 +51,28 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------------------------------- the zygote
 
 
-def _child(job: dict, rank: int) -> None:
-    """In the rank's process (a fork of the zygote, or a fresh interpreter): become rank ``rank`` of ``job``, never
-    return."""
+def _reseed() -> None:
+    """In a forked rank: what a fresh interpreter draws from the OS at start, drawn again, so that ranks and jobs do
+    not share the zygote's random state: python's ``random`` (the stdlib reseeds it after a fork too), torch's
+    default generators (``torch.seed()``: the CPU one, and the accelerators' when they start) and, if the zygote
+    imported it, numpy's global one. Left shared: the str hash seed (fixed at interpreter start; set
+    PYTHONHASHSEED where a test depends on it)."""
+    import random
+
+    random.seed()  # from os.urandom
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()
+    if "numpy.random" in sys.modules:  # else a rank that imports it seeds it from the OS itself
+        sys.modules["numpy.random"].seed()
+
+
+def _child(job: dict, rank: int, forked: bool = False) -> None:
+    """In the rank's process (a fork of the zygote, ``forked``, or a fresh interpreter): become rank ``rank`` of
+    ``job``, never return."""
     code = 1
     try:
+        if forked:
+            _reseed()
         os.chdir(job["cwd"])
         os.environ.clear()
         os.environ.update(job["env"])
@@ -102,36 +128,55 @@ def _run_job(job: dict, fork: bool) -> dict:
     import signal
     import time
 
-    pids = {}
+    # rank -> its pid (forked) or its Popen (spawned). The Popen objects are kept: one dropped while its rank runs
+    # joins subprocess's list of unwaited children, which the next Popen() reaps, and its exit status is lost here.
+    # Every rank is waited for by its own pid (never waitpid(-1), which could take another child of this process).
+    ranks: dict[int, int | subprocess.Popen] = {}
     for rank in range(job["nproc"]):
         if fork:
             pid = os.fork()
             if pid == 0:
-                _child(job, rank)
+                _child(job, rank, forked=True)
+            ranks[rank] = pid
         else:
-            pid = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job), str(rank)]).pid
-        pids[pid] = rank
+            ranks[rank] = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job), str(rank)])
+
+    def poll(rank: int) -> int | None:  # its exit code as torchrun reports it (-N: killed by signal N), or None
+        p = ranks[rank]
+        if isinstance(p, subprocess.Popen):
+            return p.poll()
+        pid, status = os.waitpid(p, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) if pid else None
+
+    def stop(sig: int) -> None:  # the ranks still running (not yet reaped: their pids are still theirs)
+        for rank, p in ranks.items():
+            if rank not in codes:
+                if isinstance(p, subprocess.Popen):
+                    p.send_signal(sig)
+                else:
+                    os.kill(p, sig)
+
     codes: dict[int, int] = {}
     first_failure = 0
     deadline = time.monotonic() + job["timeout"]
     stop_at, timed_out = None, False
-    while len(codes) < len(pids):
-        pid, status = os.waitpid(-1, os.WNOHANG)
-        if pid:
-            codes[pids[pid]] = os.waitstatus_to_exitcode(status)
-            if codes[pids[pid]] != 0 and stop_at is None:  # torchrun: one rank failed, the job failed
-                first_failure, stop_at = codes[pids[pid]], time.monotonic()
-                for other in pids:
-                    if pids[other] not in codes:
-                        os.kill(other, signal.SIGTERM)
+    while len(codes) < len(ranks):
+        exited = False
+        for rank in ranks:
+            code = None if rank in codes else poll(rank)
+            if code is None:
+                continue
+            codes[rank], exited = code, True
+            if code != 0 and stop_at is None:  # torchrun: one rank failed, the job failed
+                first_failure, stop_at = code, time.monotonic()
+                stop(signal.SIGTERM)
+        if exited:
             continue
         now = time.monotonic()
         if now > deadline:
             timed_out = True
         if timed_out or (stop_at is not None and now - stop_at > GRACE_S):
-            for other in pids:
-                if pids[other] not in codes:
-                    os.kill(other, signal.SIGKILL)
+            stop(signal.SIGKILL)
         time.sleep(0.02)
     return {"code": first_failure, "timed_out": timed_out}
 
@@ -160,11 +205,19 @@ def serve(spawn: bool = False) -> None:
 
 # ------------------------------------------------------------------------------------------------ the test side
 
-_zygotes: dict[bool, subprocess.Popen] = {}  # forking, and (tests of the fallback) spawning
+def import_env(env: dict) -> tuple:
+    """The part of ``env`` that the zygote's imports read (IMPORT_ENV_PREFIXES), as a hashable key."""
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_ENV_PREFIXES)))
+
+
+# one zygote per (spawning, import_env(job's environment)): a job runs only in a zygote whose imports read the same
+# values as its own environment holds; each is started on first use, kept for the session, killed at exit
+_zygotes: dict[tuple[bool, tuple], subprocess.Popen] = {}
 
 
 def _zygote(env: dict, spawn: bool) -> subprocess.Popen:
-    proc = _zygotes.get(spawn)
+    key = (spawn, import_env(env))
+    proc = _zygotes.get(key)
     if proc is not None and proc.poll() is None:
         return proc
     proc = subprocess.Popen([sys.executable, "-u", __file__, *(["--spawn"] if spawn else [])], stdin=subprocess.PIPE,
@@ -176,18 +229,18 @@ def _zygote(env: dict, spawn: bool) -> subprocess.Popen:
     import atexit
 
     atexit.register(proc.kill)
-    _zygotes[spawn] = proc
+    _zygotes[key] = proc
     return proc
 
 
 def run_ranks(nproc: int, target: str, args, env: dict, cwd, timeout: float = 600,
               spawn: bool = False) -> subprocess.CompletedProcess:
-    """``nproc`` ranks of ``target`` (a module name, or a ``.py`` script path) with ``args``, in ``env`` (whose
-    DS_ACCELERATOR and OMP_NUM_THREADS the zygote also imports under) and ``cwd``; one rank is a plain ``python -m``
-    (no torchrun variables). Returns what ``subprocess.run`` would for torchrun: the exit status of the rank that
-    failed first (or 0), every rank's stdout and stderr in rank order. Raises ``subprocess.TimeoutExpired`` past
-    ``timeout`` (the ranks are killed first). ``spawn``: start the ranks as fresh interpreters (the fallback taken
-    where the zygote cannot fork safely), for its tests."""
+    """``nproc`` ranks of ``target`` (a module name, or a ``.py`` script path) with ``args``, in ``env`` (the
+    zygote they fork from imported torch & co. under the same IMPORT_ENV_PREFIXES variables) and ``cwd``; one rank
+    is a plain ``python -m`` (no torchrun variables). Returns what ``subprocess.run`` would for torchrun: the exit
+    status of the rank that failed first (or 0), every rank's stdout and stderr in rank order. Raises
+    ``subprocess.TimeoutExpired`` past ``timeout`` (the ranks are killed first). ``spawn``: start the ranks as fresh
+    interpreters (the fallback taken where the zygote cannot fork safely), for its tests."""
     zygote = _zygote({**env}, spawn)
     with tempfile.TemporaryDirectory(prefix="ranks_") as logs:
         job = {"nproc": nproc, "target": str(target), "args": [str(a) for a in args], "env": dict(env),

@@ -94,3 +94,82 @@ def test_the_zygote_forks_only_while_it_is_the_only_thread(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert json.loads(out.splitlines()[0]) == {"ready": True, "fork": False}
     assert "ranks start as fresh interpreters" in err
+
+
+# starts each rank only once the ranks before it have exited (zombies, not yet reaped), then runs one spawned job
+# in this fresh process (the zygote's loop, _run_job, reaps its children itself)
+ORDERED_SPAWN = '''
+import json, subprocess, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import ranks
+
+started = []
+class OneAfterAnother(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        deadline = time.monotonic() + 60
+        while any(Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+                  for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        super().__init__(*args, **kwargs)
+        started.append(self.pid)
+subprocess.Popen = OneAfterAnother
+print(json.dumps(ranks._run_job(json.loads(sys.argv[2]), fork=False)))
+'''
+
+
+def test_a_spawned_rank_that_exits_before_the_next_one_starts_is_reaped_by_the_job(tmp_path):
+    """The fallback keeps each rank's Popen: one dropped while its rank runs joins subprocess's list of unwaited
+    children, which the next Popen() reaps, so the job would never see that rank's exit status (and would end on
+    ChildProcessError, waiting for it). Here rank 0 has exited, status 5, before rank 1 is started."""
+    script = tmp_path / "exits.py"
+    script.write_text("import os, sys\nsys.exit(5 if os.environ['RANK'] == '0' else 0)\n")
+    job = {"nproc": 2, "target": str(script), "args": [], "env": env(), "cwd": str(tmp_path), "timeout": 60,
+           "port": ranks.free_port(), "logs": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", ORDERED_SPAWN, str(Path(ranks.__file__).parent), json.dumps(job)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == {"code": 5, "timed_out": False}
+
+
+def test_a_job_whose_import_time_environment_differs_gets_a_zygote_imported_under_it(tmp_path):
+    """OMP_NUM_THREADS (torch's thread count), HF_*/TORCH*/DS_ACCELERATOR are read when the zygote imports torch,
+    transformers and DeepSpeed, before any job: a job with other values than the zygote's must not run in it. One
+    with the same values reuses it."""
+    script = tmp_path / "imported.py"
+    script.write_text("import torch, huggingface_hub.constants as c\n"
+                      "print(torch.get_num_threads(), c.HF_HUB_OFFLINE)\n")
+    first = run_ranks(1, script, [], env(), tmp_path, timeout=120)  # in the zygote the other tests use
+    threads, offline = first.stdout.split()
+    assert first.returncode == 0 and threads == "1", first.stdout + first.stderr[-3000:]
+    other = env(OMP_NUM_THREADS="2", HF_HUB_OFFLINE="0" if offline == "True" else "1")
+    try:
+        second = run_ranks(1, script, [], other, tmp_path, timeout=120)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert second.stdout.split() == ["2", str(offline != "True")]
+        assert run_ranks(1, script, [], env(), tmp_path, timeout=120).stdout == first.stdout
+        assert ranks._zygote(other, spawn=False) is not ranks._zygote(env(), spawn=False)
+        assert ranks._zygote(env(JOB_VALUE="x"), spawn=False) is ranks._zygote(env(), spawn=False)  # the job's own
+    finally:
+        extra = ranks._zygotes.pop((False, ranks.import_env(other)), None)
+        if extra is not None:  # the only job that needs it has run
+            extra.kill()
+            extra.wait()
+
+
+@pytest.mark.parametrize("spawn", [False, True], ids=["forked", "spawned"])
+def test_every_rank_of_every_job_draws_its_own_random_numbers(tmp_path, spawn):
+    """As in fresh interpreters (torchrun), a forked rank must not inherit the zygote's random state: python's
+    random, torch's default generator (seeded from the OS in a fresh process) and numpy's global one differ per rank
+    and per job, so two ranks' unseeded draws (dropout masks, shuffles) are not the same numbers."""
+    script = tmp_path / "draws.py"
+    script.write_text("import random, numpy, torch\n"
+                      "print(random.random(), torch.rand(1).item(), torch.initial_seed(), numpy.random.rand())\n")
+    draws = []
+    for _ in range(2):
+        proc = run_ranks(2, script, [], env(), tmp_path, timeout=120, spawn=spawn)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        draws += [line.split() for line in proc.stdout.splitlines()]
+    assert len(draws) == 4
+    for name, values in zip(("random", "torch.rand", "torch.initial_seed", "numpy.random"), zip(*draws)):
+        assert len(set(values)) == 4, (name, values)

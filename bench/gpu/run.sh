@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # One-call GPU benchmark for a lent H100 (device tool): see bench/gpu/gpu_bench.py for what it measures.
 #
+# Device time: a session has 15 minutes of device time in total, all calls together (the machine's start, every
+# call, its idle time; no machine starts with under 4 minutes left), and one call runs at most 10 minutes. The
+# calls below do not all fit in one session: run the smoke (step 4, one call under 8 minutes) FIRST and alone;
+# run another part (2, 2b) only if the device tool's status still shows more budget_left_s than that call's
+# timeout_s plus a minute, usually in a later session, one part a session. Give the machine back (give_back) after
+# the last call rather than let it idle on the budget.
+#
 # 1. Prepare the wheels ONCE on the development machine (network), from the repository root:
 #
 #      bash bench/gpu/run.sh --prepare
@@ -24,7 +31,8 @@
 #    the device with `pip install --no-index --no-deps --target /tmp/site` (see below; the device can fetch
 #    nothing). bench/gpu/wheels/ must not be committed (it is in .gitignore).
 #
-# 2. Run on the device (one call, about 4-6 minutes of device time; the script stops itself at 470 s):
+# 2. Run on the device (one call, about 4-6 minutes of device time; the script stops itself at 470 s; only if the
+#    smoke has run and budget_left_s allows it, see "Device time" above):
 #
 #      run(command="bash bench/gpu/run.sh", carry=["bench/gpu/wheels"], timeout_s=540)
 #
@@ -57,19 +65,26 @@
 #
 # 4. GPU acceptance in one command (bench/gpu/smoke.py): ZeRO-2 and ZeRO-3 training through the deepspeed launcher
 #    (NCCL), resume, export, dflash-ds eval with --compile none|static|compile and both loops, greedy outputs
-#    against transformers' generate; one PASS/FAIL line per check, exit status 1 if any failed; stops itself
-#    within 8 minutes (smoke.py --time-budget-s 400 after the wheels install). Needs the wheels of step 1
-#    (deepspeed, and datasets for the trainer's data):
+#    against transformers' generate; one PASS/FAIL line per check, exit status 1 if any failed. The first device
+#    call of a session. --budget-s N (default 420: 7 minutes) is the whole call's time, wheel install included:
+#    run.sh measures what the install and the import check took and gives the rest, less 20 s, to the outer
+#    `timeout` (which SIGINTs, then SIGKILLs 20 s later) and, less 50 s, to smoke.py --time-budget-s (no command
+#    runs past it), so the script ends within N seconds. Needs the wheels of step 1 (deepspeed, and datasets for
+#    the trainer's data):
 #
-#      run(command="bash bench/gpu/run.sh --smoke", carry=["bench/gpu/wheels"], timeout_s=540)
+#      run(command="bash bench/gpu/run.sh --smoke --budget-s 420", carry=["bench/gpu/wheels"], timeout_s=450)
+#
+#    (timeout_s 30 s above --budget-s; keep both under 480.)
 #
 #    It writes $OUT/smoke.log and $OUT/smoke.json. The same checks on a CPU (2 gloo ranks, tiny shapes; no wheels,
-#    the local Python; CI runs it: tests/test_gpu_smoke.py):
+#    the local Python; CI runs it: tests/test_gpu_smoke.py; smoke.py's own --time-budget-s unless --budget-s is
+#    given):
 #
 #      bash bench/gpu/run.sh --smoke --device cpu
 #
-# Exit codes: 2 no wheels, 3 no GPU / torch sees no CUDA, 4 wheel install failed, else gpu_bench.py's own
-# (smoke.py's with --smoke: 1 when a check failed).
+# Exit codes: 2 no wheels (or a bad --budget-s), 3 no GPU / torch sees no CUDA, 4 wheel install failed, 5 (--smoke)
+# under 60 s of --budget-s left for the checks, else gpu_bench.py's own (smoke.py's with --smoke: 1 when a check
+# failed; 124 when the outer timeout stopped it).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 WHEELS=bench/gpu/wheels
@@ -145,19 +160,38 @@ if [[ "${1:-}" == "--cpu-smoke" ]]; then
 fi
 
 smoke=""
+SMOKE_KILL_AFTER_S=20  # the outer timeout's SIGINT-to-SIGKILL grace
+SMOKE_SLACK_S=50       # smoke.py's budget ends this long before the script must: cut the last command, report
+# smoke_limits LEFT: "OUTER_TIMEOUT SMOKE_BUDGET" for LEFT seconds of --budget-s still unspent
+smoke_limits() { echo "$(( $1 - SMOKE_KILL_AFTER_S )) $(( $1 - SMOKE_SLACK_S ))"; }
 if [[ "${1:-}" == "--smoke" ]]; then
     shift
     smoke=1
-    smoke_device=cuda prev=""
-    for a in "$@"; do
+    smoke_device=cuda prev="" budget_s="" args=()
+    for a in "$@"; do  # --budget-s is run.sh's own; the rest goes to smoke.py
+        if [[ "$prev" == --budget-s ]]; then budget_s=$a; prev=""; continue; fi
+        if [[ "$a" == --budget-s ]]; then prev=$a; continue; fi
+        if [[ "$a" == --budget-s=* ]]; then budget_s=${a#--budget-s=}; prev=""; continue; fi
         [[ "$prev" == --device ]] && smoke_device=$a
         [[ "$a" == --device=* ]] && smoke_device=${a#--device=}
         prev=$a
+        args+=("$a")
     done
+    [[ "$prev" == --budget-s ]] && { echo "run.sh: --budget-s needs a number of seconds" >&2; exit 2; }
+    if [[ -n "$budget_s" && ! "$budget_s" =~ ^[0-9]+$ ]]; then
+        echo "run.sh: --budget-s takes whole seconds, not '$budget_s'" >&2; exit 2
+    fi
+    set -- ${args[@]+"${args[@]}"}  # (an empty array is unbound to bash < 4.4 under set -u)
     if [[ "$smoke_device" == cpu ]]; then  # anywhere, with the local Python (PYTHON, default python3)
         export PYTHONUNBUFFERED=1
-        exec "${PYTHON:-python3}" bench/gpu/smoke.py "$@"
+        if [[ -z "$budget_s" ]]; then  # smoke.py's own budget (what CI runs)
+            exec "${PYTHON:-python3}" bench/gpu/smoke.py "$@"
+        fi
+        read -r outer smoke_budget <<<"$(smoke_limits $(( budget_s - SECONDS )))"
+        exec timeout --signal=INT --kill-after="$SMOKE_KILL_AFTER_S" "$outer" "${PYTHON:-python3}" bench/gpu/smoke.py \
+            --time-budget-s "$smoke_budget" "$@"
     fi
+    budget_s=${budget_s:-420}  # the whole device call, wheel install included: 7 minutes
 fi
 
 # ---- on the lent GPU machine: fail fast and clearly
@@ -172,8 +206,10 @@ if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
          "carry=[\"bench/gpu/wheels\"] to the device call" >&2
     exit 2
 fi
+install_start=$SECONDS
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$WHEELS"/*.whl || { echo "run.sh: wheel install failed" >&2; exit 4; }
+echo "run.sh: wheel install took $(( SECONDS - install_start )) s"
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
@@ -198,9 +234,19 @@ EOF
 OUTDIR="${OUT:-bench/results}"
 mkdir -p "$OUTDIR"
 if [[ -n "$smoke" ]]; then
-    # 400 s of checks after the ~30 s above: the whole call stays under 8 minutes
-    timeout --signal=INT --kill-after=20 450 python3 bench/gpu/smoke.py --device cuda --time-budget-s 400 \
-        --json "$OUTDIR/smoke.json" "$@" 2>&1 | tee "$OUTDIR/smoke.log"
+    # what is left of --budget-s after what this script has spent so far (nvidia-smi, the wheel install, the import
+    # check: measured, SECONDS counts from the script's start) goes to the checks, so the call ends within it
+    left=$(( budget_s - SECONDS ))
+    read -r outer smoke_budget <<<"$(smoke_limits "$left")"
+    if (( left < 60 )); then
+        echo "run.sh: ${SECONDS} s of --budget-s ${budget_s} spent before the smoke (wheel install); $left s left," \
+             "too few for its checks (raise --budget-s, keeping the call's timeout_s above it and under 480)" >&2
+        exit 5
+    fi
+    echo "run.sh: --budget-s $budget_s: ${SECONDS} s spent before the smoke; smoke.py --time-budget-s $smoke_budget," \
+         "outer timeout $outer s (+${SMOKE_KILL_AFTER_S} s to SIGKILL)"
+    timeout --signal=INT --kill-after="$SMOKE_KILL_AFTER_S" "$outer" python3 bench/gpu/smoke.py --device cuda \
+        --time-budget-s "$smoke_budget" --json "$OUTDIR/smoke.json" "$@" 2>&1 | tee "$OUTDIR/smoke.log"
     exit "${PIPESTATUS[0]}"
 fi
 if [[ "${1:-}" == "--spec-decode" ]]; then
