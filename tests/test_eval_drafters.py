@@ -102,6 +102,12 @@ def test_open_drafter_says_the_kind_and_describes_it(saved, tmp_path):
     assert info["parameters"] == sum(p.numel() for p in draft.parameters())
     assert info["block_size"] == DFLASH_BLOCK and standalone.meta.mask_token_id == draft.mask_token_id
     assert describe(open_drafter(d / "lora_qv"))["layers"] == "r2 over 4 target layers"
+    # each kind resolves the eval's settings for its drafter: the standalone kind's one loop, any B in [2, trained]
+    cfg = EvalConfig(block_size=3).resolved(standalone.meta, "dflash")
+    assert (cfg.loop, cfg.block_size, cfg.prompt_lookup_tokens) == ("dflash", 3, 2)
+    with pytest.raises(ValueError, match=rf"dflash: --block-size must be in \[2, {DFLASH_BLOCK}\]"):
+        EvalConfig(block_size=DFLASH_BLOCK + 1).resolved(standalone.meta, "dflash")
+    assert EvalConfig().resolved(lora.meta).loop == "both"  # a scope-block adapter: both of its loops
 
     # a dflash.json from before the kind field: the LoRA kind
     old = tmp_path / "old"

@@ -26,7 +26,7 @@ def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: boo
     )
 
 
-def _is_text_record(messages: Conversation) -> bool:
+def is_text_record(messages: Conversation) -> bool:
     return len(messages) == 1 and messages[0]["role"] == TEXT_ROLE
 
 
@@ -91,7 +91,7 @@ def _assistant_spans(tokenizer: Any, messages: Conversation, full: str) -> list[
     return spans
 
 
-def _special_ids(tokenizer: Any) -> set[int]:
+def special_ids(tokenizer: Any) -> set[int]:
     """Ids of special tokens: candidates for an end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``</s>``)."""
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
@@ -161,7 +161,7 @@ def tokenize_with_stored_answer(
 ) -> tuple[dict[str, list[int]], bool]:
     """:func:`tokenize_conversation`, and whether ``answer_ids`` were used (False when none were given, or when
     they do not fit the last answer: :func:`stored_ids_fit`; its text is then tokenised instead)."""
-    if _is_text_record(messages):
+    if is_text_record(messages):
         ids = tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"][:max_length]
         return {"input_ids": list(ids), "loss_mask": [1] * len(ids)}, False
 
@@ -175,7 +175,7 @@ def tokenize_with_stored_answer(
         ids, offsets = _encode_with_answer(tokenizer, full, spans[-1], answer_ids)
     else:
         ids, offsets = _encode(tokenizer, full)
-    mask = _loss_mask(ids, offsets, full, spans, _special_ids(tokenizer), truncated)
+    mask = _loss_mask(ids, offsets, full, spans, special_ids(tokenizer), truncated)
     return {"input_ids": ids[:max_length], "loss_mask": mask[:max_length]}, used
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..settings import REQUIRED, check_choices, setting
-from .chat import _is_text_record, _special_ids, check_template_roundtrip, tokenize_with_stored_answer
+from .chat import is_text_record, special_ids, check_template_roundtrip, tokenize_with_stored_answer
 from .records import BAD_LINE_POLICIES, BadLineError, Record, read_records
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def _cache_key(tokenizer: Any, config: DataConfig, mask_token_id: int | None = N
         "tokenizer_name": getattr(tokenizer, "name_or_path", ""),
         "vocab_size": len(tokenizer),
         "tokenizer_json": hashlib.sha256(backend.to_str().encode()).hexdigest() if backend else None,
-        "special_ids": sorted(_special_ids(tokenizer)),
+        "special_ids": sorted(special_ids(tokenizer)),
         "chat_template": getattr(tokenizer, "chat_template", None),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -191,7 +191,7 @@ def build_dataset(tokenizer: Any, config: DataConfig, mask_token_id: int | None 
     if not records:
         why = f" ({dropped_truncated} dropped as truncated: see --truncated)" if dropped_truncated else ""
         raise ValueError(f"no usable conversations in {config.paths}{why}")
-    first_chat = next((r.conversation for r in records if not _is_text_record(r.conversation)), None)
+    first_chat = next((r.conversation for r in records if not is_text_record(r.conversation)), None)
     if first_chat is not None:
         check_template_roundtrip(tokenizer, first_chat)
 

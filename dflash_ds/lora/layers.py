@@ -143,7 +143,7 @@ class LoRALinear(nn.Module):
     def has_adapter(self) -> bool:
         return self.r > 0
 
-    def _tp_active(self) -> bool:
+    def tp_active(self) -> bool:
         return self.parallel is not None and self.tp.size > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ class LoRALinear(nn.Module):
         stacked = self.stacked
         if stacked is not None and not torch.is_grad_enabled() and x.dim() == 3 and x.shape[0] == 1:
             return stacked.output(self, x)
-        group = self.tp.group if self._tp_active() else None
+        group = self.tp.group if self.tp_active() else None
         if group is None:
             y = self.base_layer(x)
         elif self.parallel == "column":

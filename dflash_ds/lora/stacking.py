@@ -113,7 +113,7 @@ def stack_projections(model: nn.Module, groups: tuple[tuple[str, ...], ...] | No
         for names in groups:
             # projections without an adapter stay plain nn.Linear layers: stack the adapted ones (2 or more)
             members = [m for m in (getattr(parent, n, None) for n in names)
-                       if isinstance(m, LoRALinear) and not m._tp_active() and m.stacked is None]
+                       if isinstance(m, LoRALinear) and not m.tp_active() and m.stacked is None]
             if len(members) < 2 or len({m.base_layer.in_features for m in members}) != 1:
                 continue
             stack = StackedProjections(members)

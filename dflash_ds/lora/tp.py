@@ -72,7 +72,7 @@ def _shard_linear(linear: nn.Linear, kind: str | None, tp: TPGroup) -> nn.Linear
 
 def _sharded_dim(module: LoRALinear, factor: str) -> int | None:
     """Which dim of ``factor`` ("lora_A"/"lora_B") is split across TP ranks (None: replicated)."""
-    if not module._tp_active():
+    if not module.tp_active():
         return None
     if module.parallel == "column" and factor == "lora_B":
         return 0
