@@ -8,6 +8,8 @@ import sys
 
 COMMANDS = {
     "train": ("dflash_ds.train", "main", "train a drafter adapter with DeepSpeed (see also: deepspeed -m dflash_ds.train)"),
+    "features": ("dflash_ds.features", "main", "write the standalone drafter's target features once, for training "
+                 "with --features (run it with the training flags)"),
     "export": ("dflash_ds.checkpoint", "main_export", "export a training checkpoint as a PEFT adapter directory"),
     "eval": ("dflash_ds.evaluate", "main", "measure tau and speedup of a drafter against autoregressive decoding"),
     "regenerate": ("dflash_ds.regenerate", "main", "replace assistant turns with the target's own greedy answers"),

@@ -241,7 +241,8 @@ def train_step(run: Run, step: int) -> StepMetrics:
         batch = collate_batch([run.dataset[i] for i in indices], run.pad_id)
         seeds = [sample_seed(cfg.optim.seed, epoch, i) for i in indices]
         blocks = build_block_layout(batch["input_ids"], batch["loss_mask"], batch["attention_mask"], run.blocks, seeds)
-        out = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device), blocks.to(device))
+        out = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device), blocks.to(device),
+                     examples=list(indices))
         loss = faults.loss(step + 1, out.loss)
         skipped = not _all_finite(loss)  # the same on every rank
         if skipped:

@@ -379,3 +379,42 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in draft.parameters()])
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g0, g1, rtol=0, atol=0)
+
+
+def test_rotary_frequencies_stay_fp32_in_a_bf16_drafter(tmp_path):
+    """.to(bfloat16) and a bf16 load keep inv_freq in fp32: the bf16 drafter's RoPE angles at far positions are the
+    fp32 rotary's (cast to bf16 only at the end), not phases off by a bf16-rounded frequency."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    target, draft = _setup("qwen3")
+    config = draft.config
+    config.rope_parameters = {**config.rope_parameters, "rope_theta": 1e6}
+    fp32 = Qwen3RotaryEmbedding(config)
+    draft = DFlashDraftModel(config).to(torch.bfloat16)
+    assert draft.rotary_emb.inv_freq.dtype == torch.float32 and draft.fc.weight.dtype == torch.bfloat16
+    assert torch.equal(draft.rotary_emb.inv_freq, fp32.inv_freq)
+    x = torch.zeros(1, 1, 16, dtype=torch.bfloat16)
+    pos = torch.tensor([[100, 1000, 4000]])
+    ours, ref = draft.rotary_emb(x, pos), fp32(x.float(), pos)
+    for a, r in zip(ours, ref):
+        assert torch.equal(a, r.to(torch.bfloat16))
+    save_dflash_draft(draft, tmp_path, target.config)
+    assert load_dflash_draft(tmp_path, dtype=torch.bfloat16).rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_the_gpus_repeated_kv_attention_equals_gqa():
+    """With the training mask on a GPU the K/V heads are repeated (SDPA's memory-efficient kernel takes no GQA):
+    the same numbers as GQA, forward and backward, the GPU's path run here on the CPU."""
+    from dflash_ds.kinds.dflash.dflash_model import draft_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 8, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 2, 20, 16, generator=gen, requires_grad=True) for _ in range(2))
+    mask = training_attention_mask(torch.tensor([[3, 9], [0, 5]]), B, 12)[:, None]
+    outs = []
+    for repeat in (False, True):
+        out = draft_attention(q, k, v, mask, 0.25, repeat_kv=repeat)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        outs.append((out, *grads))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -165,6 +165,42 @@ def test_kill_after_checkpoint_then_resume_matches(dflash_assets, dflash_start, 
     assert_same_dflash_run(dflash_reference, tmp_path, dflash_start)
 
 
+@pytest.fixture(scope="module")
+def dflash_features(dflash_assets, tmp_path_factory):
+    """``dflash-ds features`` with the reference run's flags, sharded over 2 ranks."""
+    root = tmp_path_factory.mktemp("features") / "f"
+    args = train_args(dflash_assets, root.parent / "out", extra=[*DFLASH_FLAGS, "--features", str(root)])
+    proc = run_ranks(2, "dflash_ds.features", args, dist_env(), ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GiB" in proc.stderr and (root / "COMPLETE").exists()  # the disk it takes, said before writing
+    return root
+
+
+@pytest.mark.parametrize("nproc,config", [(1, None), (2, "zero2.json"), (2, "zero3.json")],
+                         ids=["one_process", "zero2", "zero3"])
+def test_training_from_offline_features_matches_the_online_run(dflash_assets, dflash_start, dflash_reference,
+                                                               dflash_features, tmp_path, nproc, config):
+    """--features DIR: the target's decoder layers never run, and the run is the online one's."""
+    extra = ["--features", str(dflash_features), *(["--grad-accum", "2"] if nproc == 1 else [])]
+    dflash_run(dflash_assets, tmp_path, nproc=nproc, config=config, extra=extra)
+    assert_same_dflash_run(dflash_reference, tmp_path, dflash_start, rel=1e-5)
+
+
+def test_offline_features_of_another_run_are_refused(dflash_assets, dflash_features, tmp_path):
+    """Features written for other layer ids (or without --drafter dflash): exit 2 naming the flag, nothing trained."""
+    cases = [
+        ("dflash_ds.train", [*DFLASH_FLAGS, "--target-layer-ids", "1", "2", "--features", str(dflash_features)],
+         "made for target layers [0, 2], this run reads [1, 2]: --target-layer-ids"),
+        ("dflash_ds.features", ["--features", str(tmp_path / "f")], "needs --drafter dflash and --features DIR"),
+    ]
+    for module, flags, message in cases:
+        out = tmp_path / module
+        proc = run_ranks(1, module, train_args(dflash_assets, out, extra=flags), dist_env(), ROOT, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert message in proc.stderr, proc.stderr[-3000:]
+        assert not (out / "metrics.jsonl").exists()
+
+
 def test_resume_with_another_drafter_kind_or_shape_is_refused(dflash_assets, dflash_reference, tmp_path):
     ckpt = dflash_reference / "checkpoints" / f"step_{STEPS:08d}"
     cases = [

@@ -26,13 +26,14 @@ from .batching import collate_batch, sequence_lengths
 from .chat import (
     check_template_roundtrip, render_chat, stored_ids_fit, tokenize_conversation, tokenize_with_stored_answer,
 )
-from .dataset import TRUNCATED_POLICIES, DataConfig, build_dataset, mask_position
+from .dataset import TRUNCATED_POLICIES, DataConfig, build_dataset, dataset_key, mask_position
 from .records import (
     BAD_LINE_POLICIES, ROLES, TEXT_ROLE, BadLineError, Conversation, Message, Record, answer_ids_of, conversation_of,
     parse_json_object, read_conversations, read_records,
 )
 
 __all__ = [
+    "dataset_key",
     "BAD_LINE_POLICIES",
     "BadLineError",
     "Conversation",

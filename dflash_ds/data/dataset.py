@@ -97,7 +97,7 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def _cache_key(tokenizer: Any, config: DataConfig, mask_token_id: int | None = None) -> str:
+def dataset_key(tokenizer: Any, config: DataConfig, mask_token_id: int | None = None) -> str:
     """Hash of everything the tokenised dataset depends on: file contents (in order), the tokenizer (its full
     serialised model, special tokens and chat template), max_length, the bad-line policy and the MASK id (examples
     containing it were dropped)."""
@@ -170,7 +170,7 @@ def build_dataset(tokenizer: Any, config: DataConfig, mask_token_id: int | None 
     if not config.paths:
         raise ValueError("DataConfig.paths is empty")
 
-    key = _cache_key(tokenizer, config, mask_token_id)
+    key = dataset_key(tokenizer, config, mask_token_id)
     cache_path = None
     if config.cache_dir is not None:
         cache_path = os.path.join(config.cache_dir, f"dflash_data_{key}")

@@ -71,6 +71,7 @@ class Recipe:
     draft_layers: int = 1  # the standalone drafter's layers
     dflash_steps: int = 0  # the standalone drafter's optimizer steps (0: --steps)
     dflash_lr: float = 0.0  # the standalone drafter's learning rate (0: --lr)
+    dflash_features: bool = True  # the standalone drafter trains from offline target features (dflash-ds features)
 
 
 RECIPES = {
@@ -92,7 +93,7 @@ RECIPES = {
     "smollm2": Recipe(zero_stage=2, steps=900, num_train=512, distill_tokens=128, block_size=8, gamma=4.0,
                       max_length=512, micro_batch_size=1, lr=3e-3, eval_prompts=16, max_new_tokens=128, repeats=1,
                       regen_ranks=2, regen_batch=32, truncated="keep", loop="two_forward",
-                      floor_tokens=32, group_by_length=32, eval_ranks=2, dflash_lr=6e-4),
+                      floor_tokens=32, group_by_length=32, eval_ranks=2, dflash_lr=6e-4, draft_layers=2),
 }
 
 
@@ -158,10 +159,12 @@ def train_drafter(target: Path, data: Path, workdir: Path, kind: str, args) -> f
 
 def launch_training(target: Path, data: Path, out: Path, kind: str, args) -> None:
     """Two CPU ranks through the DeepSpeed launcher (the same command a cluster run uses, minus --hostfile).
-    ``--resume auto``: a rerun continues from the last checkpoint."""
+    ``--resume auto``: a rerun continues from the last checkpoint. The standalone kind first writes the target's
+    features once (``dflash-ds features`` with the training flags, resumable) and trains from them
+    (``--features``), unless ``--no-dflash-features``."""
     steps = args.dflash_steps if kind == "dflash" and args.dflash_steps else args.steps
     lr = args.dflash_lr if kind == "dflash" and args.dflash_lr else args.lr
-    cmd = launch_command(2, "dflash_ds.train", [
+    flags = [
         "--drafter", kind, "--deepspeed_config", str(_ds_config(args.zero_stage, out.parent)),
         "--model-path", str(target), "--train-data", str(data), "--output-dir", str(out),
         "--block-size", str(args.block_size), "--gamma", str(args.gamma), "--max-length", str(args.max_length),
@@ -169,11 +172,18 @@ def launch_training(target: Path, data: Path, out: Path, kind: str, args) -> Non
         "--group-by-length", str(args.group_by_length),
         "--lr", str(lr), "--warmup-ratio", "0.05", "--seed", str(args.seed), "--truncated", args.truncated,
         "--save-interval", str(max(steps // 4, 1)), "--log-interval", "1", "--resume", "auto",
-    ])
+    ]
     if args.num_anchors:
-        cmd += ["--num-anchors", str(args.num_anchors)]
+        flags += ["--num-anchors", str(args.num_anchors)]
     if kind == "dflash":
-        cmd += ["--draft-layers", str(args.draft_layers)]
+        flags += ["--draft-layers", str(args.draft_layers)]
+        if args.dflash_features:
+            flags += ["--features", str(out.parent / f"{out.name}_features")]
+            _run(launch_command(2, "dflash_ds.features", flags))
+    _run(launch_command(2, "dflash_ds.train", flags))
+
+
+def _run(cmd: list[str]) -> None:
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, env=rank_env(), check=True)
 
@@ -248,9 +258,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "draft_layers": "the standalone (dflash) drafter's layers",
              "dflash_steps": "the standalone drafter's optimizer steps (0: --steps; tiny: about the LoRA kind's "
                              "training time)",
-             "dflash_lr": "the standalone drafter's learning rate (0: --lr)"}
+             "dflash_lr": "the standalone drafter's learning rate (0: --lr)",
+             "dflash_features": "the standalone drafter trains from the target's features, written once by "
+                                "dflash-ds features (--no-dflash-features: the target runs every step)"}
     for field, value in asdict(RECIPES["tiny"]).items():
-        p.add_argument("--" + field.replace("_", "-"), type=int if value is None else type(value), default=None,
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(value, bool) else {
+            "type": int if value is None else type(value)}
+        p.add_argument("--" + field.replace("_", "-"), **kind, default=None,
                        help=f"{helps.get(field, '')} (default: the target's recipe, tiny {value}, "
                             f"smollm2 {getattr(RECIPES['smollm2'], field)})")
     args = p.parse_args(argv)

@@ -23,7 +23,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from transformers import AutoTokenizer
+
 from ... import collectives
+from ...data import dataset_key
 from ...families import decoder
 from ...lora import shard_target
 from ...objective import register_lm_head
@@ -37,6 +40,7 @@ from .dflash_artifact import (
 from .dflash_decode import dflash_generate
 from .dflash_model import ARCHITECTURE, DFlashDraftModel, init_from_target, last_layer_ids, make_draft_config
 from .dflash_objective import DFlashDraftObjective
+from .feature_cache import FeatureStore, target_fingerprint
 from .feature_tap import FeatureTap
 
 DFLASH = "dflash"
@@ -55,6 +59,9 @@ class DFlashConfig:
     init: str = setting("target", "dflash: draft layers copied from the target's last layers (fc = the mean of the "
                         "features, norms from the target), or random (the reference's post_init)",
                         flag="draft-init", choices=DRAFT_INITS)
+    features: str | None = setting(None, "dflash: read the target's features from this directory (written by "
+                                   "'dflash-ds features' with this run's flags) instead of running the target's "
+                                   "decoder layers every step", metavar="DIR")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -137,6 +144,23 @@ def average_gradients_over_tp(params: list[nn.Parameter], tp: TPGroup) -> None:
         p.register_hook(mean)
 
 
+def open_features(cfg, target_config, mask_token_id: int, dtype: torch.dtype) -> FeatureStore | None:
+    """The run's offline features (``--features``), checked against what the run needs (its target, layer ids,
+    tokenised data, dtype, KL teacher); None without the flag."""
+    if not cfg.drafter.features:
+        return None
+    store = FeatureStore(cfg.drafter.features)
+    theirs = store.manifest
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    ids = cfg.drafter.draft_config(target_config, cfg.blocks.block_size, None).dflash_config["target_layer_ids"]
+    ours = dataclasses.replace(theirs, target=target_fingerprint(cfg.model_path), layer_ids=list(ids),
+                               data_key=dataset_key(tokenizer, cfg.data, mask_token_id),
+                               max_length=cfg.data.max_length, dtype=str(dtype).removeprefix("torch."),
+                               with_final=cfg.loss.kl_weight > 0, data_paths=list(cfg.data.paths))
+    theirs.check_against(ours, cfg.drafter.features)
+    return store
+
+
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
@@ -174,7 +198,8 @@ class DFlashKind(DraftKind):
         if cfg.drafter.init == "target":
             init_drafter_from_target(drafter, model)  # before sharding: it reads whole target layers
         shard_target(model, parallel.tp)
-        objective = DFlashDraftObjective(model, drafter, cfg.loss, gradient_checkpointing=cfg.gradient_checkpointing)
+        objective = DFlashDraftObjective(model, drafter, cfg.loss, gradient_checkpointing=cfg.gradient_checkpointing,
+                                         features=open_features(cfg, model.config, mask.token_id, dtype))
         register_lm_head(objective.loss_head, model)
         if parallel.tp.size > 1:
             average_gradients_over_tp(objective.trainable_parameters(), parallel.tp)

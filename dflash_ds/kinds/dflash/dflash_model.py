@@ -203,6 +203,24 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(b, L, -1, head_dim)
 
 
+def draft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                    repeat_kv: bool | None = None) -> torch.Tensor:
+    """SDPA over ``q [b, h, M, d]``, ``k``/``v`` ``[b, h_kv, T, d]``. With a mask (training) on a GPU the K/V heads
+    are repeated to the query heads: there SDPA's memory-efficient kernel takes a mask but not ``enable_gqa``, and
+    the math kernel it would fall back to holds the ``[b, h, M, T]`` fp32 scores (Qwen3-8B, 2,048 block rows over
+    4,096 keys: 1 GiB per layer and sample). The CPU's kernel takes both: repeating there cost 0.41 GiB against
+    0.20 (``bench/dflash_attention.py``), so GQA stays as it is, as it does without a mask (decoding).
+    ``repeat_kv`` overrides that choice (tests run the GPU's path on the CPU)."""
+    if repeat_kv is None:
+        repeat_kv = mask is not None and q.is_cuda
+    if q.shape[1] != k.shape[1]:
+        if not repeat_kv:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 class DFlashDraftModel(nn.Module):
     """The draft layers, ``fc``, ``hidden_norm`` and ``norm``; no embedding and no lm_head (the target's).
 
@@ -240,6 +258,17 @@ class DFlashDraftModel(nn.Module):
                         m.bias.zero_()
                 elif hasattr(m, "variance_epsilon"):
                     m.weight.fill_(1.0)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)`` and friends leave RoPE's ``inv_freq`` in fp32, as the target and the serving engines keep
+        it: in bf16 its phases drift by 0.12 rad between tokens 100 apart, 1.16 at 1,000 and 4.6 at 4,000 (head_dim
+        128, theta 1e6), so a bf16 drafter would see positions the target never wrote."""
+        inv_freq = self.rotary_emb.inv_freq
+        super()._apply(fn, recurse)
+        moved = self.rotary_emb.inv_freq
+        if moved.dtype != inv_freq.dtype:
+            self.rotary_emb.inv_freq = inv_freq.to(device=moved.device)
+        return self
 
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         self.gradient_checkpointing = enable
@@ -287,8 +316,7 @@ class DFlashDraftModel(nn.Module):
             k_c = v_c = None
         if k_c is not None:
             k, v = torch.cat([k_c, k], dim=2), torch.cat([v_c, v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d ** -0.5,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+        out = draft_attention(q, k, v, mask, d ** -0.5)
         h = h + attn.o_proj(out.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
@@ -371,4 +399,5 @@ def init_from_target(draft: DFlashDraftModel, target_model: nn.Module,
 
 
 __all__ = ["ARCHITECTURE", "DFlashContextCache", "DFlashDraftModel", "check_pairing", "default_target_layer_ids",
+           "draft_attention",
            "init_from_target", "last_layer_ids", "make_draft_config", "target_layer_ids_of"]

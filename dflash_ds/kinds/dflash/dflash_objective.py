@@ -35,6 +35,7 @@ from ...families import decoder
 from ...loss import LossConfig
 from ...objective import LMHeadLoss, ObjectiveOutput, block_metrics, gather_rows
 from .dflash_model import DFlashDraftModel, check_pairing
+from .feature_cache import FeatureStore
 from .feature_tap import FeatureTap
 
 
@@ -53,7 +54,7 @@ class DFlashDraftObjective(nn.Module):
     drafter_kind = "dflash"  # dflash_ds.kinds: how checkpoints gather and export what this objective trains
 
     def __init__(self, target: nn.Module, drafter: DFlashDraftModel, loss_config: LossConfig,
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, features: FeatureStore | None = None) -> None:
         super().__init__()
         check_pairing(target.config, drafter.num_target_layers, drafter.config.hidden_size, drafter.config.vocab_size)
         target.requires_grad_(False)
@@ -61,6 +62,7 @@ class DFlashDraftObjective(nn.Module):
         self.drafter = drafter
         self.loss_config = loss_config
         self.loss_head = LMHeadLoss(loss_config)
+        self.features = features  # offline mode: the target's features read from disk, its decoder layers never run
         drafter.gradient_checkpointing_enable(gradient_checkpointing)
 
     def train(self, mode: bool = True) -> "DFlashDraftObjective":
@@ -99,9 +101,19 @@ class DFlashDraftObjective(nn.Module):
         return self.drafter(embeds, layout.position_ids[:, S:], context, layout.position_ids[:, :S],
                             attention_mask=block_attention_mask(layout, attention_mask))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout) -> ObjectiveOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout,
+                examples: Sequence[int] | None = None) -> ObjectiveOutput:
+        """``examples``: the rows' indices in the training set (offline mode reads their features by them)."""
         S = input_ids.shape[1]
-        features, final = self.target_pass(input_ids, attention_mask, layout.position_ids[:, :S])
+        if self.features is None:
+            features, final = self.target_pass(input_ids, attention_mask, layout.position_ids[:, :S])
+        else:
+            if examples is None:
+                raise ValueError("offline features (--features) need the examples' dataset indices")
+            dtype = self.target.get_input_embeddings().weight.dtype
+            features, final = self.features.batch(examples, S, input_ids.device, self.loss_config.kl_weight > 0)
+            features = features.to(dtype)
+            final = final.to(dtype) if final is not None else None
         hidden = self.block_hidden_states(attention_mask, layout, features)
         del features
         supervised = layout.labels != IGNORE_INDEX  # [b, N*B]

@@ -165,7 +165,9 @@ class LoRADraftObjective(nn.Module):
         with torch.no_grad(), control.disabled():
             return decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout) -> ObjectiveOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BlockLayout,
+                examples=None) -> ObjectiveOutput:
+        """``examples`` (the rows' dataset indices, for a kind that reads stored features) is not used here."""
         S = input_ids.shape[1]
         hidden = self.hidden_states(input_ids, attention_mask, layout)
         supervised = layout.labels != IGNORE_INDEX  # [b, N*B]
