@@ -12,6 +12,8 @@ COMMANDS = {
                  "with --features (run it with the training flags)"),
     "export": ("dflash_ds.checkpoint", "main_export", "export a training checkpoint as a PEFT adapter directory"),
     "eval": ("dflash_ds.evaluate", "main", "measure tau and speedup of a drafter against autoregressive decoding"),
+    "serve-check": ("dflash_ds.serving.roundtrip", "main",
+                    "serve an exported standalone drafter with vLLM and check it against dflash-ds's decoder"),
     "regenerate": ("dflash_ds.regenerate", "main", "replace assistant turns with the target's own greedy answers"),
     "demo": ("dflash_ds.recipes.demo", "main",
              "end-to-end demo on the tiny target: data, 2-rank training, evaluation, plots"),

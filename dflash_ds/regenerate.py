@@ -27,6 +27,7 @@ from datetime import timedelta
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Collection, Iterator, Sequence
 
 import torch
@@ -35,6 +36,7 @@ from .data import read_conversations, render_chat
 from .families import cache_kwarg
 from .files import write_text_atomic
 from .parallel import exit_on_dist_failure, set_dist_timeout
+from .serving.openai_client import CompletionServer, server_stream
 from .speculative import eos_ids_of
 
 
@@ -67,6 +69,7 @@ class RegenStats:
     answers: int = 0
     truncated: int = 0  # answers cut off at max_new_tokens (recorded as "truncated": true)
     empty: int = 0  # empty answers, dropped
+    failed: int = 0  # requests a server failed for good (written to OUT.errors.jsonl; a rerun retries them)
     new_tokens: int = 0
     seconds: float = 0.0
 
@@ -75,8 +78,9 @@ class RegenStats:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
-        return (f"{self.answers} answers ({self.truncated} cut off at the token limit, {self.empty} empty dropped), "
-                f"{self.new_tokens} tokens in {self.seconds:.0f} s: {self.tokens_per_s:.0f} tokens/s")
+        failed = f", {self.failed} FAILED (see the errors file; run again to retry them)" if self.failed else ""
+        return (f"{self.answers} answers ({self.truncated} cut off at the token limit, {self.empty} empty dropped"
+                f"{failed}), {self.new_tokens} tokens in {self.seconds:.0f} s: {self.tokens_per_s:.0f} tokens/s")
 
 
 def answer_tokens(row: list[int], eos_ids: int | Collection[int]) -> tuple[list[int], bool]:
@@ -124,7 +128,6 @@ def greedy_stream(model, prompts: Sequence[list[int]], max_new_tokens: int, eos_
     so each row gets the tokens ``generate`` gives it alone (tested).
     """
     from transformers import DynamicCache
-
 
     kw, device = cache_kwarg(model), next(model.parameters()).device
     stop = stop_ids(eos_ids)
@@ -185,6 +188,9 @@ def regenerate_conversations(
     batch_size: int = 32,
     progress: bool = True,
     on_answer: Callable[[int, dict | None], None] | None = None,
+    server: CompletionServer | None = None,
+    concurrency: int = 8,
+    on_failure: Callable[[int, str], None] | None = None,
 ) -> tuple[list[tuple[int, dict]], RegenStats]:
     """Greedy answers for each conversation's prompt: ``[(i, {"conversations": [...], "truncated": bool,
     "answer_ids": [...]})]`` in input order (``i`` the conversation's position in ``conversations``; empty answers
@@ -198,9 +204,12 @@ def regenerate_conversations(
     answered longest first, ``batch_size`` at a time with continuous batching (:func:`greedy_stream`), so the first
     batch shows the peak memory and a refill's prompt is about as long as the rows it joins. ``on_answer(i, record)``
     is called as each answer finishes (record None for an empty answer), so a caller can save progress.
+
+    ``server``: the answers come from an OpenAI-compatible server instead (``concurrency`` requests in flight,
+    :mod:`dflash_ds.serving.openai_client`; ``model`` then only needs a ``generation_config`` for the stop ids); a
+    request that fails for good goes to ``on_failure(i, error)`` and is counted, not answered.
     """
     from tqdm import tqdm
-
 
     eos_ids = eos_ids_of(tokenizer, model)
     prompts = [(i, prompt_messages(conv)) for i, conv in enumerate(conversations)]
@@ -211,8 +220,17 @@ def regenerate_conversations(
     stats, records = RegenStats(), []
     t0 = time.perf_counter()
     bar = tqdm(total=len(order), desc="regenerate", disable=not progress, dynamic_ncols=True)
-    for k, row in greedy_stream(model, [ids[k] for k in order], max_new_tokens, eos_ids, batch_size):
+    rows = [ids[k] for k in order]
+    stream = (server_stream(server, rows, max_new_tokens, eos_ids, concurrency) if server is not None
+              else greedy_stream(model, rows, max_new_tokens, eos_ids, batch_size))
+    for k, row in stream:
         index, prompt = prompts[order[k]]
+        if isinstance(row, Exception):
+            stats.failed += 1
+            if on_failure is not None:
+                on_failure(index, str(row))
+            bar.update(1)
+            continue
         answer_ids, truncated = answer_tokens(row, eos_ids)
         stats.new_tokens += len(answer_ids) + (0 if truncated else 1)
         answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
@@ -272,12 +290,17 @@ def regenerate_file(
     limit: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    server: CompletionServer | None = None,
+    concurrency: int = 8,
 ) -> RegenStats:
     """Regenerate this rank's share of ``in_path`` (conversations ``rank::world_size``) into its shard file,
     skipping what an interrupted run already finished; with ``world_size == 1`` also write ``out_path``
-    (:func:`merge_shards`). Returns the stats of the conversations regenerated now."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    (:func:`merge_shards`). Returns the stats of the conversations regenerated now.
 
+    ``server``: the answers come from that OpenAI-compatible server (the target served there), ``model_path`` gives
+    the tokenizer, chat template and stop ids. Requests that fail for good are appended to ``OUT.errors.jsonl`` (the
+    prompt's index and the error) and left out, so running the command again retries exactly them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     conversations, _ = read_conversations(in_path, bad_lines="skip")
     conversations = [c for c in conversations if c[0]["role"] != "text"][:limit]
@@ -293,20 +316,31 @@ def regenerate_file(
         print(f"regenerate: resuming, {len(done)} conversations of rank 0 already done", flush=True)
     if todo:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        if torch.cuda.is_available():
-            device, dtype = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), torch.bfloat16
+        if server is not None:  # no weights here: the stop ids come from the generation config alone
+            model = SimpleNamespace(generation_config=GenerationConfig.from_pretrained(model_path))
         else:
-            device, dtype = torch.device("cpu"), torch.float32
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-        with _append_lines(shard, done, settings) as f:
+            if torch.cuda.is_available():
+                device, dtype = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), torch.bfloat16
+            else:
+                device, dtype = torch.device("cpu"), torch.float32
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        errors = Path(f"{out_path}.errors.jsonl")
+        with _append_lines(shard, done, settings) as f, errors.open("a") as err:
 
             def save(k: int, rec: dict | None) -> None:
                 f.write(json.dumps({"source_index": todo[k], **(rec or {"empty": True})}) + "\n")
                 f.flush()
 
+            def failed(k: int, error: str) -> None:
+                err.write(json.dumps({"source_index": todo[k], "rank": rank, "error": error}) + "\n")
+                err.flush()
+
             _, stats = regenerate_conversations(model, tokenizer, [conversations[i] for i in todo], max_new_tokens,
-                                                batch_size, progress=rank == 0, on_answer=save)
-    if world_size == 1:
+                                                batch_size, progress=rank == 0, on_answer=save, server=server,
+                                                concurrency=concurrency, on_failure=failed)
+        if not errors.stat().st_size:
+            errors.unlink()
+    if world_size == 1 and not stats.failed:
         merge_shards(out_path, 1)
     return stats
 
@@ -340,7 +374,6 @@ def merge_shards(out_path: str | os.PathLike, world_size: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     try:
         with exit_on_dist_failure("dflash-ds regenerate", hint="run it again"):  # another rank died or hangs: exit 3
             return _main(argv)
@@ -360,22 +393,42 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--dist-timeout", type=float, default=4 * 3600.0, metavar="SECONDS",
                    help="with several ranks: how long a rank that finished waits for the others before failing "
                         "(a dead or hung rank); must exceed the ranks' difference in generation time (default 4 h)")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="answer through this OpenAI-compatible server (vllm serve / SGLang serving --model-path's "
+                        "target, e.g. http://127.0.0.1:8000) instead of in this process")
+    p.add_argument("--served-model", default=None, help="the model name on --server (default: its first)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight to --server (default 16)")
+    p.add_argument("--retries", type=int, default=6,
+                   help="retries of a request after a connection error, a timeout, 429 or 5xx (exponential back-off)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    server = None
+    if args.server:
+        server = CompletionServer(args.server, model=args.served_model, retries=args.retries)
     if world == 1:
-        stats = regenerate_file(args.model_path, args.in_path, args.out, args.max_new_tokens, args.batch_size, args.limit)
+        stats = regenerate_file(args.model_path, args.in_path, args.out, args.max_new_tokens, args.batch_size,
+                                args.limit, server=server, concurrency=args.concurrency)
+        if stats.failed:
+            print(f"{args.out}: not written, {stats.summary()}; errors in {args.out}.errors.jsonl", file=sys.stderr)
+            return 1
         print(f"wrote {stats.answers} conversations to {args.out}: {stats.summary()}")
         return 0
     import torch.distributed as dist
 
-
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.dist_timeout))
     set_dist_timeout(args.dist_timeout)
     stats = regenerate_file(args.model_path, args.in_path, args.out, args.max_new_tokens, args.batch_size, args.limit,
-                            rank, world)
+                            rank, world, server=server, concurrency=args.concurrency)
     print(f"rank {rank}: {stats.summary()}", flush=True)
-    dist.barrier()
+    failed = torch.tensor([stats.failed])
+    dist.all_reduce(failed)
+    if failed.item():
+        if rank == 0:
+            print(f"{args.out}: not written, {int(failed.item())} requests failed; run again to retry them",
+                  file=sys.stderr)
+        dist.destroy_process_group()
+        return 1
     if rank == 0:  # merge the shards back into input order
         n = merge_shards(args.out, world)
         print(f"wrote {n} conversations to {args.out}")

