@@ -70,7 +70,7 @@ def test_vllm_serves_the_zero3_drafter_losslessly_and_agrees_on_acceptance(serve
     from dflash_ds.serving.roundtrip import TAU_TOLERANCE, serve_check
 
     report = serve_check(str(served / "model"), str(served / "out" / "drafter"), str(served / "prompts.jsonl"),
-                         limit=6, max_new_tokens=32, python=vllm_python)
+                         limit=6, max_new_tokens=32, python=vllm_python, ngram=False)  # 2 engine loads, not 3
     checks = report["checks"]
     assert checks["vllm_ar_equals_dflash_ds_ar"] and checks["vllm_dflash_equals_vllm_ar"], report
     assert checks["vllm_dflash_equals_dflash_ds_ar"] and checks["dflash_ds_lossless"], report
