@@ -32,6 +32,7 @@ from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 
+from . import collectives
 from .data import read_conversations, render_chat
 from .families import cache_kwarg
 from .files import write_text_atomic
@@ -421,8 +422,7 @@ def _main(argv: list[str] | None) -> int:
     stats = regenerate_file(args.model_path, args.in_path, args.out, args.max_new_tokens, args.batch_size, args.limit,
                             rank, world, server=server, concurrency=args.concurrency)
     print(f"rank {rank}: {stats.summary()}", flush=True)
-    failed = torch.tensor([stats.failed])
-    dist.all_reduce(failed)
+    failed = collectives.all_reduce(torch.tensor([stats.failed]))
     if failed.item():
         if rank == 0:
             print(f"{args.out}: not written, {int(failed.item())} requests failed; run again to retry them",
