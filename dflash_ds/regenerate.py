@@ -254,6 +254,12 @@ def regenerate_conversations(
     return records, stats
 
 
+def errors_path(out_path: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """Where a rank records the requests a server failed for good: ``OUT.errors.jsonl`` for one process,
+    ``OUT.rank{r}.errors.jsonl`` per rank (each rank creates and removes its own)."""
+    return Path(f"{out_path}.errors.jsonl" if world_size == 1 else f"{out_path}.rank{rank}.errors.jsonl")
+
+
 def shard_path(out_path: str | os.PathLike, rank: int) -> Path:
     """Where rank ``rank`` keeps its answers while it works: one JSON line per finished conversation
     (``source_index`` = its line among the input conversations; ``empty`` for an empty answer), appended as each
@@ -325,7 +331,7 @@ def regenerate_file(
             else:
                 device, dtype = torch.device("cpu"), torch.float32
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-        errors = Path(f"{out_path}.errors.jsonl")
+        errors = errors_path(out_path, rank, world_size)
         with _append_lines(shard, done, settings) as f, errors.open("a") as err:
 
             def save(k: int, rec: dict | None) -> None:
@@ -340,7 +346,7 @@ def regenerate_file(
                                                 batch_size, progress=rank == 0, on_answer=save, server=server,
                                                 concurrency=concurrency, on_failure=failed)
         if not errors.stat().st_size:
-            errors.unlink()
+            errors.unlink()  # this rank's own file: no other rank writes or removes it
     if world_size == 1 and not stats.failed:
         merge_shards(out_path, 1)
     return stats
@@ -425,8 +431,8 @@ def _main(argv: list[str] | None) -> int:
     failed = collectives.all_reduce(torch.tensor([stats.failed]))
     if failed.item():
         if rank == 0:
-            print(f"{args.out}: not written, {int(failed.item())} requests failed; run again to retry them",
-                  file=sys.stderr)
+            print(f"{args.out}: not written, {int(failed.item())} requests failed (OUT.rank*.errors.jsonl); run "
+                  "again to retry them", file=sys.stderr)
         dist.destroy_process_group()
         return 1
     if rank == 0:  # merge the shards back into input order
