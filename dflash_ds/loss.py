@@ -3,7 +3,12 @@
 The loss never holds ``[rows, vocab]`` logits for all rows at once: it walks the supervised rows in chunks,
 computes each chunk's logits, its CE/KL and the gradient with respect to the student hidden rows, then frees the
 logits. The gradient is computed in forward (the loss is the graph's last node, so ``grad_output`` is a scalar that
-only rescales it), which keeps peak extra memory at ``O(chunk * vocab)`` plus the ``[rows, hidden]`` gradient.
+only rescales it), which keeps peak extra memory at ``O(chunk * vocab)`` plus the ``[rows, hidden]`` gradient (and
+the ``[vocab, hidden]`` one when the head itself is trained: the standalone drafter's own draft-vocabulary head).
+
+A label of -1 marks a row whose true token the head cannot produce (outside a draft vocabulary): it gets no CE term,
+only the divergence from the teacher (``teacher_weight``: the target's rows of that vocabulary, so the teacher is the
+target's distribution renormalised over it).
 """
 
 from __future__ import annotations
@@ -72,10 +77,12 @@ def _chunk_loss_and_grad(
     rows = torch.arange(logits.shape[0], device=logits.device)
     zero = logits.new_zeros(())
     ce_sum, kl_sum, lse = zero, zero, None
-    ce_w, kl_w = cfg.ce_weight * w, cfg.kl_weight * w  # [c]
+    inside = (labels >= 0).float()  # -1: a label the head cannot produce, no CE term
+    labels = labels.clamp(min=0)
+    ce_w, kl_w = cfg.ce_weight * w * inside, cfg.kl_weight * w  # [c]
     if cfg.ce_weight > 0:
         lse = torch.logsumexp(logits, dim=-1)
-        ce_sum = (w * (lse - logits[rows, labels])).sum()
+        ce_sum = (w * inside * (lse - logits[rows, labels])).sum()
     if cfg.kl_weight > 0 and cfg.kl_type == "forward" and cfg.kl_temperature == 1.0:
         log_p = t_logits.sub_(torch.logsumexp(t_logits, dim=-1, keepdim=True))
         log_q = logits.sub_((lse if lse is not None else torch.logsumexp(logits, dim=-1))[:, None])
@@ -103,10 +110,12 @@ def _chunk_loss_and_grad(
 
 class _FusedCEKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, weight, labels, row_weights, teacher, cfg: LossConfig):  # type: ignore[override]
+    def forward(ctx, student, weight, labels, row_weights, teacher, cfg: LossConfig, teacher_weight,
+                weight_grad: bool):  # type: ignore[override]
         n = student.shape[0]
         total_w = row_weights.sum()
         grad_student = torch.zeros_like(student, dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
         ce_sum = student.new_zeros((), dtype=torch.float32)
         kl_sum = student.new_zeros((), dtype=torch.float32)
         correct = torch.zeros(n, dtype=torch.bool, device=student.device)
@@ -115,24 +124,29 @@ class _FusedCEKL(torch.autograd.Function):
             rows = slice(start, min(start + cfg.chunk_size, n))
             logits = (student[rows] @ weight.t()).float()  # [c, V]: vocab-sized buffers live for one chunk only
             correct[rows] = logits.argmax(-1) == labels[rows]
-            t_logits = (teacher[rows] @ weight.t()).float() if cfg.kl_weight > 0 else None
+            t_logits = (teacher[rows] @ teacher_weight.t()).float() if cfg.kl_weight > 0 else None
             ce, kl, grad_logits = _chunk_loss_and_grad(logits, labels[rows], row_weights[rows].float(), t_logits, cfg)
             ce_sum += ce
             kl_sum += kl
             # back to hidden space in the weight's dtype (bf16 on GPU) to avoid an fp32 copy of lm_head
-            grad_student[rows] = ((grad_logits * scale).to(weight.dtype) @ weight).float()
+            grad_logits = (grad_logits * scale).to(weight.dtype)
+            grad_student[rows] = (grad_logits @ weight).float()
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ student[rows].to(weight.dtype)).float()
             del logits, t_logits, grad_logits
         ce_mean, kl_mean = ce_sum * scale, kl_sum * scale
         loss = cfg.ce_weight * ce_mean + cfg.kl_weight * kl_mean
-        ctx.save_for_backward(grad_student)
-        ctx.student_dtype = student.dtype
+        ctx.save_for_backward(grad_student, grad_weight)
+        ctx.student_dtype, ctx.weight_dtype = student.dtype, weight.dtype
         ctx.mark_non_differentiable(ce_mean, kl_mean, correct)
         return loss, ce_mean, kl_mean, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _g_ce, _g_kl, _g_correct):  # type: ignore[override]
-        (grad_student,) = ctx.saved_tensors
-        return (grad_student * grad_loss).to(ctx.student_dtype), None, None, None, None, None
+        grad_student, grad_weight = ctx.saved_tensors
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return (grad_student * grad_loss).to(ctx.student_dtype), grad_weight, None, None, None, None, None, None
 
 
 @dataclass
@@ -150,12 +164,15 @@ def fused_ce_kl_loss(
     row_weights: torch.Tensor,
     teacher_hidden: torch.Tensor | None,
     cfg: LossConfig,
+    teacher_weight: torch.Tensor | None = None,
 ) -> LossOutput:
     """``ce_weight * CE + kl_weight * KL``, each a ``row_weights``-weighted mean over the ``n`` rows.
 
-    student_hidden [n, H] (requires grad), lm_head_weight [V, H] (frozen, gets no gradient), labels [n] long,
-    row_weights [n] (> 0 for every row given), teacher_hidden [n, H] (detached) or None when ``kl_weight`` is 0.
-    With ``n == 0`` the loss is a differentiable zero, so a batch without supervised rows still steps cleanly.
+    student_hidden [n, H] (requires grad), lm_head_weight [V, H] (gets a gradient only when it requires one: a
+    trained draft head), labels [n] long (-1: no CE term for the row), row_weights [n] (> 0 for every row given),
+    teacher_hidden [n, H] (detached) or None when ``kl_weight`` is 0, through ``teacher_weight [V, H]`` (default
+    ``lm_head_weight``). With ``n == 0`` the loss is a differentiable zero, so a batch without supervised rows still
+    steps cleanly.
     """
     if cfg.kl_weight > 0 and teacher_hidden is None:
         raise ValueError("kl_weight > 0 needs teacher_hidden")
@@ -164,8 +181,11 @@ def fused_ce_kl_loss(
         zero = student_hidden.sum() * 0.0
         empty = torch.zeros(0, dtype=torch.bool, device=student_hidden.device)
         return LossOutput(zero, zero.detach(), zero.detach(), empty)
+    weight_grad = lm_head_weight.requires_grad and torch.is_grad_enabled()
+    teacher_weight = (lm_head_weight if teacher_weight is None else teacher_weight).detach()
     loss, ce, kl, correct = _FusedCEKL.apply(
-        student_hidden, lm_head_weight.detach(), labels, row_weights.float(), teacher, cfg
+        student_hidden, lm_head_weight if weight_grad else lm_head_weight.detach(), labels, row_weights.float(),
+        teacher, cfg, teacher_weight, weight_grad,
     )
     return LossOutput(loss, ce, kl, correct)
 
@@ -177,6 +197,7 @@ def reference_ce_kl_loss(
     row_weights: torch.Tensor,
     teacher_hidden: torch.Tensor | None,
     cfg: LossConfig,
+    teacher_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The plain materialised loss the fused one must equal (tests and ``bench/loss_memory.py``)."""
     logits = (student_hidden @ lm_head_weight.t()).float()
@@ -184,10 +205,11 @@ def reference_ce_kl_loss(
     total = w.sum().clamp(min=1e-12)
     loss = logits.new_zeros(())
     if cfg.ce_weight > 0:
-        ce = F.cross_entropy(logits, labels, reduction="none")
+        ce = F.cross_entropy(logits, labels, reduction="none", ignore_index=-1)
         loss = loss + cfg.ce_weight * (w * ce).sum() / total
     if cfg.kl_weight > 0:
-        t = (teacher_hidden.detach() @ lm_head_weight.t()).float() / cfg.kl_temperature
+        head = (lm_head_weight if teacher_weight is None else teacher_weight).detach()
+        t = (teacher_hidden.detach() @ head.t()).float() / cfg.kl_temperature
         s = logits / cfg.kl_temperature
         log_q, log_p = F.log_softmax(s, -1), F.log_softmax(t, -1)
         if cfg.kl_type == "forward":

@@ -37,27 +37,27 @@ class LMHeadLoss(nn.Module):
     """Holds no parameters: a module boundary around :func:`fused_ce_kl_loss` for ZeRO-3's parameter hooks (the
     target's ``lm_head.weight`` is read as a tensor here, so :func:`register_lm_head` makes DeepSpeed gather it for
     exactly this call). ``forward(student [n, H], lm_head_weight [V, H], labels [n], weights [n], teacher [n, H] or
-    None)`` -> ``(loss, ce, kl, correct)``; :meth:`loss` wraps them."""
+    None, teacher_weight [V, H] or None)`` -> ``(loss, ce, kl, correct)``; :meth:`loss` wraps them."""
 
     def __init__(self, config: LossConfig) -> None:
         super().__init__()
         self.config = config
 
-    def forward(self, student, lm_head_weight, labels, weights, teacher):
+    def forward(self, student, lm_head_weight, labels, weights, teacher, teacher_weight=None):
         # a plain tuple out of the module: ZeRO-3 finds tensors to hook in tuples, not in dataclasses
-        out = fused_ce_kl_loss(student, lm_head_weight, labels, weights, teacher, self.config)
+        out = fused_ce_kl_loss(student, lm_head_weight, labels, weights, teacher, self.config, teacher_weight)
         return out.loss, out.ce, out.kl, out.correct
 
-    def loss(self, student, lm_head_weight, labels, weights, teacher) -> LossOutput:
+    def loss(self, student, lm_head_weight, labels, weights, teacher, teacher_weight=None) -> LossOutput:
         """This module's call (so ZeRO-3's hooks run) as a :class:`~dflash_ds.loss.LossOutput`."""
-        return LossOutput(*self(student, lm_head_weight, labels, weights, teacher))
+        return LossOutput(*self(student, lm_head_weight, labels, weights, teacher, teacher_weight))
 
 
-def register_lm_head(loss_head: LMHeadLoss, target: nn.Module) -> bool:
-    """Under ZeRO-3, register the target's ``lm_head.weight`` as an external parameter of ``loss_head`` so DeepSpeed
-    gathers it for the loss's forward. Call before ``deepspeed.initialize``. Returns whether anything was registered
-    (False: the weight is not partitioned)."""
-    weight = target.get_output_embeddings().weight
+def register_lm_head(loss_head: LMHeadLoss, target: nn.Module, weight: torch.Tensor | None = None) -> bool:
+    """Under ZeRO-3, register the target's ``lm_head.weight`` (or ``weight``: another head the loss reads) as an
+    external parameter of ``loss_head`` so DeepSpeed gathers it for the loss's forward. Call before
+    ``deepspeed.initialize``. Returns whether anything was registered (False: the weight is not partitioned)."""
+    weight = target.get_output_embeddings().weight if weight is None else weight
     if not hasattr(weight, "ds_id"):
         return False
     import deepspeed

@@ -172,6 +172,7 @@ def setup(cfg: TrainConfig) -> Run:
     data_cfg = replace(cfg.data, cache_dir=str(Path(cfg.output_dir) / "data_cache"))
     if is_main:
         dataset = build_dataset(tokenizer, data_cfg, mask_token_id=mask.token_id)
+        kind_class(cfg.drafter.kind).prepare_data(cfg, dataset, tokenizer, model_config)  # e.g. a draft vocabulary
     dist.barrier()
     if not is_main:
         dataset = build_dataset(tokenizer, data_cfg, mask_token_id=mask.token_id)

@@ -276,3 +276,76 @@ def test_nonfinite_step_is_skipped_and_the_periodic_eval_is_the_offline_eval(dfl
     offline = run_eval(target, tok, standalone_drafter(draft), load_prompts(prompts, tok, limit=2),
                        EvalConfig(max_new_tokens=6, baselines="none", repeats=1), progress=False)
     assert m[0]["eval_tau"] == pytest.approx(offline["tau"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a draft vocabulary (--draft-vocab): chosen once, trained frozen or with its head, in parallel as on one process
+
+VOCAB_FLAGS = ["--draft-vocab", "60"]
+
+
+@pytest.fixture(scope="module")
+def vocab_reference(dflash_assets, tmp_path_factory):
+    """One process, a trained draft head over 60 of the target's tokens."""
+    out = tmp_path_factory.mktemp("vocab_ref")
+    dflash_run(dflash_assets, out, extra=[*VOCAB_FLAGS, "--draft-head", "trained", "--grad-accum", "2"])
+    return out
+
+
+def _assert_same_vocab_run(ref_out, out):
+    for a, b in zip(metrics(ref_out), metrics(out)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+    ref_w, w = drafter_weights(ref_out), drafter_weights(out)
+    assert ref_w.keys() == w.keys()
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-3, atol=5e-4)
+
+
+def test_draft_vocabulary_is_chosen_from_the_answers_and_exported_as_vllm_reads_it(dflash_assets, vocab_reference):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import datasets
+
+    from dflash_ds.kinds.dflash.draft_vocab import build_draft_vocab
+
+    chosen = json.loads((vocab_reference / "draft_vocab.json").read_text())
+    tok = AutoTokenizer.from_pretrained(dflash_assets / "model")
+    assert len(chosen["ids"]) == 60 and tok.eos_token_id in chosen["ids"] and chosen["keep"] == [tok.eos_token_id]
+    assert 0.5 < chosen["coverage_train"] <= 1 and 0 < chosen["coverage_held_out"] <= 1
+    # the same choice as the plain function over the run's tokenised data
+    (cache,) = (vocab_reference / "data_cache").iterdir()
+    vocab, _ = build_draft_vocab(list(datasets.load_from_disk(str(cache))), 60, len(tok), [tok.eos_token_id])
+    assert list(vocab.ids) == chosen["ids"]
+
+    config = json.loads((vocab_reference / "drafter" / "config.json").read_text())
+    assert config["draft_vocab_size"] == 60 and config["has_own_lm_head"] is True
+    assert config["dflash_ds"]["draft_head"] == "trained"
+    w, start = drafter_weights(vocab_reference), AutoModelForCausalLM.from_pretrained(dflash_assets / "model")
+    assert (w["d2t"] + torch.arange(60)).tolist() == chosen["ids"]
+    rows = start.lm_head.weight.detach()[chosen["ids"]]
+    assert w["lm_head.weight"].shape == rows.shape and not torch.equal(w["lm_head.weight"], rows)  # it trained
+    assert (w["lm_head.weight"] - rows).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("config", ["zero2.json", "zero3.json"])
+def test_trained_draft_head_in_parallel_matches_single_process(dflash_assets, vocab_reference, tmp_path, config):
+    """ZeRO-3 partitions the head the loss reads as a tensor (registered external): same losses, same weights."""
+    dflash_run(dflash_assets, tmp_path, nproc=2, config=config, extra=[*VOCAB_FLAGS, "--draft-head", "trained"])
+    _assert_same_vocab_run(vocab_reference, tmp_path)
+
+
+def test_frozen_draft_head_stays_the_targets_rows_and_resume_checks_it(dflash_assets, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "frozen"
+    dflash_run(dflash_assets, out, nproc=2, config="zero3.json", extra=VOCAB_FLAGS)
+    chosen = json.loads((out / "draft_vocab.json").read_text())["ids"]
+    w = drafter_weights(out)
+    target = AutoModelForCausalLM.from_pretrained(dflash_assets / "model")
+    assert torch.equal(w["lm_head.weight"], target.lm_head.weight.detach()[chosen])
+    m = metrics(out)
+    assert m[-1]["loss"] < m[0]["loss"]
+    ckpt = out / "checkpoints" / f"step_{STEPS:08d}"
+    proc = run_ranks(1, "dflash_ds.train", train_args(dflash_assets, tmp_path / "r", extra=[
+        *DFLASH_FLAGS, *VOCAB_FLAGS, "--draft-head", "trained", "--resume", str(ckpt)]), dist_env(), ROOT, timeout=300)
+    assert proc.returncode == 2 and "resume with the checkpoint's" in proc.stderr, proc.stderr[-2000:]

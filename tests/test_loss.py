@@ -69,11 +69,35 @@ def test_zero_rows_gives_differentiable_zero():
     assert out.loss.item() == 0.0 and student.grad.shape == (0, H)
 
 
-def test_lm_head_gets_no_gradient():
+def test_frozen_head_gets_no_gradient():
     student, weight, labels, w, teacher = _rows()
-    weight.requires_grad_(True)
     fused_ce_kl_loss(student, weight, labels, w, teacher, LossConfig(kl_weight=1.0)).loss.backward()
     assert weight.grad is None and student.grad is not None
+
+
+@pytest.mark.parametrize("cfg", CASES[:4], ids=lambda c: f"ce{c.ce_weight}-kl{c.kl_weight}")
+def test_draft_head_outside_labels_teacher_rows_and_head_gradient(cfg):
+    """A draft-vocabulary head (the standalone drafter's own lm_head): labels -1 (outside its vocabulary) get no CE
+    term, the teacher goes through other rows (the target's), and a head that requires grad gets the reference's
+    gradient, in chunks."""
+    cfg = LossConfig(**{**cfg.__dict__, "chunk_size": 7})
+    student, weight, labels, w, teacher = _rows()
+    labels[::3] = -1
+    teacher_head = weight + 0.3 * torch.randn_like(weight)
+    head = weight.clone().requires_grad_(True)
+    out = fused_ce_kl_loss(student, head, labels, w, teacher, cfg, teacher_head)
+    g_student, g_head = torch.autograd.grad(out.loss * 1.3, (student, head))
+    s2, h2 = student.detach().clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref = reference_ce_kl_loss(s2, h2, labels, w, teacher, cfg, teacher_head)
+    r_student, r_head = torch.autograd.grad(ref * 1.3, (s2, h2))
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(g_student, r_student, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_head, r_head, rtol=1e-4, atol=1e-6)
+    assert not out.correct[labels < 0].any()  # a label the head cannot produce is never predicted right
+    if cfg.ce_weight > 0:  # the CE reference without those rows' terms: they really are left out
+        kept = labels >= 0
+        ce = torch.nn.functional.cross_entropy((student.detach() @ weight.t())[kept], labels[kept], reduction="none")
+        assert out.ce.item() == pytest.approx(((w[kept] * ce).sum() / w.sum()).item(), rel=1e-5)
 
 
 def test_accepted_lengths():

@@ -133,6 +133,11 @@ class DraftKind:
         weights load)."""
 
     @classmethod
+    def prepare_data(cls, cfg, dataset, tokenizer, target_config) -> None:
+        """What the kind derives from the tokenised training data before any model loads (rank 0 only; the other
+        ranks wait at a barrier, then :meth:`build` reads what it wrote under ``cfg.output_dir``)."""
+
+    @classmethod
     def build(cls, cfg, model: nn.Module, parallel, mask, dtype: torch.dtype):
         """``(objective, meta)`` for the loaded, frozen ``model`` (partitioned under ZeRO-3 without TP, whole
         otherwise): the module DeepSpeed wraps, with the target sharded over ``parallel.tp``."""

@@ -35,6 +35,7 @@ class StandaloneMeta:
     num_target_layers: int
     hidden_size: int = 0
     base_model: str = ""
+    draft_vocab_size: int | None = None  # its own lm_head over a draft vocabulary (d2t), else the target's
     kind: str = "dflash"
     scope: None = None  # no LoRA scope: the target is never adapted
 
@@ -94,6 +95,8 @@ def save_dflash_draft(model: DFlashDraftModel, out_dir, target_config=None, bloc
     # the drafts a step the drafter was trained for (vLLM requires it and reads it nowhere else); no path from the
     # training machine: base_model is the target's directory name
     cfg["dflash_ds"] = {**(cfg.get("dflash_ds") or {}), "num_speculative_tokens": cfg["block_size"] - 1}
+    if model.has_own_lm_head:  # vLLM: keep the drafter's lm_head (draft_vocab_size rows), never share the target's
+        cfg["has_own_lm_head"] = True
     if cfg.get("base_model"):
         cfg["base_model"] = Path(str(cfg["base_model"])).name
     cfg.pop("_name_or_path", None)
@@ -162,7 +165,8 @@ def read_standalone_meta(path: Path) -> StandaloneMeta:
         meta = StandaloneMeta(block_size=int(raw["block_size"]), mask_token_id=dc.get("mask_token_id"),
                               target_layer_ids=target_layer_ids_of(dc, N, L), num_hidden_layers=L,
                               num_target_layers=N, hidden_size=int(raw.get("hidden_size", 0)),
-                              base_model=str(raw.get("base_model") or raw.get("_name_or_path") or ""))
+                              base_model=str(raw.get("base_model") or raw.get("_name_or_path") or ""),
+                              draft_vocab_size=_draft_vocab_size(raw))
     except (KeyError, TypeError, ValueError) as exc:
         raise DrafterDirError(f"{path / 'config.json'}: unreadable DFlash draft config ({type(exc).__name__}: "
                               f"{exc}); it needs block_size, num_hidden_layers, num_target_layers") from exc
@@ -171,6 +175,11 @@ def read_standalone_meta(path: Path) -> StandaloneMeta:
                               "1..B-1 embed it)")
     meta.mask_token_id = int(meta.mask_token_id)
     return meta
+
+
+def _draft_vocab_size(raw: dict) -> int | None:
+    n = raw.get("draft_vocab_size")
+    return None if n is None or int(n) == int(raw.get("vocab_size", -1)) else int(n)
 
 
 def load_standalone(path: Path, meta: StandaloneMeta, target: nn.Module) -> DFlashDraftModel:
@@ -204,7 +213,7 @@ def export_dflash_drafter(weights: dict[str, torch.Tensor], meta: DFlashMeta, ou
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_dflash_draft(shell, tmp, block_size=meta.block_size, mask_token_id=meta.mask_token_id,
-                      state_dict={k: v.to(dtype) for k, v in weights.items()})
+                      state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()})
     replace_dir(tmp, out)
     return out
 

@@ -13,7 +13,9 @@ One step:
 1. **draft** (one drafter forward, eager): ``[t, MASK x (B-1)]`` at positions ``L .. L+B-1``, embedded by the
    target's embedding; the pending features are projected (``fc`` + ``hidden_norm``) and appended to the context
    cache in the same forward; block rows see every context row and their whole block. Rows ``1 .. B-1`` through the
-   target's ``lm_head`` give ``d_1 .. d_{B-1}`` (argmax, or samples of ``q`` at ``temperature``).
+   target's ``lm_head`` give ``d_1 .. d_{B-1}`` (argmax, or samples of ``q`` at ``temperature``). A drafter with a
+   draft vocabulary goes through its own ``lm_head`` over it and maps its picks to target ids (``d2t``); ``q`` is
+   then zero outside the vocabulary, which rejection sampling handles as any other draft distribution.
 2. **verify** (one target forward, the session's: adapter off, static/compiled when asked): ``[t, d_1 .. d_k]`` at
    ``L .. L+k``, the layers ``target_layer_ids`` captured by the model's :class:`FeatureTap`. Greedy or lossless
    rejection sampling (``q`` the drafter's softmax), rank 0's decision in a lockstep decode.
@@ -59,7 +61,8 @@ class DFlashDecodeState:
     context       the drafter's context cache
     pending       ``[1, r, K*H]`` captured target features of committed rows not yet in ``context``, or None
     draft_start   ``L`` at this step's draft: the committed rows both caches held then
-    drafted       this step's drafted tokens; ``draft_logits`` ``[len(drafted), V]`` their logits
+    drafted       this step's drafted tokens (target ids); ``draft_logits`` ``[len(drafted), V]`` their logits over
+                  the drafter's vocabulary (the draft vocabulary's ids when it has one)
     """
 
     tokens: list[int]
@@ -153,15 +156,20 @@ class DFlashBlockDrafter:
         hidden = self.model(self._embed(block), pos, context, cache=state.context)  # [1, B, H]
         state.pending = None
         assert state.context.length == L, f"draft context {state.context.length} rows != committed {L}"
-        logits = session.lm_head(hidden[0, 1 : 1 + num].to(session.dtype))  # [num, V]
+        rows = hidden[0, 1 : 1 + num]
+        own = self.model.has_own_lm_head
+        logits = self.model.lm_head(rows) if own else session.lm_head(rows.to(session.dtype))  # [num, N or V]
         session.counts["draft"] += 1
         session.rows += B
         state.draft_logits = logits
         if temperature > 0:
             drafted, probs = sample_rows(logits, temperature, generator)
+            if own:  # q over the target's vocabulary: zero outside the draft vocabulary
+                drafted = self.model.draft_ids_to_target(drafted)
+                probs = probs.new_zeros(num, self.model.config.vocab_size).index_copy_(1, self.model.vocab_ids(), probs)
             state.drafted = drafted.tolist()
             return Draft(state.drafted, probs)
-        state.drafted = logits.argmax(dim=-1).tolist()
+        state.drafted = self.model.draft_ids_to_target(logits.argmax(dim=-1)).tolist()
         return Draft(state.drafted)
 
     def verified(self, session: DecodeSession, n: int) -> None:

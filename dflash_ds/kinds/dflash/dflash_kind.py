@@ -33,18 +33,23 @@ from ...objective import register_lm_head
 from ...parallel import TPGroup
 from ...settings import check_choices, setting
 from ...speculative.decoders import Generation, Method
+from ...speculative.engine import eos_ids_of
 from ..base import DraftKind, DrafterArtifact, EvalDrafter, Entry, checked_block_size, plural
 from .dflash_artifact import (
     WEIGHTS_NAME, DFlashMeta, StandaloneMeta, export_dflash_drafter, load_standalone, read_standalone_meta,
 )
 from .dflash_decode import dflash_generate
-from .dflash_model import ARCHITECTURE, DFlashDraftModel, init_from_target, last_layer_ids, make_draft_config
+from .dflash_model import (
+    ARCHITECTURE, DFlashDraftModel, init_draft_head, init_from_target, last_layer_ids, make_draft_config,
+)
+from .draft_vocab import DraftVocab, run_draft_vocab
 from .dflash_objective import DFlashDraftObjective
 from .feature_cache import FeatureStore, target_fingerprint
 from .feature_tap import FeatureTap
 
 DFLASH = "dflash"
 DRAFT_INITS = ("target", "random")
+DRAFT_HEADS = ("frozen", "trained")
 
 
 @dataclass
@@ -62,6 +67,13 @@ class DFlashConfig:
     features: str | None = setting(None, "dflash: read the target's features from this directory (written by "
                                    "'dflash-ds features' with this run's flags) instead of running the target's "
                                    "decoder layers every step", metavar="DIR")
+    draft_vocab: int | None = setting(
+        None, "dflash: draft over the N tokens most frequent in the training answers (EAGLE-3's draft vocabulary: "
+        "the drafter's own lm_head over them and a d2t map, which vLLM serves; every EOS id is kept; the choice and "
+        "its coverage go to OUTPUT/draft_vocab.json); default: the target's whole vocabulary through its lm_head",
+        metavar="N")
+    draft_head: str = setting("frozen", "dflash: the draft vocabulary's lm_head (the target's rows of it) frozen or "
+                              "trained with the drafter", choices=DRAFT_HEADS)
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -69,6 +81,8 @@ class DFlashConfig:
             raise ValueError(f"--draft-layers must be >= 1, got {self.layers}")
         if self.target_layer_ids is not None:
             self.target_layer_ids = tuple(int(i) for i in self.target_layer_ids)
+        if self.draft_vocab is not None and self.draft_vocab < 1:
+            raise ValueError(f"--draft-vocab must be >= 1, got {self.draft_vocab}")
 
     def draft_config(self, target_config, block_size: int, mask_token_id: int | None):
         """The draft model's config for ``target_config`` (:func:`.dflash_model.make_draft_config`); ValueError
@@ -77,7 +91,7 @@ class DFlashConfig:
             if self.init == "target":
                 last_layer_ids(int(target_config.num_hidden_layers), self.layers)
             return make_draft_config(target_config, self.layers, self.target_layer_ids, block_size=block_size,
-                                     mask_token_id=mask_token_id)
+                                     mask_token_id=mask_token_id, draft_vocab_size=self.draft_vocab)
         except ValueError as exc:
             raise ValueError(f"--drafter dflash (--draft-layers {self.layers}, --target-layer-ids "
                              f"{'default' if self.target_layer_ids is None else list(self.target_layer_ids)}): "
@@ -98,7 +112,10 @@ class StandaloneLoop(Method):
 
 def _info(meta: StandaloneMeta) -> dict:
     L = meta.num_hidden_layers
-    return {"layers": plural(L, "draft layer"), "draft_layers": L, "target_layer_ids": list(meta.target_layer_ids)}
+    info = {"layers": plural(L, "draft layer"), "draft_layers": L, "target_layer_ids": list(meta.target_layer_ids)}
+    if meta.draft_vocab_size:
+        info["draft_vocab_size"] = meta.draft_vocab_size
+    return info
 
 
 def standalone_drafter(draft_model: DFlashDraftModel, name: str | None = None, meta: StandaloneMeta | None = None
@@ -110,7 +127,8 @@ def standalone_drafter(draft_model: DFlashDraftModel, name: str | None = None, m
                               target_layer_ids=list(draft_model.target_layer_ids),
                               num_hidden_layers=len(draft_model.layers),
                               num_target_layers=int(draft_model.num_target_layers),
-                              hidden_size=int(draft_model.config.hidden_size))
+                              hidden_size=int(draft_model.config.hidden_size),
+                              draft_vocab_size=draft_model.draft_vocab_size)
     info = {**_info(meta), "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in draft_model.parameters()),
             "block_size": meta.block_size, "mask_token_id": meta.mask_token_id}
     return EvalDrafter(meta, name or "dflash drafter", info, model=draft_model)
@@ -129,6 +147,36 @@ def init_drafter_from_target(drafter: DFlashDraftModel, model: nn.Module) -> lis
         gather = deepspeed.zero.GatheredParameters(params)
     with gather:
         return init_from_target(drafter, model, src)
+
+
+def init_drafter_head(drafter: DFlashDraftModel, model: nn.Module, vocab: DraftVocab) -> None:
+    """:func:`.dflash_model.init_draft_head` from the target's ``lm_head``; under ZeRO-3 inside a gather of it."""
+    weight = model.get_output_embeddings().weight
+    gather = contextlib.nullcontext()
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([weight])
+    with gather:
+        init_draft_head(drafter, weight.detach(), vocab.id_tensor())
+
+
+def stop_ids(model_path: str, tokenizer, target_config) -> list[int]:
+    """Every EOS id decoding may stop on: the tokenizer's, the config's and the generation config's."""
+    from transformers import GenerationConfig
+
+    ids = set(eos_ids_of(tokenizer))
+    for source in (target_config, _generation_config(GenerationConfig, model_path)):
+        eos = getattr(source, "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    return sorted(int(i) for i in ids)
+
+
+def _generation_config(cls, model_path: str):
+    try:
+        return cls.from_pretrained(model_path)
+    except OSError:  # no generation_config.json: the tokenizer's and the config's ids are all there is
+        return None
 
 
 def average_gradients_over_tp(params: list[nn.Parameter], tp: TPGroup) -> None:
@@ -182,9 +230,25 @@ class DFlashKind(DraftKind):
     def eval_drafter(self, meta) -> EvalDrafter:
         return standalone_drafter(self.objective.drafter, meta=meta)
 
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """The trained tensors plus what the export needs beside them: a frozen draft head and ``d2t`` (buffers,
+        the same on every rank)."""
+        out = super().full_weights()
+        drafter = self.objective.drafter
+        if drafter.has_own_lm_head:
+            out["d2t"] = drafter.d2t.detach().cpu()
+            out.setdefault("lm_head.weight", drafter.lm_head.weight.detach().float().cpu().contiguous())
+        return out
+
     @classmethod
     def check_target(cls, cfg, target_config) -> None:
         cfg.drafter.draft_config(target_config, cfg.blocks.block_size, None)
+
+    @classmethod
+    def prepare_data(cls, cfg, dataset, tokenizer, target_config) -> None:
+        """``--draft-vocab``: choose the vocabulary from the training answers (rank 0, before the others read it)."""
+        run_draft_vocab(cfg.output_dir, cfg.drafter.draft_vocab, dataset, int(target_config.vocab_size),
+                        stop_ids(cfg.model_path, tokenizer, target_config))
 
     @classmethod
     def build(cls, cfg, model, parallel, mask, dtype):
@@ -193,20 +257,30 @@ class DFlashKind(DraftKind):
         # extra keys in config.json, ignored by the serving engines: where the drafter came from
         dcfg.base_model = cfg.model_path
         dcfg.dflash_ds = {"mask_token": mask.token, "mask_token_rule": mask.rule, "draft_init": cfg.drafter.init}
+        vocab = run_draft_vocab(cfg.output_dir, cfg.drafter.draft_vocab, None, int(model.config.vocab_size), ())
+        if vocab is not None:
+            dcfg.dflash_ds["draft_head"] = cfg.drafter.draft_head
         torch.manual_seed(cfg.optim.seed)  # the same drafter on every rank and in every parallel layout
-        drafter = DFlashDraftModel(dcfg).to(dtype=dtype)
+        drafter = DFlashDraftModel(dcfg, train_head=cfg.drafter.draft_head == "trained").to(dtype=dtype)
         if cfg.drafter.init == "target":
             init_drafter_from_target(drafter, model)  # before sharding: it reads whole target layers
+        if vocab is not None:
+            init_drafter_head(drafter, model, vocab)
         shard_target(model, parallel.tp)
         objective = DFlashDraftObjective(model, drafter, cfg.loss, gradient_checkpointing=cfg.gradient_checkpointing,
                                          features=open_features(cfg, model.config, mask.token_id, dtype))
         register_lm_head(objective.loss_head, model)
+        if drafter.has_own_lm_head and isinstance(drafter.lm_head.weight, nn.Parameter):
+            import deepspeed  # ZeRO-3 partitions it at initialize: the loss reads it as a tensor, so it must gather
+
+            deepspeed.zero.register_external_parameter(objective.loss_head, drafter.lm_head.weight)
         if parallel.tp.size > 1:
             average_gradients_over_tp(objective.trainable_parameters(), parallel.tp)
         meta = DFlashMeta(block_size=cfg.blocks.block_size, mask_token_id=mask.token_id,
                           target_layer_ids=list(drafter.target_layer_ids), num_hidden_layers=cfg.drafter.layers,
                           num_target_layers=int(model.config.num_hidden_layers),
-                          hidden_size=int(model.config.hidden_size), base_model=cfg.model_path, mask_token=mask.token,
+                          hidden_size=int(model.config.hidden_size), base_model=cfg.model_path,
+                          draft_vocab_size=drafter.draft_vocab_size, mask_token=mask.token,
                           mask_token_rule=mask.rule, draft_init=cfg.drafter.init,
                           dtype=str(dtype).removeprefix("torch."), config=dcfg.to_dict())
         return objective, meta
@@ -225,6 +299,13 @@ class DFlashKind(DraftKind):
                 f"--resume {where}: the checkpoint's dflash drafter has {theirs[0]} layer(s) reading target layers "
                 f"{theirs[1]}; this run builds {cfg.drafter.layers} reading {ids}: resume with --draft-layers "
                 f"{theirs[0]} --target-layer-ids {' '.join(map(str, theirs[1]))}")
+        config = meta.get("config") or {}
+        head = (config.get("dflash_ds") or {}).get("draft_head", "frozen")
+        vocab = config.get("draft_vocab_size")
+        if (vocab, head if vocab else None) != (cfg.drafter.draft_vocab, cfg.drafter.draft_head if vocab else None):
+            raise ValueError(f"--resume {where}: the checkpoint's dflash drafter has --draft-vocab {vocab} "
+                             f"(--draft-head {head}); this run asks --draft-vocab {cfg.drafter.draft_vocab} "
+                             f"(--draft-head {cfg.drafter.draft_head}): resume with the checkpoint's")
 
     @classmethod
     def export(cls, state, out_dir) -> Path:
@@ -265,5 +346,5 @@ class DFlashKind(DraftKind):
         return [m]
 
 
-__all__ = ["DFLASH", "DFlashKind", "DRAFT_INITS", "DFlashConfig", "StandaloneLoop", "average_gradients_over_tp",
+__all__ = ["DFLASH", "DFlashKind", "DRAFT_HEADS", "DRAFT_INITS", "DFlashConfig", "StandaloneLoop", "average_gradients_over_tp",
            "init_drafter_from_target", "standalone_drafter"]

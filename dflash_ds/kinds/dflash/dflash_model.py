@@ -100,12 +100,13 @@ def check_pairing(target_config, num_target_layers: int, hidden_size: int, vocab
 
 
 def make_draft_config(target_config, num_hidden_layers: int = 1, target_layer_ids: Sequence[int] | None = None,
-                      block_size: int = 16, mask_token_id: int | None = None):
+                      block_size: int = 16, mask_token_id: int | None = None, draft_vocab_size: int | None = None):
     """The draft's config (a ``Qwen3Config`` carrying the DFlash keys) from the target's config.
 
     Dims (hidden, intermediate, heads, kv heads, head_dim, eps, RoPE, vocab, attention bias) are the target's;
     ``num_hidden_layers`` draft layers; ``num_target_layers`` = the target's depth; ``block_size``;
-    ``dflash_config = {mask_token_id, target_layer_ids}`` (default ids: :func:`default_target_layer_ids`)."""
+    ``dflash_config = {mask_token_id, target_layer_ids}`` (default ids: :func:`default_target_layer_ids`);
+    ``draft_vocab_size`` (when the drafter drafts over a draft vocabulary, :mod:`.draft_vocab`: its own lm_head)."""
     model_type = getattr(target_config, "model_type", None)
     if model_type not in SUPPORTED_TARGETS:
         raise ValueError(f"the standalone DFlash drafter supports targets {SUPPORTED_TARGETS}, got {model_type!r}")
@@ -121,6 +122,11 @@ def make_draft_config(target_config, num_hidden_layers: int = 1, target_layer_id
     N = int(target_config.num_hidden_layers)
     ids = _check_layer_ids(
         target_layer_ids if target_layer_ids is not None else default_target_layer_ids(N, num_hidden_layers), N)
+    V = int(target_config.vocab_size)
+    if draft_vocab_size is not None and not 1 <= int(draft_vocab_size) < V:
+        raise ValueError(f"--draft-vocab must be in [1, {V}) (fewer than the target's {V} tokens), got "
+                         f"{draft_vocab_size}")
+    extra = {} if draft_vocab_size is None else {"draft_vocab_size": int(draft_vocab_size)}
     heads = int(target_config.num_attention_heads)
     rope = getattr(target_config, "rope_parameters", None)
     if rope is None:  # an older config object: rope_theta + rope_scaling
@@ -153,6 +159,7 @@ def make_draft_config(target_config, num_hidden_layers: int = 1, target_layer_id
         num_target_layers=N,
         dflash_config={"mask_token_id": None if mask_token_id is None else int(mask_token_id),
                        "target_layer_ids": ids},
+        **extra,
     )
 
 
@@ -221,15 +228,34 @@ def draft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+class DraftHead(nn.Module):
+    """The drafter's own lm_head over its draft vocabulary (:mod:`.draft_vocab`): ``weight [N, H]``, initialised
+    from the target's rows. Trained, it is a parameter; frozen, a buffer, so it stays out of the optimizer and of
+    ZeRO-3's partitioning (every rank holds it, as it holds the drafter's ``d2t``)."""
+
+    def __init__(self, num_tokens: int, hidden_size: int, trainable: bool = False) -> None:
+        super().__init__()
+        weight = torch.zeros(num_tokens, hidden_size)
+        if trainable:
+            self.weight = nn.Parameter(weight)
+        else:
+            self.register_buffer("weight", weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight)
+
+
 class DFlashDraftModel(nn.Module):
-    """The draft layers, ``fc``, ``hidden_norm`` and ``norm``; no embedding and no lm_head (the target's).
+    """The draft layers, ``fc``, ``hidden_norm`` and ``norm``; no embedding and no lm_head (the target's), unless the
+    config names a ``draft_vocab_size``: then ``lm_head`` (a :class:`DraftHead`, ``train_head``: a parameter) and
+    ``d2t [N]`` (target id = draft id + ``d2t[draft id]``), the names vLLM's DFlash loader reads.
 
     State dict keys (the published names): ``layers.{i}.self_attn.{q,k,v,o}_proj.weight`` (+ ``.bias`` when
     ``attention_bias``), ``layers.{i}.self_attn.{q,k}_norm.weight``, ``layers.{i}.mlp.{gate,up,down}_proj.weight``,
     ``layers.{i}.{input,post_attention}_layernorm.weight``, ``fc.weight`` ``[H, K*H]``, ``hidden_norm.weight``,
     ``norm.weight``. Each layer is a transformers ``Qwen3DecoderLayer`` (its submodules; the forward is here)."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, train_head: bool = False) -> None:
         super().__init__()
         self.config = config
         self.target_layer_ids = target_layer_ids_of(config.dflash_config, config.num_target_layers,
@@ -246,6 +272,23 @@ class DFlashDraftModel(nn.Module):
         self.rotary_emb = Qwen3RotaryEmbedding(config)  # inv_freq is a non-persistent buffer: not in the state dict
         self.gradient_checkpointing = False
         self.reset_parameters()
+        N = getattr(config, "draft_vocab_size", None)
+        self.draft_vocab_size = None if N is None or int(N) == int(config.vocab_size) else int(N)
+        if self.draft_vocab_size is not None:
+            self.lm_head = DraftHead(self.draft_vocab_size, H, trainable=train_head)
+            self.register_buffer("d2t", torch.zeros(self.draft_vocab_size, dtype=torch.long))
+
+    @property
+    def has_own_lm_head(self) -> bool:
+        return self.draft_vocab_size is not None
+
+    def draft_ids_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Target ids of draft ids (the identity without a draft vocabulary)."""
+        return draft_ids + self.d2t[draft_ids] if self.has_own_lm_head else draft_ids
+
+    def vocab_ids(self) -> torch.Tensor:
+        """``[N]`` long: the target id of every draft id (ascending). Only with a draft vocabulary."""
+        return self.d2t + torch.arange(self.d2t.numel(), device=self.d2t.device)
 
     def reset_parameters(self) -> None:
         """Random init as the references' ``post_init``: Linear weights ~ N(0, initializer_range), biases 0,
@@ -398,6 +441,16 @@ def init_from_target(draft: DFlashDraftModel, target_model: nn.Module,
     return src
 
 
-__all__ = ["ARCHITECTURE", "DFlashContextCache", "DFlashDraftModel", "check_pairing", "default_target_layer_ids",
-           "draft_attention",
-           "init_from_target", "last_layer_ids", "make_draft_config", "target_layer_ids_of"]
+@torch.no_grad()
+def init_draft_head(draft: DFlashDraftModel, target_lm_head_weight: torch.Tensor, ids: torch.Tensor) -> None:
+    """The draft vocabulary's lm_head rows copied from the target's ``[V, H]`` (the rows of target ids ``ids [N]``,
+    ascending) and ``d2t`` set to their offsets."""
+    if not draft.has_own_lm_head or ids.numel() != draft.draft_vocab_size:
+        raise ValueError(f"a drafter with draft_vocab_size {draft.draft_vocab_size} cannot take {ids.numel()} ids")
+    draft.lm_head.weight.copy_(target_lm_head_weight[ids.to(target_lm_head_weight.device)])
+    draft.d2t.copy_(ids - torch.arange(ids.numel()))
+
+
+__all__ = ["ARCHITECTURE", "DFlashContextCache", "DFlashDraftModel", "DraftHead", "check_pairing",
+           "default_target_layer_ids", "draft_attention", "init_draft_head", "init_from_target", "last_layer_ids",
+           "make_draft_config", "target_layer_ids_of"]

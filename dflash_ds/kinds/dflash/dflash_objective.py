@@ -15,7 +15,10 @@ blocks of ``B`` rows:
    :func:`dflash_ds.blocks.block_rows_visibility` (context rows ``< anchor`` that are not padding, the own block
    bidirectionally, padding blocks see nothing), optional gradient checkpointing of its layers.
 3. **Loss**: the supervised block rows through the target's ``lm_head`` in the fused chunked CE + KL
-   (:class:`~dflash_ds.objective.LMHeadLoss`); metrics by :func:`~dflash_ds.objective.block_metrics`.
+   (:class:`~dflash_ds.objective.LMHeadLoss`); metrics by :func:`~dflash_ds.objective.block_metrics`. A drafter with
+   a draft vocabulary (:mod:`.draft_vocab`) goes through its own ``lm_head`` instead: labels become draft ids (-1
+   outside the vocabulary: no CE term, only the KL), and the KL teacher is the target's distribution renormalised
+   over the vocabulary (the target's rows of it, kept aside when the head itself trains).
 
 ZeRO-3: target and drafter are both submodules of this module, so DeepSpeed partitions both and gathers each
 module's parameters around its own call; the target's embedding is called as a module (gathered by its hook), but
@@ -35,6 +38,7 @@ from ...families import decoder
 from ...loss import LossConfig
 from ...objective import LMHeadLoss, ObjectiveOutput, block_metrics, gather_rows
 from .dflash_model import DFlashDraftModel, check_pairing
+from .draft_vocab import target_to_draft
 from .feature_cache import FeatureStore
 from .feature_tap import FeatureTap
 
@@ -64,6 +68,11 @@ class DFlashDraftObjective(nn.Module):
         self.loss_head = LMHeadLoss(loss_config)
         self.features = features  # offline mode: the target's features read from disk, its decoder layers never run
         drafter.gradient_checkpointing_enable(gradient_checkpointing)
+        # a trained draft head moves away from the target's rows it starts as (init_draft_head): the KL teacher
+        # keeps them (None: the teacher goes through the head the student does)
+        trained_head = drafter.has_own_lm_head and isinstance(drafter.lm_head.weight, nn.Parameter)
+        self.register_buffer("teacher_head", drafter.lm_head.weight.detach().clone() if trained_head else None,
+                             persistent=False)
 
     def train(self, mode: bool = True) -> "DFlashDraftObjective":
         """The drafter follows ``mode``; the target stays in eval mode (frozen: no dropout, no checkpointing)."""
@@ -117,14 +126,27 @@ class DFlashDraftObjective(nn.Module):
         hidden = self.block_hidden_states(attention_mask, layout, features)
         del features
         supervised = layout.labels != IGNORE_INDEX  # [b, N*B]
-        lm_head = self.target.get_output_embeddings()
-        student = hidden[supervised].to(lm_head.weight.dtype)  # [n, H]
+        head = self.head_weight()
+        student = hidden[supervised].to(head.dtype)  # [n, H]
+        labels = layout.labels[supervised]
+        if self.drafter.has_own_lm_head:
+            labels = self.target_to_draft()[labels]
         teacher = None
         if self.loss_config.kl_weight > 0:
             teacher = gather_rows(final, layout.teacher_positions)[supervised]  # [n, H], no grad
-        out = self.loss_head.loss(student, lm_head.weight, layout.labels[supervised], layout.weights[supervised],
-                                  teacher)
+        out = self.loss_head.loss(student, head, labels, layout.weights[supervised], teacher, self.teacher_head)
         return block_metrics(out, supervised, layout)
+
+    def head_weight(self) -> torch.Tensor:
+        """What the drafted rows go through: the drafter's own draft-vocabulary head ``[N, H]``, else the target's
+        ``lm_head.weight [V, H]``."""
+        if self.drafter.has_own_lm_head:
+            return self.drafter.lm_head.weight
+        return self.target.get_output_embeddings().weight
+
+    def target_to_draft(self) -> torch.Tensor:
+        """``[V]`` long: each target id's draft id, -1 outside the draft vocabulary."""
+        return target_to_draft(self.drafter.vocab_ids(), self.drafter.config.vocab_size)
 
 
 __all__ = ["DFlashDraftObjective", "block_attention_mask"]
