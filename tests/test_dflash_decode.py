@@ -243,6 +243,22 @@ def _exact_two_token_distribution(target, prompt, temperature):
     return (p1[:, None] * p2).reshape(-1)
 
 
+def sampled_first_two(target, drafter, prompt, temperature, runs=1000):
+    """``(counts [V*V], accepted, rejected)``: the first two generated tokens' joint over ``runs`` seeded
+    generations, and how many drafts were accepted and how many steps rejected one."""
+    V = target.config.vocab_size
+    counts = torch.zeros(V * V, dtype=torch.float64)
+    accepted = rejected = 0
+    for s in range(runs):
+        r = dflash_generate(target, drafter, prompt, 3, temperature=temperature,
+                            generator=torch.Generator().manual_seed(s))
+        x1, x2 = r.output_ids[:2]
+        counts[x1 * V + x2] += 1
+        accepted += sum(r.accepted_per_step)
+        rejected += sum(1 for n, k in zip(r.accepted_per_step, r.proposed_per_step) if n < k)
+    return counts, accepted, rejected
+
+
 @pytest.mark.slow
 def test_sampling_is_lossless():
     """1000 seeded runs: the joint of the first two generated tokens matches the target's exactly computed
@@ -258,14 +274,7 @@ def test_sampling_is_lossless():
     prompt = [1, 4, 6]
     exact = _exact_two_token_distribution(target, prompt, T)
     assert exact.max() < 0.5 and (exact > 0.01).sum() >= 8  # a distribution worth testing
-    counts = torch.zeros(V * V, dtype=torch.float64)
-    accepted = rejected = 0
-    for s in range(1000):
-        r = dflash_generate(target, drafter, prompt, 3, temperature=T, generator=torch.Generator().manual_seed(s))
-        x1, x2 = r.output_ids[:2]
-        counts[x1 * V + x2] += 1
-        accepted += sum(r.accepted_per_step)
-        rejected += sum(1 for n, k in zip(r.accepted_per_step, r.proposed_per_step) if n < k)
+    counts, accepted, rejected = sampled_first_two(target, drafter, prompt, T)
     assert accepted > 100 and rejected > 100, (accepted, rejected)  # both branches are exercised
     stat, p = _chi_square_pvalue(counts, exact)
     assert p > 1e-3, f"DFlash speculative sampling is not lossless: chi2={stat:.1f}, p={p:.2e}"

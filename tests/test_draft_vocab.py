@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from test_dflash_decode import _exact_two_token_distribution, hf_greedy, prompts
+from test_dflash_decode import _exact_two_token_distribution, hf_greedy, prompts, sampled_first_two
 from test_speculative import _chi_square_pvalue
 from dflash_ds.blocks import BlockConfig, build_block_layout
 from dflash_ds.kinds.dflash import (
@@ -176,14 +176,7 @@ def test_sampling_over_a_draft_vocabulary_is_lossless():
     init_draft_head(drafter, target.lm_head.weight.detach(), torch.tensor(ids))
     prompt = [1, 4, 6]
     exact = _exact_two_token_distribution(target, prompt, T)
-    counts = torch.zeros(V * V, dtype=torch.float64)
-    accepted = rejected = 0
-    for s in range(1000):
-        r = dflash_generate(target, drafter, prompt, 3, temperature=T, generator=torch.Generator().manual_seed(s))
-        x1, x2 = r.output_ids[:2]
-        counts[x1 * V + x2] += 1
-        accepted += sum(r.accepted_per_step)
-        rejected += sum(1 for n, k in zip(r.accepted_per_step, r.proposed_per_step) if n < k)
+    counts, accepted, rejected = sampled_first_two(target, drafter, prompt, T)
     assert accepted > 100 and rejected > 100, (accepted, rejected)
     assert counts.reshape(V, V)[[1, 4, 6]].sum() > 50  # tokens outside the vocabulary are still written
     stat, p = _chi_square_pvalue(counts, exact)

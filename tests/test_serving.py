@@ -66,10 +66,24 @@ def test_the_export_says_how_to_serve_it(served):
     assert "--speculative-algorithm DFLASH" in serving
 
 
-def test_vllm_serves_the_zero3_drafter_losslessly_and_agrees_on_acceptance(served, vllm_python, tmp_path):
+@pytest.fixture(scope="module")
+def served_vocab(served):
+    """The same drafter trained over a draft vocabulary (160 of the target's 400 tokens, its own trained lm_head):
+    vLLM must map its drafts through d2t, or acceptance collapses."""
+    run_train(served, served / "out_vocab", nproc=2, config="zero3.json",
+              extra=["--drafter", "dflash", "--draft-layers", "2", "--target-layer-ids", "0", "2", "--max-steps", "60",
+                     "--lr", "3e-3", "--draft-vocab", "160", "--draft-head", "trained"])
+    return served / "out_vocab" / "drafter"
+
+
+@pytest.mark.parametrize("which", ["full_vocabulary", "draft_vocabulary"])
+def test_vllm_serves_the_zero3_drafter_losslessly_and_agrees_on_acceptance(served, vllm_python, request, which):
     from dflash_ds.serving.roundtrip import TAU_TOLERANCE, serve_check
 
-    report = serve_check(str(served / "model"), str(served / "out" / "drafter"), str(served / "prompts.jsonl"),
+    drafter = served / "out" / "drafter" if which == "full_vocabulary" else request.getfixturevalue("served_vocab")
+    if which == "draft_vocabulary":
+        assert json.loads((drafter / "config.json").read_text())["draft_vocab_size"] == 160
+    report = serve_check(str(served / "model"), str(drafter), str(served / "prompts.jsonl"),
                          limit=6, max_new_tokens=32, python=vllm_python, ngram=False)  # 2 engine loads, not 3
     checks = report["checks"]
     assert checks["vllm_ar_equals_dflash_ds_ar"] and checks["vllm_dflash_equals_vllm_ar"], report

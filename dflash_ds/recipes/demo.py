@@ -72,6 +72,7 @@ class Recipe:
     dflash_steps: int = 0  # the standalone drafter's optimizer steps (0: --steps)
     dflash_lr: float = 0.0  # the standalone drafter's learning rate (0: --lr)
     dflash_features: bool = True  # the standalone drafter trains from offline target features (dflash-ds features)
+    draft_vocab: int = 0  # the standalone drafter's draft vocabulary (0: the target's whole vocabulary)
 
 
 RECIPES = {
@@ -177,6 +178,8 @@ def launch_training(target: Path, data: Path, out: Path, kind: str, args) -> Non
         flags += ["--num-anchors", str(args.num_anchors)]
     if kind == "dflash":
         flags += ["--draft-layers", str(args.draft_layers)]
+        if args.draft_vocab:
+            flags += ["--draft-vocab", str(args.draft_vocab)]
         if args.dflash_features:
             flags += ["--features", str(out.parent / f"{out.name}_features")]
             _run(launch_command(2, "dflash_ds.features", flags))
@@ -259,6 +262,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "dflash_steps": "the standalone drafter's optimizer steps (0: --steps; tiny: about the LoRA kind's "
                              "training time)",
              "dflash_lr": "the standalone drafter's learning rate (0: --lr)",
+             "draft_vocab": "the standalone drafter drafts over the N most frequent answer tokens, its own lm_head "
+                            "(0: the target's whole vocabulary)",
              "dflash_features": "the standalone drafter trains from the target's features, written once by "
                                 "dflash-ds features (--no-dflash-features: the target runs every step)"}
     for field, value in asdict(RECIPES["tiny"]).items():
