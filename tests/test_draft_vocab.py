@@ -110,16 +110,17 @@ def test_the_head_is_the_targets_rows_and_trains_only_when_asked():
         make_draft_config(target.config, 1, block_size=4, mask_token_id=MASK, draft_vocab_size=VOCAB)
 
 
-@pytest.mark.parametrize("train_head", [False, True], ids=["frozen", "trained"])
-def test_objective_equals_the_plain_reference_over_the_draft_vocabulary(train_head):
+@pytest.mark.parametrize("train_head,drop_outside", [(False, False), (True, False), (False, True)],
+                         ids=["frozen", "trained", "frozen_drop_outside"])
+def test_objective_equals_the_plain_reference_over_the_draft_vocabulary(train_head, drop_outside):
     """One step's loss and gradients equal a materialised reference: the block rows through the draft head, labels
-    as draft ids (-1 outside: no CE), the teacher the target's final rows through the target's rows of the
+    as draft ids (-1 outside: no CE; dropped: no term at all), the teacher the target's final rows through the target's rows of the
     vocabulary."""
     target = _target()
     ids = list(range(0, VOCAB, 2))  # half the vocabulary: many labels fall outside
     drafter = _vocab_drafter(target, ids, train_head=train_head)
     loss_cfg = LossConfig(ce_weight=1.0, kl_weight=0.5, chunk_size=5)
-    objective = DFlashDraftObjective(target, drafter, loss_cfg)
+    objective = DFlashDraftObjective(target, drafter, loss_cfg, drop_outside=drop_outside)
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, MASK, (2, 24), generator=g)
     attention_mask = torch.ones_like(input_ids)
@@ -137,7 +138,8 @@ def test_objective_equals_the_plain_reference_over_the_draft_vocabulary(train_he
     labels = target_to_draft(torch.tensor(ids), VOCAB)[layout.labels[sup]]
     assert (labels < 0).any() and (labels >= 0).any()  # both kinds of rows are in the batch
     teacher = final.gather(1, layout.teacher_positions[..., None].expand(-1, -1, final.shape[-1]))[sup]
-    ref = reference_ce_kl_loss(hidden[sup], drafter.lm_head.weight, labels, layout.weights[sup], teacher, loss_cfg,
+    weights = layout.weights[sup] * (labels >= 0) if drop_outside else layout.weights[sup]
+    ref = reference_ce_kl_loss(hidden[sup], drafter.lm_head.weight, labels, weights, teacher, loss_cfg,
                                target.lm_head.weight[ids])
     ref_grads = torch.autograd.grad(ref, params)
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)

@@ -50,6 +50,7 @@ from .feature_tap import FeatureTap
 DFLASH = "dflash"
 DRAFT_INITS = ("target", "random")
 DRAFT_HEADS = ("frozen", "trained")
+OUTSIDE_LABELS = ("kl", "drop")
 
 
 @dataclass
@@ -74,6 +75,10 @@ class DFlashConfig:
         metavar="N")
     draft_head: str = setting("frozen", "dflash: the draft vocabulary's lm_head (the target's rows of it) frozen or "
                               "trained with the drafter", choices=DRAFT_HEADS)
+    draft_vocab_outside: str = setting(
+        "kl", "dflash: a supervised token outside the draft vocabulary keeps its KL term toward the target's "
+        "distribution over the vocabulary (kl) or its row leaves the loss (drop, as EAGLE-3 masks it)",
+        choices=OUTSIDE_LABELS)
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -268,7 +273,8 @@ class DFlashKind(DraftKind):
             init_drafter_head(drafter, model, vocab)
         shard_target(model, parallel.tp)
         objective = DFlashDraftObjective(model, drafter, cfg.loss, gradient_checkpointing=cfg.gradient_checkpointing,
-                                         features=open_features(cfg, model.config, mask.token_id, dtype))
+                                         features=open_features(cfg, model.config, mask.token_id, dtype),
+                                         drop_outside=cfg.drafter.draft_vocab_outside == "drop")
         register_lm_head(objective.loss_head, model)
         if drafter.has_own_lm_head and isinstance(drafter.lm_head.weight, nn.Parameter):
             import deepspeed  # ZeRO-3 partitions it at initialize: the loss reads it as a tensor, so it must gather

@@ -17,8 +17,9 @@ blocks of ``B`` rows:
 3. **Loss**: the supervised block rows through the target's ``lm_head`` in the fused chunked CE + KL
    (:class:`~dflash_ds.objective.LMHeadLoss`); metrics by :func:`~dflash_ds.objective.block_metrics`. A drafter with
    a draft vocabulary (:mod:`.draft_vocab`) goes through its own ``lm_head`` instead: labels become draft ids (-1
-   outside the vocabulary: no CE term, only the KL), and the KL teacher is the target's distribution renormalised
-   over the vocabulary (the target's rows of it, kept aside when the head itself trains).
+   outside the vocabulary: no CE term, only the KL; ``drop_outside``: no term at all), and the KL teacher is the
+   target's distribution renormalised over the vocabulary (the target's rows of it, kept aside when the head
+   itself trains).
 
 ZeRO-3: target and drafter are both submodules of this module, so DeepSpeed partitions both and gathers each
 module's parameters around its own call; the target's embedding is called as a module (gathered by its hook), but
@@ -58,7 +59,8 @@ class DFlashDraftObjective(nn.Module):
     drafter_kind = "dflash"  # dflash_ds.kinds: how checkpoints gather and export what this objective trains
 
     def __init__(self, target: nn.Module, drafter: DFlashDraftModel, loss_config: LossConfig,
-                 gradient_checkpointing: bool = False, features: FeatureStore | None = None) -> None:
+                 gradient_checkpointing: bool = False, features: FeatureStore | None = None,
+                 drop_outside: bool = False) -> None:
         super().__init__()
         check_pairing(target.config, drafter.num_target_layers, drafter.config.hidden_size, drafter.config.vocab_size)
         target.requires_grad_(False)
@@ -67,6 +69,7 @@ class DFlashDraftObjective(nn.Module):
         self.loss_config = loss_config
         self.loss_head = LMHeadLoss(loss_config)
         self.features = features  # offline mode: the target's features read from disk, its decoder layers never run
+        self.drop_outside = drop_outside  # rows whose label is outside the draft vocabulary: weight 0
         drafter.gradient_checkpointing_enable(gradient_checkpointing)
         # a trained draft head moves away from the target's rows it starts as (init_draft_head): the KL teacher
         # keeps them (None: the teacher goes through the head the student does)
@@ -128,13 +131,15 @@ class DFlashDraftObjective(nn.Module):
         supervised = layout.labels != IGNORE_INDEX  # [b, N*B]
         head = self.head_weight()
         student = hidden[supervised].to(head.dtype)  # [n, H]
-        labels = layout.labels[supervised]
+        labels, weights = layout.labels[supervised], layout.weights[supervised]
         if self.drafter.has_own_lm_head:
             labels = self.target_to_draft()[labels]
+            if self.drop_outside:
+                weights = weights * (labels >= 0)
         teacher = None
         if self.loss_config.kl_weight > 0:
             teacher = gather_rows(final, layout.teacher_positions)[supervised]  # [n, H], no grad
-        out = self.loss_head.loss(student, head, labels, layout.weights[supervised], teacher, self.teacher_head)
+        out = self.loss_head.loss(student, head, labels, weights, teacher, self.teacher_head)
         return block_metrics(out, supervised, layout)
 
     def head_weight(self) -> torch.Tensor:
