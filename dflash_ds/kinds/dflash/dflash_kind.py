@@ -170,18 +170,15 @@ def stop_ids(model_path: str, tokenizer, target_config) -> list[int]:
     """Every EOS id decoding may stop on: the tokenizer's, the config's and the generation config's."""
     from transformers import GenerationConfig
 
+    try:
+        generation = GenerationConfig.from_pretrained(model_path)
+    except OSError:  # no generation_config.json: the tokenizer's and the config's ids are all there is
+        generation = None
     ids = set(eos_ids_of(tokenizer))
-    for source in (target_config, _generation_config(GenerationConfig, model_path)):
+    for source in (target_config, generation):
         eos = getattr(source, "eos_token_id", None)
         ids.update([eos] if isinstance(eos, int) else list(eos or []))
     return sorted(int(i) for i in ids)
-
-
-def _generation_config(cls, model_path: str):
-    try:
-        return cls.from_pretrained(model_path)
-    except OSError:  # no generation_config.json: the tokenizer's and the config's ids are all there is
-        return None
 
 
 def average_gradients_over_tp(params: list[nn.Parameter], tp: TPGroup) -> None:
