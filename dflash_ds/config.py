@@ -37,6 +37,13 @@ class DrafterConfig(DFlashConfig):
                         "states (exported to OUTPUT/drafter in the published SGLang/vLLM format)", flag="drafter",
                         choices=KINDS)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for flag, value in (("--draft-vocab", self.draft_vocab), ("--features", self.features)):
+            if value is not None and self.kind != "dflash":
+                raise ValueError(f"{flag} is a standalone-drafter flag: it needs --drafter dflash (this run trains "
+                                 f"--drafter {self.kind})")
+
 
 @dataclass
 class OptimConfig:

@@ -129,10 +129,10 @@ class _FusedCEKL(torch.autograd.Function):
             ce_sum += ce
             kl_sum += kl
             # back to hidden space in the weight's dtype (bf16 on GPU) to avoid an fp32 copy of lm_head
-            grad_logits = (grad_logits * scale).to(weight.dtype)
-            grad_student[rows] = (grad_logits @ weight).float()
-            if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ student[rows].to(weight.dtype)).float()
+            grad_logits = grad_logits * scale
+            if grad_weight is not None:  # in fp32: a bf16 product would round each chunk's share before the sum
+                grad_weight += grad_logits.t() @ student[rows].float()
+            grad_student[rows] = (grad_logits.to(weight.dtype) @ weight).float()
             del logits, t_logits, grad_logits
         ce_mean, kl_mean = ce_sum * scale, kl_sum * scale
         loss = cfg.ce_weight * ce_mean + cfg.kl_weight * kl_mean

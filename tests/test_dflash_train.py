@@ -74,6 +74,15 @@ def test_drafter_flags_and_their_checks():
     DrafterConfig(kind="dflash", layers=5, init="random", target_layer_ids=(0, 1)).draft_config(target, 4, 3)
     with pytest.raises(ValueError, match="--draft-layers must be >= 1"):
         DrafterConfig(layers=0)
+    # the draft vocabulary's flags: only with a draft vocabulary, only for the standalone kind
+    with pytest.raises(ValueError, match="--draft-head trained needs --draft-vocab N"):
+        DrafterConfig(kind="dflash", draft_head="trained")
+    with pytest.raises(ValueError, match="--draft-vocab-outside drop needs --draft-vocab N"):
+        DrafterConfig(kind="dflash", draft_vocab_outside="drop")
+    with pytest.raises(ValueError, match="--draft-vocab is a standalone-drafter flag: it needs --drafter dflash"):
+        parse_train_args([*base, "--draft-vocab", "100"])
+    with pytest.raises(ValueError, match="--draft-vocab must be >= 1"):
+        DrafterConfig(kind="dflash", draft_vocab=0)
 
 
 @pytest.fixture(scope="module")
@@ -349,3 +358,12 @@ def test_frozen_draft_head_stays_the_targets_rows_and_resume_checks_it(dflash_as
     proc = run_ranks(1, "dflash_ds.train", train_args(dflash_assets, tmp_path / "r", extra=[
         *DFLASH_FLAGS, *VOCAB_FLAGS, "--draft-head", "trained", "--resume", str(ckpt)]), dist_env(), ROOT, timeout=300)
     assert proc.returncode == 2 and "resume with the checkpoint's" in proc.stderr, proc.stderr[-2000:]
+    # the same flags, but the output directory holds another vocabulary of the same size (other data)
+    other = tmp_path / "other"
+    other.mkdir()
+    raw = json.loads((out / "draft_vocab.json").read_text())
+    raw["ids"] = sorted(set(raw["ids"][:-1]) | {min(set(range(raw["target_vocab_size"])) - set(raw["ids"]))})
+    (other / "draft_vocab.json").write_text(json.dumps(raw))
+    proc = run_ranks(1, "dflash_ds.train", train_args(dflash_assets, other, extra=[
+        *DFLASH_FLAGS, *VOCAB_FLAGS, "--resume", str(ckpt)]), dist_env(), ROOT, timeout=300)
+    assert proc.returncode == 2 and "draft vocabulary is not the one in" in proc.stderr, proc.stderr[-2000:]

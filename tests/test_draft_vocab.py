@@ -36,7 +36,7 @@ def test_most_frequent_tokens_ties_to_the_lower_id_and_eos_always_kept():
     v = choose_draft_vocab(counts, 4, keep=[6])  # a never-written EOS id still goes in
     assert v.ids == (0, 2, 5, 6)
     assert coverage(v, counts) == pytest.approx((5 + 9 + 7) / 32)
-    with pytest.raises(ValueError, match=r"--draft-vocab must be in \[1, 8\]"):
+    with pytest.raises(ValueError, match=r"--draft-vocab must be in \[1, 8\)"):
         choose_draft_vocab(counts, 9)
     with pytest.raises(ValueError, match="smaller than the 2 EOS ids"):
         choose_draft_vocab(counts, 1, keep=[1, 2])

@@ -194,7 +194,11 @@ def load_standalone(path: Path, meta: StandaloneMeta, target: nn.Module) -> DFla
     if not 0 <= meta.mask_token_id < cfg.vocab_size:
         raise DrafterDirError(f"{path}: MASK id {meta.mask_token_id} is outside this target's vocabulary "
                               f"({cfg.vocab_size})")
-    return load_dflash_draft(path, dtype=param.dtype, device=param.device)
+    drafter = load_dflash_draft(path, dtype=param.dtype, device=param.device)
+    if drafter.has_own_lm_head and int(drafter.vocab_ids().max()) >= cfg.vocab_size:
+        raise DrafterDirError(f"{path}: its draft vocabulary (d2t) names target ids up to "
+                              f"{int(drafter.vocab_ids().max())}, outside this target's vocabulary ({cfg.vocab_size})")
+    return drafter
 
 
 def export_dflash_drafter(weights: dict[str, torch.Tensor], meta: DFlashMeta, out_dir) -> Path:

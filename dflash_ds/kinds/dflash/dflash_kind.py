@@ -42,7 +42,7 @@ from .dflash_decode import dflash_generate
 from .dflash_model import (
     ARCHITECTURE, DFlashDraftModel, init_draft_head, init_from_target, last_layer_ids, make_draft_config,
 )
-from .draft_vocab import DraftVocab, run_draft_vocab
+from .draft_vocab import VOCAB_FILE, DraftVocab, run_draft_vocab
 from .dflash_objective import DFlashDraftObjective
 from .feature_cache import FeatureStore, target_fingerprint
 from .feature_tap import FeatureTap
@@ -88,6 +88,11 @@ class DFlashConfig:
             self.target_layer_ids = tuple(int(i) for i in self.target_layer_ids)
         if self.draft_vocab is not None and self.draft_vocab < 1:
             raise ValueError(f"--draft-vocab must be >= 1, got {self.draft_vocab}")
+        if self.draft_vocab is None:
+            for flag, value, default in (("--draft-head", self.draft_head, "frozen"),
+                                         ("--draft-vocab-outside", self.draft_vocab_outside, "kl")):
+                if value != default:
+                    raise ValueError(f"{flag} {value} needs --draft-vocab N (a draft vocabulary)")
 
     def draft_config(self, target_config, block_size: int, mask_token_id: int | None):
         """The draft model's config for ``target_config`` (:func:`.dflash_model.make_draft_config`); ValueError
@@ -134,7 +139,10 @@ def standalone_drafter(draft_model: DFlashDraftModel, name: str | None = None, m
                               num_target_layers=int(draft_model.num_target_layers),
                               hidden_size=int(draft_model.config.hidden_size),
                               draft_vocab_size=draft_model.draft_vocab_size)
-    info = {**_info(meta), "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in draft_model.parameters()),
+    head = draft_model.lm_head.weight if draft_model.has_own_lm_head else None
+    frozen_head = head.numel() if head is not None and not isinstance(head, nn.Parameter) else 0  # a buffer
+    size = sum(getattr(p, "ds_numel", p.numel()) for p in draft_model.parameters()) + frozen_head
+    info = {**_info(meta), "parameters": size,
             "block_size": meta.block_size, "mask_token_id": meta.mask_token_id}
     return EvalDrafter(meta, name or "dflash drafter", info, model=draft_model)
 
@@ -261,9 +269,12 @@ class DFlashKind(DraftKind):
         dcfg.dflash_ds = {"mask_token": mask.token, "mask_token_rule": mask.rule, "draft_init": cfg.drafter.init}
         vocab = run_draft_vocab(cfg.output_dir, cfg.drafter.draft_vocab, None, int(model.config.vocab_size), ())
         if vocab is not None:
-            dcfg.dflash_ds["draft_head"] = cfg.drafter.draft_head
+            dcfg.dflash_ds.update(draft_head=cfg.drafter.draft_head, draft_vocab_sha256=vocab.digest())
         torch.manual_seed(cfg.optim.seed)  # the same drafter on every rank and in every parallel layout
-        drafter = DFlashDraftModel(dcfg, train_head=cfg.drafter.draft_head == "trained").to(dtype=dtype)
+        # on the target's device: under ZeRO-3 DeepSpeed moves only parameters, and d2t, a frozen head and the KL
+        # teacher's rows are buffers
+        device = model.get_input_embeddings().weight.device
+        drafter = DFlashDraftModel(dcfg, train_head=cfg.drafter.draft_head == "trained").to(dtype=dtype, device=device)
         if cfg.drafter.init == "target":
             init_drafter_from_target(drafter, model)  # before sharding: it reads whole target layers
         if vocab is not None:
@@ -272,8 +283,9 @@ class DFlashKind(DraftKind):
         objective = DFlashDraftObjective(model, drafter, cfg.loss, gradient_checkpointing=cfg.gradient_checkpointing,
                                          features=open_features(cfg, model.config, mask.token_id, dtype),
                                          drop_outside=cfg.drafter.draft_vocab_outside == "drop")
-        register_lm_head(objective.loss_head, model)
-        if drafter.has_own_lm_head and isinstance(drafter.lm_head.weight, nn.Parameter):
+        if not drafter.has_own_lm_head:  # else the target's head is never read: gathering it would cost its size
+            register_lm_head(objective.loss_head, model)
+        elif isinstance(drafter.lm_head.weight, nn.Parameter):
             import deepspeed  # ZeRO-3 partitions it at initialize: the loss reads it as a tensor, so it must gather
 
             deepspeed.zero.register_external_parameter(objective.loss_head, drafter.lm_head.weight)
@@ -309,6 +321,12 @@ class DFlashKind(DraftKind):
             raise ValueError(f"--resume {where}: the checkpoint's dflash drafter has --draft-vocab {vocab} "
                              f"(--draft-head {head}); this run asks --draft-vocab {cfg.drafter.draft_vocab} "
                              f"(--draft-head {cfg.drafter.draft_head}): resume with the checkpoint's")
+        if vocab:
+            ours = run_draft_vocab(cfg.output_dir, vocab, None, int(target_config.vocab_size), ())
+            if ours.digest() != (config.get("dflash_ds") or {}).get("draft_vocab_sha256"):
+                raise ValueError(f"--resume {where}: the checkpoint's draft vocabulary is not the one in "
+                                 f"{Path(cfg.output_dir) / VOCAB_FILE} (other data?): resume into the checkpoint's "
+                                 "--output-dir, or train from the start")
 
     @classmethod
     def export(cls, state, out_dir) -> Path:

@@ -13,6 +13,7 @@ tokens inside the vocabulary) on the examples it was counted on and on held-out 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +54,10 @@ class DraftVocab:
         """``[N]`` long offsets, the published table: target id = draft id + ``d2t[draft id]``."""
         return self.id_tensor() - torch.arange(self.size)
 
+    def digest(self) -> str:
+        """A short hash of the ids and the target's vocabulary size (what a resumed run must match)."""
+        return hashlib.sha256(json.dumps([self.target_vocab_size, list(self.ids)]).encode()).hexdigest()[:16]
+
     @classmethod
     def from_d2t(cls, d2t: torch.Tensor, target_vocab_size: int) -> "DraftVocab":
         return cls(tuple((d2t.long() + torch.arange(d2t.numel())).tolist()), int(target_vocab_size))
@@ -69,10 +74,19 @@ def count_answer_tokens(examples: Iterable[dict], vocab_size: int) -> torch.Tens
     """``[V]`` long: how often each id occurs as a supervised (answer) token of the tokenised ``examples`` (each with
     ``input_ids`` and ``loss_mask``)."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
+    batch: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if batch:  # one bincount a batch: O(tokens + V), not O(examples x V)
+            counts.add_(torch.bincount(torch.cat(batch), minlength=vocab_size)[:vocab_size])
+            batch.clear()
+
     for ex in examples:
         ids = torch.as_tensor(ex["input_ids"], dtype=torch.long)
-        keep = torch.as_tensor(ex["loss_mask"], dtype=torch.bool)
-        counts += torch.bincount(ids[keep], minlength=vocab_size)[:vocab_size]
+        batch.append(ids[torch.as_tensor(ex["loss_mask"], dtype=torch.bool)])
+        if len(batch) == 4096:
+            flush()
+    flush()
     return counts
 
 
@@ -81,8 +95,8 @@ def choose_draft_vocab(counts: torch.Tensor, size: int, keep: Sequence[int] = ()
     decoding stops on: a draft that cannot end an answer costs a step at every answer's end)."""
     V = counts.numel()
     keep = sorted({int(k) for k in keep})
-    if not 1 <= size <= V:
-        raise ValueError(f"--draft-vocab must be in [1, {V}] (the target's vocabulary), got {size}")
+    if not 1 <= size < V:
+        raise ValueError(f"--draft-vocab must be in [1, {V}) (fewer than the target's {V} tokens), got {size}")
     if len(keep) > size:
         raise ValueError(f"--draft-vocab {size} is smaller than the {len(keep)} EOS ids it must keep")
     if any(not 0 <= k < V for k in keep):
