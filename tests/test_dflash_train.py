@@ -196,14 +196,17 @@ def test_training_from_offline_features_matches_the_online_run(dflash_assets, df
 
 
 def test_offline_features_of_another_run_are_refused(dflash_assets, dflash_features, tmp_path):
-    """Features written for other layer ids (or without --drafter dflash): exit 2 naming the flag, nothing trained."""
+    """Features written for other layer ids, --features without --drafter dflash, or the features pass without
+    --features: exit 2 naming the flag, nothing trained."""
     cases = [
         ("dflash_ds.train", [*DFLASH_FLAGS, "--target-layer-ids", "1", "2", "--features", str(dflash_features)],
          "made for target layers [0, 2], this run reads [1, 2]: --target-layer-ids"),
-        ("dflash_ds.features", ["--features", str(tmp_path / "f")], "needs --drafter dflash and --features DIR"),
+        ("dflash_ds.features", ["--features", str(tmp_path / "f")],
+         "--features is a standalone-drafter flag: it needs --drafter dflash (this run trains --drafter lora)"),
+        ("dflash_ds.features", DFLASH_FLAGS, "needs --drafter dflash and --features DIR"),
     ]
-    for module, flags, message in cases:
-        out = tmp_path / module
+    for i, (module, flags, message) in enumerate(cases):
+        out = tmp_path / f"{module}.{i}"
         proc = run_ranks(1, module, train_args(dflash_assets, out, extra=flags), dist_env(), ROOT, timeout=300)
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert message in proc.stderr, proc.stderr[-3000:]
