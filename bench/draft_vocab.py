@@ -7,6 +7,9 @@ One draft step is what ``DFlashBlockDrafter.propose`` runs: a drafter forward ov
 drafted rows and their argmax. Weights are random (the cost depends on the shape only); each case's time is the
 median of ``--repeats`` runs after a warm-up, the cases interleaved round by round (this machine's speed drifts).
 Bytes are those of bf16 weights (what a GPU reads per step at batch 1): the draft layers, ``fc`` and the head.
+With ``--with-target`` the shape's target (random weights) is timed in the same rounds: its 1-row forward after the
+cached context (an autoregressive step) and its ``B``-row forward (the verification), so that a decoding step's cost,
+verification + draft step, is given in AR steps, the unit docs/recipes.md uses.
 
     python bench/draft_vocab.py --out bench/results/draft_vocab_cpu.json
 """
@@ -53,6 +56,29 @@ def build(shape: dict, layers: int, vocab: int | None, block: int):
     return drafter, head
 
 
+def build_target(shape: dict, context: int):
+    """A timer of the target's forward over ``rows`` new rows after ``context`` cached ones (random weights, the
+    shape's decoder): 1 row is an autoregressive step, ``B`` rows the verification of a block."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen3Config
+
+    cls = Qwen3Config if shape["model_type"] == "qwen3" else LlamaConfig
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cls(**{k: v for k, v in shape.items() if k != "model_type"}),
+                                             attn_implementation="sdpa").eval()
+    ids = torch.randint(shape["vocab_size"], (1, context + 64))
+
+    def forward(rows: int) -> float:
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            model(ids[:, :context], past_key_values=cache, use_cache=True)  # the prompt, untimed
+            t0 = time.perf_counter()
+            model(ids[:, context:context + rows], past_key_values=cache, use_cache=True).logits.argmax(-1)
+            return time.perf_counter() - t0
+
+    return forward
+
+
 def weight_bytes(drafter, head, bytes_per: int = 2) -> int:
     n = sum(p.numel() for p in drafter.parameters())
     n += drafter.lm_head.weight.numel() if drafter.has_own_lm_head else head.numel()
@@ -66,6 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=256, help="context rows already cached")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--with-target", default="smollm2",
+                    help="shapes whose target is timed too (1-row AR step, B-row verify): a decoding step's cost in "
+                         "AR steps. Qwen3-8B's fp32 target needs 33 GB, so it is left out by default")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import torch
@@ -100,22 +129,39 @@ def main(argv=None) -> int:
                 drafter.draft_ids_to_target(logits.argmax(-1))
                 return time.perf_counter() - t0
 
+        target = build_target(shape, args.context) if name in args.with_target.split(",") else None
         times = {k: [] for k in cases}
+        target_times = {"ar": [], "verify": []}
         for k, (d, h) in cases.items():
             step(d, h)  # warm-up
+        if target:
+            target(1), target(B)
         for _ in range(args.repeats):
             for k, (d, h) in cases.items():
                 times[k].append(step(d, h))
+            if target:
+                target_times["ar"].append(target(1))
+                target_times["verify"].append(target(B))
         full = statistics.median(times["full"])
+        ar, verify = (statistics.median(target_times[k]) if target else None for k in ("ar", "verify"))
         rows = {}
         for k, (d, h) in cases.items():
             med = statistics.median(times[k])
             rows[k] = {"draft_step_ms": med * 1e3, "time_vs_full": med / full,
                        "weight_gib_bf16": weight_bytes(d, h) / M.GIB,
                        "bytes_vs_full": weight_bytes(d, h) / weight_bytes(*cases["full"])}
+            cost = ""
+            if target:
+                rows[k]["step_cost_ar_steps"] = (verify + med) / ar
+                rows[k]["step_cost_vs_full"] = (verify + med) / (verify + full)
+                cost = f", decoding step {rows[k]['step_cost_ar_steps']:.2f} AR steps ({rows[k]['step_cost_vs_full']:.2f}x)"
             print(f"{name:9s} vocab {k:>6s}: draft step {med * 1e3:7.2f} ms ({med / full:.2f}x full), "
-                  f"weights {rows[k]['weight_gib_bf16']:.3f} GiB bf16 ({rows[k]['bytes_vs_full']:.2f}x)", flush=True)
+                  f"weights {rows[k]['weight_gib_bf16']:.3f} GiB bf16 ({rows[k]['bytes_vs_full']:.2f}x){cost}", flush=True)
         report["shapes"][name] = {"draft_layers": layers, "hidden": H, "vocab": shape["vocab_size"], "cases": rows}
+        if target:
+            report["shapes"][name]["target"] = {"ar_step_ms": ar * 1e3, "verify_ms": verify * 1e3}
+            print(f"{name:9s} target: AR step {ar * 1e3:.2f} ms, verify of {B} rows {verify * 1e3:.2f} ms "
+                  f"({verify / ar:.2f} AR steps); a decoding step is verify + draft step", flush=True)
         del cases
     if args.out:
         M.write_json(args.out, report)
