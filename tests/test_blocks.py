@@ -26,11 +26,13 @@ def _batch(seed=0, b=3, S=40):
     return ids, loss_mask, attn
 
 
+@pytest.mark.parametrize("on_prompt", [False, True])
 @pytest.mark.parametrize("strategy", ["random", "tile"])
 @pytest.mark.parametrize("ctx", [(0.0, 0.0), (0.2, 0.6)])
-def test_anchors_always_valid(strategy, ctx):
+def test_anchors_always_valid(strategy, ctx, on_prompt):
     ids, lm, attn = _batch()
-    cfg = BlockConfig(block_size=4, anchors=strategy, context_ratio=ctx, mask_token_id=MASK)
+    cfg = BlockConfig(block_size=4, anchors=strategy, context_ratio=ctx, mask_token_id=MASK, anchor_on_prompt=on_prompt)
+    prompt_ends = set()
     for seed in range(20):
         lay = build_block_layout(ids, lm, attn, cfg, [seed, seed + 100, seed + 200])
         for i in range(ids.shape[0]):
@@ -43,8 +45,13 @@ def test_anchors_always_valid(strategy, ctx):
                 assert a <= length - 2
                 assert lm[i, a + 1] == 1
                 assert a >= ctx_start
+                assert on_prompt or lm[i, a] == 1  # by default an anchor is an answer token, as at inference
+                if lm[i, a] == 0:
+                    prompt_ends.add((i, a))
             if strategy == "tile":
                 assert all(b - a >= 4 for a, b in zip(anchors, anchors[1:]))
+    if on_prompt and strategy == "tile" and ctx == (0.0, 0.0):  # tiling from the start takes the first valid anchor
+        assert prompt_ends == {(0, 9), (1, 4), (1, 24), (2, 11)}  # (1, 24): the second turn
 
 
 def test_labels_line_up_with_tokens_and_weights_decay():
