@@ -33,9 +33,10 @@ class BlockConfig:
     gamma: float | None = setting(7.0, "loss decay exp(-(k-1)/gamma) over block positions; none = uniform")
     mask_token_id: int | None = setting(None, "MASK id (default: <|mask|>, else an unused embedding row, else an "
                                         "unused special token; dflash.json records which)")
-    anchor_on_prompt: bool = setting(False, "also start blocks on a prompt's last token (the SPEC's first rule); by "
-                                     "default an anchor is itself an answer token, as at inference, where the "
-                                     "target writes an answer's first token and drafting starts from it")
+    anchor_on_prompt: bool = setting(True, "blocks may start on a prompt's last token (the SPEC's rule). "
+                                     "--no-anchor-on-prompt: an anchor is itself an answer token, as at inference, "
+                                     "where the target writes each answer's first token (SpecForge's rule; measured no "
+                                     "better: docs/recipes.md)")
     allow_ordinary_mask_token: bool = setting(False, "accept an ordinary vocabulary token as --mask-token-id (only "
                                               "for a tokenizer with no spare embedding row and no unused special "
                                               "token; training lines containing it are reported per --bad-lines)")
@@ -103,10 +104,10 @@ def decay_weights(block_size: int, gamma: float | None) -> torch.Tensor:
 
 
 def valid_anchor_positions(loss_mask: torch.Tensor, length: int, context_start: int,
-                           on_prompt: bool = False) -> torch.Tensor:
+                           on_prompt: bool = True) -> torch.Tensor:
     """Positions ``i`` with ``context_start <= i <= length-2``, ``loss_mask[i+1] == 1`` and, unless ``on_prompt``,
     ``loss_mask[i] == 1`` (``loss_mask``: [S]). Decoding never anchors a block on a prompt's last token (the target
-    writes each answer's first token), so by default training does not either (SpecForge's rule too)."""
+    writes each answer's first token); training on those blocks too measured no worse (docs/recipes.md)."""
     if length < 2:
         return torch.zeros(0, dtype=torch.long)
     i = torch.arange(max(context_start, 0), length - 1)

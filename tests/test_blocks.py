@@ -45,7 +45,7 @@ def test_anchors_always_valid(strategy, ctx, on_prompt):
                 assert a <= length - 2
                 assert lm[i, a + 1] == 1
                 assert a >= ctx_start
-                assert on_prompt or lm[i, a] == 1  # by default an anchor is an answer token, as at inference
+                assert on_prompt or lm[i, a] == 1  # --no-anchor-on-prompt: an answer token, as at inference
                 if lm[i, a] == 0:
                     prompt_ends.add((i, a))
             if strategy == "tile":
