@@ -111,6 +111,15 @@ def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
         commands.clear()
         demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", kind, demo.parse_args(argv))
         assert commands[0][commands[0].index("--lr") + 1] == lr, (argv, kind)
+    # SmolLM2's standalone drafter drafts over 8,192 answer tokens (measured: docs/benchmarks.md); the tiny one and
+    # the LoRA kind over the whole vocabulary
+    for argv, kind, vocab in ((["--target", "smollm2"], "dflash", "8192"), (["--target", "smollm2"], "lora", None),
+                              ([], "dflash", None), (["--target", "smollm2", "--draft-vocab", "0"], "dflash", None),
+                              (["--draft-vocab", "64"], "dflash", "64")):
+        commands.clear()
+        demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", kind, demo.parse_args(argv))
+        cmd = commands[-1]
+        assert (cmd[cmd.index("--draft-vocab") + 1] if "--draft-vocab" in cmd else None) == vocab, (argv, kind)
 
     drafters = [tmp_path / "run" / "adapter", tmp_path / "run_dflash" / "drafter"]
     report = tmp_path / "eval_report.json"
