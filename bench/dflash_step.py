@@ -8,7 +8,8 @@ last 3/4 are supervised, ``N`` random anchors per sequence (``--anchors``: count
 size 8, CE + KL. ``online``: :class:`DFlashDraftObjective` runs the target's decoder over the sequence each step;
 ``offline``: the same objective reads the features (written once by a :class:`FeatureWriter`, then memory-mapped).
 Every case: one warm-up step, then the median of ``--repeats`` timed steps. Writes ``--out`` (JSON) and prints a
-table with each case's time, blocks/s and the offline/online ratio.
+table with each case's time, blocks/s and the offline/online ratio. ``--draft-vocabs N ...`` adds offline cases whose
+drafter has its own lm_head over N rows (frozen or ``--draft-heads trained``), timed against the full vocabulary's.
 
     python bench/dflash_step.py --threads 2 --out bench/results/dflash_step_smollm2_shape.json
 """
@@ -30,6 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from dflash_ds.blocks import BlockConfig, build_block_layout  # noqa: E402
 from dflash_ds.kinds.dflash import DFlashDraftModel, DFlashDraftObjective, FeatureTap, make_draft_config  # noqa: E402
+from dflash_ds.kinds.dflash.dflash_model import init_draft_head  # noqa: E402
 from dflash_ds.kinds.dflash.feature_cache import (  # noqa: E402
     COMPLETE, FeatureManifest, FeatureStore, FeatureWriter, open_for_writing,
 )
@@ -52,6 +54,9 @@ def main() -> None:
     p.add_argument("--anchors", type=int, nargs="+", default=[32, 0], help="blocks per sequence (0: every valid one)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--draft-vocabs", type=int, nargs="*", default=[],
+                   help="offline cases with a draft vocabulary of these sizes (its own lm_head), beside the full one")
+    p.add_argument("--draft-heads", nargs="+", default=["frozen"], choices=["frozen", "trained"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.threads:
@@ -82,6 +87,14 @@ def main() -> None:
         loss = LossConfig(kl_weight=1.0)
         modes = {"online": DFlashDraftObjective(target, drafter, loss),
                  "offline": DFlashDraftObjective(target, drafter, loss, features=store)}
+        for vocab in args.draft_vocabs:
+            for head in args.draft_heads:
+                own = DFlashDraftModel(make_draft_config(target.config, 2, ids_layers, block_size=B, mask_token_id=MASK,
+                                                         draft_vocab_size=vocab), train_head=head == "trained")
+                own.load_state_dict(drafter.state_dict(), strict=False)  # the same draft layers, its own head
+                with torch.no_grad():
+                    init_draft_head(own, target.lm_head.weight, torch.arange(vocab))
+                modes[f"offline v{vocab} {head}"] = DFlashDraftObjective(target, own, loss, features=store)
         valid = int(loss_mask[0, 1:].sum())
         results = []
         for anchors in args.anchors:
@@ -91,7 +104,7 @@ def main() -> None:
             for mode, objective in modes.items():
                 times = []
                 for r in range(args.repeats + 1):
-                    drafter.zero_grad(set_to_none=True)
+                    objective.drafter.zero_grad(set_to_none=True)
                     t0 = time.perf_counter()
                     objective(input_ids, attention, layout, examples=[0]).loss.backward()
                     if r:  # the first is the warm-up
@@ -99,16 +112,19 @@ def main() -> None:
                 sec = statistics.median(times)
                 results.append({"mode": mode, "blocks": layout.num_blocks, "seconds": sec,
                                 "blocks_per_s": layout.num_blocks / sec})
-                print(f"{mode:8s} blocks {layout.num_blocks:4d}: {sec * 1000:8.1f} ms, "
+                print(f"{mode:22s} blocks {layout.num_blocks:4d}: {sec * 1000:8.1f} ms, "
                       f"{layout.num_blocks / sec:7.1f} blocks/s", flush=True)
-    ratios = {}
-    for r in results:
-        if r["mode"] == "offline":
-            on = next(x for x in results if x["mode"] == "online" and x["blocks"] == r["blocks"])
-            ratios[str(r["blocks"])] = r["seconds"] / on["seconds"]
-    print("offline / online time:", {k: round(v, 3) for k, v in ratios.items()})
+    def ratios(mode: str, over: str) -> dict:
+        base = {x["blocks"]: x["seconds"] for x in results if x["mode"] == over}
+        return {str(x["blocks"]): x["seconds"] / base[x["blocks"]] for x in results if x["mode"] == mode}
+
+    print("offline / online time:", {k: round(v, 3) for k, v in ratios("offline", "online").items()})
+    vocab_ratios = {m: ratios(m, "offline") for m in modes if m.startswith("offline v")}
+    for mode, r in vocab_ratios.items():
+        print(f"{mode} / offline full vocabulary time:", {k: round(v, 3) for k, v in r.items()})
     report = {"shape": "SmolLM2-135M (random weights), 2-layer drafter, block 8, CE+KL, fp32 CPU", "seq": S,
-              "threads": torch.get_num_threads(), "results": results, "offline_over_online": ratios}
+              "threads": torch.get_num_threads(), "results": results,
+              "offline_over_online": ratios("offline", "online"), "draft_vocab_over_full": vocab_ratios}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
