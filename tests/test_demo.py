@@ -77,7 +77,7 @@ def test_recipe_flags_default_per_target_and_bad_values_name_their_flag(capsys):
         assert flag in capsys.readouterr().err
 
 
-def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
+def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch, capsys):
     """--num-anchors goes to the training command only when set, --draft-layers to the standalone kind's only;
     --loop, --floor-tokens and every drafter to the eval, in this process or under the launcher."""
     from dflash_ds import evaluate
@@ -120,6 +120,14 @@ def test_recipe_flags_reach_the_trainer_and_the_eval(tmp_path, monkeypatch):
         demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", kind, demo.parse_args(argv))
         cmd = commands[-1]
         assert (cmd[cmd.index("--draft-vocab") + 1] if "--draft-vocab" in cmd else None) == vocab, (argv, kind)
+    # and SmolLM2's starts from random weights (measured better than the copy); the tiny one from the copy
+    for argv, init in ((["--target", "smollm2"], "random"), ([], "target"), (["--draft-init", "random"], "random")):
+        commands.clear()
+        demo.launch_training(tmp_path, tmp_path / "d.jsonl", tmp_path / "run", "dflash", demo.parse_args(argv))
+        assert commands[-1][commands[-1].index("--draft-init") + 1] == init, argv
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--draft-init", "copy"])
+    assert "--draft-init must be one of target/random, got 'copy'" in capsys.readouterr().err
 
     drafters = [tmp_path / "run" / "adapter", tmp_path / "run_dflash" / "drafter"]
     report = tmp_path / "eval_report.json"

@@ -32,7 +32,7 @@ from typing import Any
 
 from ..config import DEFAULT_DS_CONFIG
 from ..evaluate import LOOP_CHOICES, cli
-from ..kinds import KINDS, kind_class
+from ..kinds import KINDS, DFlashConfig, kind_class
 from .. import plots
 from ..regenerate import regenerate_file
 from .corpus import EVAL_CODE_BASES, write_function_prompts
@@ -73,6 +73,7 @@ class Recipe:
     dflash_lr: float = 0.0  # the standalone drafter's learning rate (0: --lr)
     dflash_features: bool = True  # the standalone drafter trains from offline target features (dflash-ds features)
     draft_vocab: int = 0  # the standalone drafter's draft vocabulary (0: the target's whole vocabulary)
+    draft_init: str = "target"  # the standalone drafter's initialisation (--draft-init)
 
 
 RECIPES = {
@@ -93,12 +94,14 @@ RECIPES = {
     # was 0.6 higher at 3e-3 than at 6e-4 (the DFlash reference's order), one run each (docs/recipes.md, 2026-12-05)
     # draft_vocab: 8,192 answer tokens (95% of held-out answer tokens), its head frozen: in one side-by-side eval the
     # decoding step fell from 2.26 to 1.87 AR steps, speedup 0.56x -> 0.66x, tau 1.26 -> 1.23; 4,096 tokens decoded
-    # as fast, a trained head gained tau 0.03 for 27% more training time (docs/benchmarks.md, 2026-12-07)
+    # as fast, a trained head gained tau 0.03 for 27% more training time (docs/benchmarks.md, 2026-12-07).
+    # draft_init: random (the peers' init) beat the copy of the target's last layers in two evals, tau 1.31 against
+    # 1.23 (600 steps, 64 blocks a sequence) and 1.39 against 1.32 (1,100 steps) (docs/recipes.md, 2026-12-07)
     "smollm2": Recipe(zero_stage=2, steps=900, num_train=512, distill_tokens=128, block_size=8, gamma=4.0,
                       max_length=512, micro_batch_size=1, lr=3e-3, eval_prompts=16, max_new_tokens=128, repeats=1,
                       regen_ranks=2, regen_batch=32, truncated="keep", loop="two_forward",
                       floor_tokens=32, group_by_length=32, eval_ranks=2, dflash_lr=6e-4, draft_layers=2,
-                      draft_vocab=8192),
+                      draft_vocab=8192, draft_init="random"),
 }
 
 
@@ -181,7 +184,7 @@ def launch_training(target: Path, data: Path, out: Path, kind: str, args) -> Non
     if args.num_anchors:
         flags += ["--num-anchors", str(args.num_anchors)]
     if kind == "dflash":
-        flags += ["--draft-layers", str(args.draft_layers)]
+        flags += ["--draft-layers", str(args.draft_layers), "--draft-init", args.draft_init]
         if args.draft_vocab:
             flags += ["--draft-vocab", str(args.draft_vocab)]
         if args.dflash_features:
@@ -268,6 +271,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "dflash_lr": "the standalone drafter's learning rate (0: --lr)",
              "draft_vocab": "the standalone drafter drafts over the N most frequent answer tokens, its own lm_head "
                             "(0: the target's whole vocabulary)",
+             "draft_init": "the standalone drafter's initialisation: target (its last layers copied) or random",
              "dflash_features": "the standalone drafter trains from the target's features, written once by "
                                 "dflash-ds features (--no-dflash-features: the target runs every step)"}
     for field, value in asdict(RECIPES["tiny"]).items():
@@ -292,6 +296,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--truncated must be drop or keep, got {args.truncated!r}")
     if args.loop not in LOOP_CHOICES:
         p.error(f"--loop must be one of {', '.join(LOOP_CHOICES)}, got {args.loop!r}")
+    try:  # up front, not after regeneration
+        DFlashConfig(init=args.draft_init)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 
