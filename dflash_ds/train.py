@@ -78,6 +78,26 @@ def init_distributed(dist_timeout: float) -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=process_group_backend(device_type), auto_mpi_discovery=False,
                                timeout=setup_timeout(dist_timeout))
+    unlink_shm_allreduce_buffer(device_type)
+
+
+def unlink_shm_allreduce_buffer(device_type: str) -> None:
+    """Remove this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer.
+
+    On the CPU accelerator with every rank on one machine (``LOCAL_SIZE`` = world size, as the deepspeed launcher
+    sets it), ``deepspeed.init_distributed`` creates ``/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}``
+    (69 MB) and never unlinks it (deepspeed/ops/csrc/cpu/comm/shm.cpp): each run left them in RAM-backed /dev/shm,
+    16 GB over a day of runs here, until vLLM could not reserve its memory. Every rank maps every rank's buffer inside
+    ``init_distributed``, so once all ranks are past it the names can go; the mappings live on until exit, and a
+    rank killed later leaves nothing behind either."""
+    world = int(os.environ["WORLD_SIZE"])
+    if device_type != "cpu" or os.environ.get("LOCAL_SIZE") != str(world):
+        return
+    if world > 1:
+        torch.distributed.barrier()  # every rank has mapped every buffer
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(os.getuid(), os.environ["MASTER_ADDR"],
+                                                           os.environ["MASTER_PORT"], os.environ["RANK"])
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def load_target(cfg: TrainConfig, ds: dict, parallel: ParallelLayout, dtype: torch.dtype):

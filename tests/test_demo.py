@@ -29,6 +29,7 @@ def test_reduced_demo_trains_and_decodes_losslessly(tmp_path, capsys, monkeypatc
     assert shutil.which("deepspeed") is None
     target = tmp_path / "target"
     build_tiny_target(target, SMALL_TARGET, progress=False)
+    shm_buffers = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     rc = main([
         "--workdir", str(tmp_path / "work"), "--target", str(target), "--steps", "8", "--dflash-steps", "6",
         "--num-train", "48",
@@ -44,6 +45,8 @@ def test_reduced_demo_trains_and_decodes_losslessly(tmp_path, capsys, monkeypatc
         assert d["greedy_match"] is True and d["tau"] >= 1 and d["train_s"] > 0, (kind, d)
         assert d["steps"] == {"lora": 8, "dflash": 6}[kind], (kind, d)  # --dflash-steps reached the trainer
     assert summary["greedy_match"] is True
+    # DeepSpeed's CPU shm all-reduce leaves 69 MB a rank in /dev/shm unless the trainer unlinks it
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_buffers
     assert summary["tau"] > summary["floor_tau"], summary  # the trained adapter drafts better than an untrained one
     assert "prompt lookup" in out and "untrained" in out.lower()  # the table shows the baselines
     assert "[dflash, 1 draft layer" in out and "[lora" in out, out[-3000:]  # one row per kind, saying which
