@@ -92,6 +92,8 @@ RECIPES = {
     # (a one-token forward is hardly faster on two threads than on one). docs/benchmarks.md, README "A real model".
     # dflash_lr: the standalone drafter trains full layers, not a low-rank adapter; over steps 51-150 its mean loss
     # was 0.6 higher at 3e-3 than at 6e-4 (the DFlash reference's order), one run each (docs/recipes.md, 2026-12-05)
+    # From random init, 2e-3 ended at tau 1.34 against 6e-4's 1.39; neither 8 sequences a step (--grad-accum 4) nor
+    # 4 draft layers beat the recipe by more than 0.02 tau at their cost (docs/recipes.md, eval 4, 2026-12-07)
     # draft_vocab: 8,192 answer tokens (95% of held-out answer tokens), its head frozen: in one side-by-side eval the
     # decoding step fell from 2.26 to 1.87 AR steps, speedup 0.56x -> 0.66x, tau 1.26 -> 1.23; 4,096 tokens decoded
     # as fast, a trained head gained tau 0.03 for 27% more training time (docs/benchmarks.md, 2026-12-07).
